@@ -1,0 +1,379 @@
+"""The command line: a thin typer app over the library, with one error boundary.
+
+The only module that imports typer or rich. ``leaderrun --lock-id X -- cmd`` and
+``leaderrun run --lock-id X -- cmd`` are the same; ``main()`` routes the bare
+form to ``run``. Usage errors exit 64, not click's 2, which children use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Annotated, NoReturn
+
+import typer
+from typer.main import get_command
+
+from leaderrun import __version__
+from leaderrun.config import (
+    DEFAULT_SCHEMA,
+    RawRunOptions,
+    check_schema,
+    resolve_dsn,
+    run_settings,
+)
+from leaderrun.errors import EXIT_INTERNAL, EXIT_USAGE, BusyError, LeaderrunError
+from leaderrun.redact import MASK, dsn_secrets, redact
+
+SUBCOMMANDS = ("run", "init")
+"""Every subcommand; any other first argument is the bare form of ``run``."""
+
+_TOP_LEVEL_FLAGS = (
+    "-h",
+    "--help",
+    "--version",
+    "--install-completion",
+    "--show-completion",
+)
+
+log = logging.getLogger("leaderrun")
+
+
+class LogFormat(StrEnum):
+    """How leaderrun writes its own messages to stderr."""
+
+    text = "text"
+    json = "json"
+
+
+app = typer.Typer(
+    name="leaderrun",
+    help=(
+        "Run a command on exactly one node at a time, with a PostgreSQL lease as "
+        "the referee.\n\n"
+        "leaderrun --lock-id nightly-backup -- ./backup.sh"
+    ),
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by every subcommand that talks to the database.
+DsnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dsn",
+        envvar="LEADERRUN_DSN",
+        help="libpq connection string or URI; falls back to DATABASE_URL, then to "
+        "libpq's PG* variables and service files. Keep passwords in PGPASSFILE.",
+        show_default=False,
+    ),
+]
+SchemaOption = Annotated[
+    str,
+    typer.Option(
+        "--schema", envvar="LEADERRUN_SCHEMA", help="Schema of the leader_lease table."
+    ),
+]
+VerboseOption = Annotated[
+    int,
+    typer.Option(
+        "--verbose",
+        "-v",
+        count=True,
+        help="More messages (-v: progress, -vv: debug); tracebacks on errors.",
+    ),
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")
+]
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        envvar="LEADERRUN_LOG_FORMAT",
+        help="text: 'leaderrun: <message>' lines; json: one object per line.",
+    ),
+]
+
+
+class _Formatter(logging.Formatter):
+    """``leaderrun: <message>`` or a JSON object, with every secret masked."""
+
+    def __init__(self, log_format: LogFormat, secrets: list[str]) -> None:
+        super().__init__()
+        self.log_format = log_format
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = redact(record.getMessage(), self.secrets)
+        if self.log_format is LogFormat.json:
+            entry: dict[str, object] = {
+                "time": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)
+                ),
+                "level": record.levelname.lower(),
+                "event": getattr(record, "event", "message"),
+                "message": message,
+                "pid": os.getpid(),
+            }
+            for key in ("token", "status"):
+                if hasattr(record, key):
+                    entry[key] = getattr(record, key)
+            return json.dumps(entry)
+        text = f"leaderrun: {message}"
+        if record.exc_info and log.isEnabledFor(logging.INFO):
+            text += "\n" + redact(self.formatException(record.exc_info), self.secrets)
+        return text
+
+
+class _State:
+    """What the error boundary needs to know about the current invocation."""
+
+    verbose = 0
+    log_format = LogFormat.text
+    secrets: list[str] = []  # noqa: RUF012 - replaced, never mutated
+
+
+def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat, dsn: str) -> None:
+    _State.verbose = verbose
+    _State.log_format = log_format
+    _State.secrets = dsn_secrets(dsn)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(log_format, _State.secrets))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    if quiet:
+        log.setLevel(logging.ERROR)
+    else:
+        log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+
+
+def _labels(ctx: typer.Context, names: Sequence[str]) -> dict[str, str]:
+    """For options set from the environment, name the variable in messages."""
+    labels: dict[str, str] = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name == "ENVIRONMENT":
+            for param in ctx.command.params:
+                if param.name == name and isinstance(param, typer.core.TyperOption):
+                    envvar = param.envvar
+                    labels[name] = envvar if isinstance(envvar, str) else name
+    return labels
+
+
+@app.callback()
+def _top(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True),
+    ] = False,
+) -> None:
+    if version:
+        typer.echo(f"leaderrun {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command(
+    "run",
+    context_settings={"allow_interspersed_args": False},
+    no_args_is_help=True,
+)
+def run(
+    ctx: typer.Context,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- COMMAND [ARG]...", show_default=False),
+    ] = None,
+    lock_id: Annotated[
+        str | None,
+        typer.Option(
+            "--lock-id",
+            envvar="LEADERRUN_LOCK_ID",
+            help="The lock: an integer, or a name such as nightly-backup.",
+            show_default=False,
+        ),
+    ] = None,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    lease_duration: Annotated[
+        str | None,
+        typer.Option(
+            "--lease-duration",
+            envvar="LEADERRUN_LEASE_DURATION",
+            help="Lease length in database time (250ms, 10s, 2m). [default: 30s]",
+            show_default=False,
+        ),
+    ] = None,
+    renew_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--renew-interval",
+            envvar="LEADERRUN_RENEW_INTERVAL",
+            help="Time between renewals. [default: lease/6]",
+            show_default=False,
+        ),
+    ] = None,
+    jitter: Annotated[
+        str | None,
+        typer.Option(
+            "--jitter",
+            envvar="LEADERRUN_JITTER",
+            help="Random delay of up to this much added to each renewal and retry. "
+            "[default: renew-interval/5]",
+            show_default=False,
+        ),
+    ] = None,
+    kill_grace: Annotated[
+        str | None,
+        typer.Option(
+            "--kill-grace",
+            envvar="LEADERRUN_KILL_GRACE",
+            help="SIGTERM to SIGKILL when leaderrun stops the command. "
+            "[default: lease/6, at most 5s]",
+            show_default=False,
+        ),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            envvar="LEADERRUN_WAIT",
+            help="Wait for the lock instead of exiting 75 when it is held.",
+        ),
+    ] = False,
+    wait_timeout: Annotated[
+        str | None,
+        typer.Option(
+            "--wait-timeout",
+            envvar="LEADERRUN_WAIT_TIMEOUT",
+            help="Give up waiting after this long and exit 75 (implies --wait). "
+            "[default: forever]",
+            show_default=False,
+        ),
+    ] = None,
+    busy_exit_code: Annotated[
+        int | None,
+        typer.Option(
+            "--busy-exit-code",
+            "-E",
+            envvar="LEADERRUN_BUSY_EXIT_CODE",
+            help="Exit status when the lock is held elsewhere. [default: 75]",
+            show_default=False,
+        ),
+    ] = None,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Take the lock and run COMMAND while holding it; skip if another node has it."""
+    env = dict(os.environ)
+    _setup_logging(verbose, quiet, log_format, resolve_dsn(dsn, env)[0])
+    options = RawRunOptions(
+        lock_id=lock_id,
+        dsn=dsn,
+        schema=schema,
+        lease_duration=lease_duration,
+        renew_interval=renew_interval,
+        jitter=jitter,
+        kill_grace=kill_grace,
+        wait=wait,
+        wait_timeout=wait_timeout,
+        busy_exit_code=busy_exit_code,
+        labels=_labels(
+            ctx,
+            (
+                "lease_duration",
+                "renew_interval",
+                "jitter",
+                "kill_grace",
+                "wait_timeout",
+            ),
+        ),
+    )
+    settings = run_settings(options, tuple(command or ()), env)
+    # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
+    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.runner import run_command
+
+    store = PostgresLeaseStore(
+        settings.dsn, settings.schema, attempt_budget_s=settings.timing.attempt_budget_s
+    )
+    raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
+
+
+@app.command("init")
+def init(
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Create the leader_lease table if it does not exist (safe to repeat)."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    from leaderrun.postgres import TABLE, PostgresLeaseStore
+
+    PostgresLeaseStore(dsn_value, check_schema(schema)).init()
+    typer.echo(f"{schema}.{TABLE} is ready")
+
+
+def _route(args: list[str]) -> list[str]:
+    """Send the bare form (``leaderrun --lock-id X -- cmd``) to ``run``."""
+    if args and args[0] not in SUBCOMMANDS and args[0] not in _TOP_LEVEL_FLAGS:
+        return ["run", *args]
+    return args
+
+
+def _fail(message: str, exit_code: int) -> NoReturn:
+    text = redact(message, _State.secrets)
+    if _State.log_format is LogFormat.json:
+        sys.stderr.write(
+            json.dumps({"level": "error", "event": "error", "message": text}) + "\n"
+        )
+    else:
+        sys.stderr.write(f"leaderrun: {text}\n")
+    sys.exit(exit_code)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``leaderrun`` console script: route, run, map every error to its status."""
+    args = _route(list(sys.argv[1:] if argv is None else argv))
+    command = get_command(app)
+    try:
+        status = command.main(args, prog_name="leaderrun", standalone_mode=False)
+    except BusyError as exc:
+        # Skipping is the normal outcome on all nodes but one: stay quiet in
+        # cron, unless someone is watching or asked for more.
+        if sys.stderr.isatty() or _State.verbose:
+            _fail(exc.message, exc.exit_code)
+        sys.exit(exc.exit_code)
+    except LeaderrunError as exc:
+        if _State.verbose:
+            traceback.print_exc()
+        _fail(exc.message, exc.exit_code)
+    except typer.TyperException as exc:
+        # click's usage errors (exit_code 2) become 64, EX_USAGE.
+        code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+        hint = " (see leaderrun --help)" if code == EXIT_USAGE else ""
+        _fail(f"{exc.format_message()}{hint}", code)
+    except typer.Abort:
+        _fail("aborted", 128 + 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 128 + 2)
+    except Exception as exc:  # the one boundary: no traceback unless -v
+        if _State.verbose:
+            traceback.print_exc()
+        _fail(f"internal error: {exc!r} (run with -v for details)", EXIT_INTERNAL)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+__all__ = ["MASK", "app", "main"]

@@ -1,0 +1,230 @@
+"""Settings: flags and environment in, one frozen object out.
+
+Pure: the environment is passed in as a mapping, so nothing below the command
+line reads ``os.environ``. Precedence for each option is: the flag, its
+``LEADERRUN_*`` twin (both resolved by the command line), the seed library's
+``LE_*`` alias (milliseconds), then the default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from leaderrun.errors import ConfigError
+from leaderrun.lease import LockId, Timing, make_timing, parse_lock_id
+
+DEFAULT_SCHEMA = "public"
+"""The schema of the lease table when ``--schema`` is not given."""
+
+DEFAULT_BUSY_EXIT_CODE = 75
+"""EX_TEMPFAIL: what a node that did not get the lock exits with."""
+
+MAX_IDENTIFIER_BYTES = 63
+"""PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)."""
+
+SEED_ALIASES = {
+    "lease_duration": "LE_LEASE_DURATION",
+    "renew_interval": "LE_RENEWAL_INTERVAL",
+    "jitter": "LE_JITTER_RANGE",
+}
+"""The seed library's environment variables (milliseconds), read as aliases."""
+
+SEED_LOCK_ID = "LE_LOCK_ID"
+"""The seed library's lock id variable."""
+
+_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)")
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
+def parse_duration(text: str, *, option: str) -> float:
+    """Parse a duration such as ``250ms``, ``1.5s``, ``2m``, ``1h30m``; bare is seconds.
+
+    Raises:
+        ConfigError: naming ``option`` and the value, with the accepted forms.
+    """
+    value = text.strip().lower()
+    if _NUMBER.fullmatch(value):
+        return float(value)
+    position, total_s, last_unit_s = 0, 0.0, math.inf
+    for match in _PART.finditer(value):
+        unit_s = _UNITS_S[match.group(2)]
+        # Parts must come largest unit first, each once: 1h30m, not 30m1h or 1s1s.
+        if match.start() != position or unit_s >= last_unit_s:
+            break
+        total_s += float(match.group(1)) * unit_s
+        position, last_unit_s = match.end(), unit_s
+    if value and position == len(value):
+        return total_s
+    raise ConfigError(
+        f"{option} {text!r} is not a duration; use e.g. 250ms, 1.5s, 10s, 2m or 1h"
+    )
+
+
+@dataclass(frozen=True)
+class RawRunOptions:
+    """The run options as the command line received them: text, or None if unset."""
+
+    lock_id: str | None = None
+    dsn: str | None = None
+    schema: str | None = None
+    lease_duration: str | None = None
+    renew_interval: str | None = None
+    jitter: str | None = None
+    kill_grace: str | None = None
+    wait: bool = False
+    wait_timeout: str | None = None
+    busy_exit_code: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """How to name an option in messages when it came from elsewhere than its flag."""
+
+    def label(self, name: str, flag: str) -> str:
+        """The flag, or the environment variable the value of ``name`` came from."""
+        return self.labels.get(name, flag)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything ``leaderrun run`` needs, validated."""
+
+    lock: LockId
+    dsn: str
+    dsn_source: str
+    schema: str
+    timing: Timing
+    wait: bool
+    wait_timeout_s: float | None
+    busy_exit_code: int
+    command: tuple[str, ...]
+
+
+def resolve_dsn(
+    dsn: str | None, env: Mapping[str, str], label: str = "--dsn"
+) -> tuple[str, str]:
+    """The connection string and where it came from.
+
+    ``--dsn``/``LEADERRUN_DSN`` first, then ``DATABASE_URL``; otherwise the empty
+    string, with which libpq reads its own ``PG*`` variables and service files.
+    """
+    if dsn:
+        return dsn, label
+    if env.get("DATABASE_URL"):
+        return env["DATABASE_URL"], "DATABASE_URL"
+    return "", "the libpq environment (PGHOST, PGSERVICE, ...)"
+
+
+def check_schema(schema: str) -> str:
+    """Validate a ``--schema`` name; it is always quoted as an identifier in SQL.
+
+    Raises:
+        ConfigError: empty, too long or with a NUL byte.
+    """
+    if not schema or len(schema.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in schema:
+        raise ConfigError(
+            f"--schema {schema!r} must be a PostgreSQL identifier of 1 to "
+            f"{MAX_IDENTIFIER_BYTES} bytes"
+        )
+    return schema
+
+
+def lock_from(
+    lock_id: str | None, env: Mapping[str, str], label: str = "--lock-id"
+) -> LockId:
+    """The lock from ``--lock-id`` (or its twin), else the seed's ``LE_LOCK_ID``.
+
+    Raises:
+        ConfigError: no lock id anywhere, or an invalid one.
+    """
+    if lock_id is None and SEED_LOCK_ID in env:
+        lock_id, label = env[SEED_LOCK_ID], SEED_LOCK_ID
+    if lock_id is None:
+        raise ConfigError(
+            "no --lock-id given; name the lock, e.g. --lock-id nightly-backup "
+            "(or set LEADERRUN_LOCK_ID)"
+        )
+    return parse_lock_id(lock_id, option=label)
+
+
+def seed_duration(text: str, *, option: str) -> float:
+    """A seed ``LE_*`` duration: a bare number is milliseconds, as the seed had it.
+
+    A value with a unit (``15s``) means what it says.
+    """
+    if _NUMBER.fullmatch(text.strip()):
+        return float(text) / 1000
+    return parse_duration(text, option=option)
+
+
+def timing_from(options: RawRunOptions, env: Mapping[str, str]) -> Timing:
+    """The checked timing from flags, twins and the seed's millisecond aliases."""
+
+    def seconds(name: str, flag: str) -> float | None:
+        text: str | None = getattr(options, name)
+        if text is not None:
+            return parse_duration(text, option=options.label(name, flag))
+        alias = SEED_ALIASES.get(name)
+        if alias and env.get(alias):
+            return seed_duration(env[alias], option=alias)
+        return None
+
+    lease_s = seconds("lease_duration", "--lease-duration")
+    renew_s = seconds("renew_interval", "--renew-interval")
+    for name, flag, value in (
+        ("lease_duration", "--lease-duration", lease_s),
+        ("renew_interval", "--renew-interval", renew_s),
+    ):
+        if value == 0:
+            label = options.label(name, flag)
+            raise ConfigError(f"{label} must be longer than zero")
+    return make_timing(
+        lease_s=lease_s if lease_s is not None else make_timing().lease_s,
+        renew_interval_s=renew_s,
+        jitter_s=seconds("jitter", "--jitter"),
+        kill_grace_s=seconds("kill_grace", "--kill-grace"),
+    )
+
+
+def run_settings(
+    options: RawRunOptions, command: tuple[str, ...], env: Mapping[str, str]
+) -> RunSettings:
+    """Validate the run options into :class:`RunSettings`.
+
+    Raises:
+        ConfigError: the first invalid value, named with what to do instead.
+    """
+    if not command:
+        raise ConfigError(
+            "no command given; put it after --, e.g. "
+            "leaderrun --lock-id nightly-backup -- ./backup.sh"
+        )
+    busy = (
+        DEFAULT_BUSY_EXIT_CODE
+        if options.busy_exit_code is None
+        else options.busy_exit_code
+    )
+    if not 0 <= busy <= 255:
+        label = options.label("busy_exit_code", "--busy-exit-code")
+        raise ConfigError(f"{label} {busy} must be between 0 and 255")
+    wait_timeout_s = None
+    if options.wait_timeout is not None:
+        wait_timeout_s = parse_duration(
+            options.wait_timeout, option=options.label("wait_timeout", "--wait-timeout")
+        )
+    dsn, source = resolve_dsn(options.dsn, env, options.label("dsn", "--dsn"))
+    return RunSettings(
+        lock=lock_from(options.lock_id, env, options.label("lock_id", "--lock-id")),
+        dsn=dsn,
+        dsn_source=source,
+        schema=check_schema(
+            DEFAULT_SCHEMA if options.schema is None else options.schema
+        ),
+        timing=timing_from(options, env),
+        # --wait-timeout alone implies waiting; --wait-timeout 0 is a plain try.
+        wait=options.wait or wait_timeout_s is not None,
+        wait_timeout_s=wait_timeout_s,
+        busy_exit_code=busy,
+        command=command,
+    )

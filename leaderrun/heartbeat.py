@@ -1,0 +1,232 @@
+"""The renewal thread, and the lease state it shares with the supervisor.
+
+The renewal thread does the database I/O; the supervisor (main thread) only
+reads :class:`LeaseState`, whose lock is never held across I/O. Each renewal
+attempt runs on a worker thread with a budget: an attempt that outlives it is
+abandoned with its connection, and the next attempt starts on a fresh one, so a
+single hung socket cannot use up the time left before the kill deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from leaderrun.clock import boottime
+from leaderrun.errors import DatabaseUnavailableError
+from leaderrun.lease import Lease, Timing, kill_deadline, renewal_delay_s, reply_in_time
+from leaderrun.store import LeaseSession, LeaseStore
+
+log = logging.getLogger("leaderrun")
+
+RETRY_AFTER_FAILURE_S = 0.25
+"""Pause (seconds) between a failed renewal attempt and the next one."""
+
+
+class LeaseState:
+    """The kill deadline and loss of one lease, shared by two threads.
+
+    The renewal thread extends the deadline or reports a loss; the supervisor
+    reads them and, once it has begun to stop the child, freezes the state so
+    that no later renewal result can count (rule 6).
+    """
+
+    def __init__(self, deadline_s: float) -> None:
+        self._lock = threading.Lock()
+        self._deadline_s = deadline_s
+        self._lost: str | None = None
+        self._frozen = False
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def extend(self, t_sent_s: float, now_s: float, timing: Timing) -> bool:
+        """Record a renewal sent at ``t_sent_s`` that succeeded at ``now_s``.
+
+        Returns False (and changes nothing) if the reply came too late to count,
+        or the kill has already begun.
+        """
+        with self._lock:
+            if self._frozen or self._lost is not None:
+                return False
+            if not reply_in_time(t_sent_s, now_s, timing):
+                return False
+            self._deadline_s = max(self._deadline_s, kill_deadline(t_sent_s, timing))
+            return True
+
+    def lose(self, reason: str) -> None:
+        """Record that the lease is gone, and wake the supervisor."""
+        with self._lock:
+            if self._lost is None:
+                self._lost = reason
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write_fd, b"!")
+
+    def freeze(self) -> None:
+        """Ignore every renewal from now on: the child is being stopped."""
+        with self._lock:
+            self._frozen = True
+
+    def snapshot(self) -> tuple[float, str | None]:
+        """The current kill deadline and the loss reason (None while held)."""
+        with self._lock:
+            return self._deadline_s, self._lost
+
+    def fileno(self) -> int:
+        """Readable once the lease is lost."""
+        return self._read_fd
+
+    def close(self) -> None:
+        """Close the wakeup pipe."""
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass
+class _Slot:
+    """One connection, owned by whichever attempt uses it; dropped when abandoned."""
+
+    session: LeaseSession | None
+    abandoned: bool = False
+    busy: threading.Lock = field(default_factory=threading.Lock)
+
+    def drop(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+class Renewer:
+    """Renews one lease every ``renew_interval`` (plus jitter) until stopped.
+
+    Args:
+        store: opens fresh sessions after a failure.
+        session: the session the lease was acquired on; the renewer owns it now.
+        lease: the lease to renew.
+        timing: the checked timing.
+        state: where successes and the loss are published.
+        clock: CLOCK_BOOTTIME, or a fake.
+        unit_random: a source of numbers in [0, 1), for the jitter.
+    """
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        session: LeaseSession,
+        lease: Lease,
+        timing: Timing,
+        state: LeaseState,
+        *,
+        t_sent_s: float,
+        clock: Callable[[], float] = boottime,
+        unit_random: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self.timing = timing
+        self.state = state
+        self.clock = clock
+        self.unit_random = unit_random
+        self.renewals = 0
+        self._slot = _Slot(session)
+        self._last_sent_s = t_sent_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, name="leaderrun-renewer", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the renewal thread."""
+        self._thread.start()
+
+    def alive(self) -> bool:
+        """Whether the renewal thread is still running."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float) -> LeaseSession | None:
+        """Stop renewing; hand back the idle session if the thread ended in time."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive() or self._slot.abandoned:
+            return None
+        session, self._slot.session = self._slot.session, None
+        return session
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the thread must never die silently (F25)
+            log.exception("the renewal thread failed")
+            self.state.lose(f"the renewal thread failed: {exc!r}")
+            raise
+
+    def _loop(self) -> None:
+        delay_s = renewal_delay_s(self.timing, self.unit_random())
+        while not self._stop.wait(max(0.0, self._last_sent_s + delay_s - self.clock())):
+            t_sent_s = self.clock()
+            outcome = self.attempt()
+            if outcome is True:
+                if self.state.extend(t_sent_s, self.clock(), self.timing):
+                    self.renewals += 1
+                    self._last_sent_s = t_sent_s
+                    delay_s = renewal_delay_s(self.timing, self.unit_random())
+                    log.debug(
+                        "renewed %s (token %s)", self.lease.lock, self.lease.token
+                    )
+                else:
+                    log.warning("a renewal reply came after the kill deadline; ignored")
+                    delay_s = 0.0
+            elif outcome is False:
+                self.state.lose(
+                    "the lease was taken over or released by an operator "
+                    f"(token {self.lease.token} is no longer current)"
+                )
+                return
+            else:
+                # Back off a little, then retry until the deadline decides.
+                self._last_sent_s = self.clock()
+                delay_s = RETRY_AFTER_FAILURE_S
+
+    def attempt(self) -> bool | None:
+        """One renewal within the attempt budget: True, False (lost), None (failed)."""
+        slot = self._slot
+        result: list[bool | None] = [None]
+        done = threading.Event()
+
+        def work() -> None:
+            with slot.busy:
+                try:
+                    if slot.session is None:
+                        slot.session = self.store.connect()
+                    result[0] = slot.session.renew(self.lease, self.timing.lease_s)
+                except DatabaseUnavailableError as exc:
+                    log.warning("renewal failed: %s", exc.message)
+                    slot.drop()
+                except Exception:
+                    log.exception("renewal failed unexpectedly")
+                    slot.drop()
+                finally:
+                    done.set()
+                    if slot.abandoned:
+                        slot.drop()
+
+        threading.Thread(target=work, name="leaderrun-renewal", daemon=True).start()
+        if done.wait(self.timing.attempt_budget_s):
+            return result[0]
+        # The attempt is stuck (a frozen backend, a blackholed socket). Leave it
+        # and its connection behind; the next attempt connects afresh.
+        log.warning(
+            "renewal attempt took longer than %.3gs; abandoning its connection",
+            self.timing.attempt_budget_s,
+        )
+        slot.abandoned = True
+        if slot.busy.acquire(blocking=False):
+            # The worker finished just now, before it could see the flag.
+            slot.drop()
+            slot.busy.release()
+        self._slot = _Slot(None)
+        return None

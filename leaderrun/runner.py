@@ -1,0 +1,340 @@
+"""``leaderrun run``: take the lease, run the command under supervision, release.
+
+The order of the steps is the safety argument (DESIGN rules 4-8):
+
+1. signal handlers first, so a leaderrun still waiting can be cancelled;
+2. acquire in the main thread, timing from just before the statement is sent;
+3. start the child from the main thread, before any other thread exists;
+4. start the renewal thread, then supervise from the main thread;
+5. release only once the child's whole group is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import secrets
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from leaderrun.clock import boottime
+from leaderrun.config import RunSettings
+from leaderrun.errors import (
+    EXIT_INTERNAL,
+    EXIT_LEASE_LOST,
+    BusyError,
+    CancelledError,
+    DatabaseUnavailableError,
+    LeaderrunError,
+    SchemaMissingError,
+)
+from leaderrun.heartbeat import LeaseState, Renewer
+from leaderrun.lease import Lease, kill_deadline, make_holder, retry_delay_s
+from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
+from leaderrun.supervisor import (
+    CANCELLING_SIGNALS,
+    Child,
+    SignalInbox,
+    Supervisor,
+    become_subreaper,
+    exit_status,
+    job_control_ignored,
+    resolve_command,
+)
+
+log = logging.getLogger("leaderrun")
+
+RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+"""Pauses between reconnects of a waiting contender whose database went away."""
+
+
+@dataclass
+class Acquired:
+    """A lease just taken, the instant its statement was sent, and its session."""
+
+    lease: Lease
+    t_sent_s: float
+    session: LeaseSession
+
+
+def child_environment(
+    env: Mapping[str, str], lease: Lease, settings: RunSettings
+) -> dict[str, str]:
+    """The child's environment: ours, less inherited ``LEADERRUN_*``, plus the lease.
+
+    Inherited ``LEADERRUN_*`` values are dropped rather than overridden one by
+    one: ``LEADERRUN_DSN`` may carry a password, and a stale
+    ``LEADERRUN_FENCING_TOKEN`` from an outer leaderrun must not survive.
+    """
+    child = {k: v for k, v in env.items() if not k.startswith("LEADERRUN_")}
+    child.update(
+        LEADERRUN_HELD="1",
+        LEADERRUN_LOCK_ID=str(lease.lock),
+        LEADERRUN_FENCING_TOKEN=str(lease.token),
+        LEADERRUN_HOLDER=lease.holder,
+        LEADERRUN_LEASE_DURATION=f"{settings.timing.lease_s:g}",
+    )
+    return child
+
+
+class Run:
+    """One invocation of ``leaderrun run``.
+
+    Args:
+        settings: the validated options.
+        store: where the lease lives.
+        env: leaderrun's own environment (the child's is derived from it).
+        host: this machine's name, recorded in the lease row.
+        clock: CLOCK_BOOTTIME, or a fake.
+        unit_random: numbers in [0, 1), for jitter.
+    """
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        store: LeaseStore,
+        env: Mapping[str, str],
+        *,
+        host: str,
+        clock: Callable[[], float] = boottime,
+        unit_random: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.env = env
+        self.clock = clock
+        self.unit_random = unit_random
+        pid = os.getpid()
+        self.claim = Claim(
+            holder=make_holder(host, pid, secrets.token_hex(8)),
+            host=host,
+            pid=pid,
+            command=shlex.join(settings.command),
+        )
+
+    def __call__(self) -> int:
+        """Run to the end and return leaderrun's exit status.
+
+        Raises:
+            LeaderrunError: the command did not start (busy, cancelled,
+                database unavailable, command not found); its ``exit_code`` says why.
+        """
+        # A typo in the command should not take the lock from a working node.
+        resolve_command(self.settings.command, self.env)
+        with SignalInbox() as inbox:
+            acquired = self.acquire(inbox)
+            return self.supervise(acquired, inbox)
+
+    def acquire(self, inbox: SignalInbox) -> Acquired:
+        """Take the lease, waiting for it if asked; cancellable by a signal.
+
+        Raises:
+            BusyError: held elsewhere (and the wait, if any, timed out).
+            CancelledError: a signal arrived first.
+            DatabaseUnavailableError: the database could not be used.
+        """
+        s = self.settings
+        started_s = self.clock()
+        if not s.wait:
+            give_up_s = started_s
+        elif s.wait_timeout_s is None:
+            give_up_s = math.inf
+        else:
+            give_up_s = started_s + s.wait_timeout_s
+        session = self.store.connect()  # unreachable at the start: exit 69 at once
+        failures = 0
+        while True:
+            self._cancel_on(inbox.take(), session, None)
+            t_sent_s = self.clock()
+            try:
+                result = session.acquire(s.lock, self.claim, s.timing.lease_s)
+            except SchemaMissingError:
+                session.close()
+                raise
+            except DatabaseUnavailableError as exc:
+                session.close()
+                if not s.wait or self.clock() >= give_up_s:
+                    raise
+                session = self._reconnect(inbox, exc, failures, give_up_s)
+                failures += 1
+                continue
+            except BaseException:
+                session.close()
+                raise
+            failures = 0
+            if result.lease is not None:
+                self._cancel_on(inbox.take(), session, result.lease)
+                elapsed_s = self.clock() - t_sent_s
+                if elapsed_s < s.timing.kill_deadline_s:
+                    log.info(
+                        "acquired %s (fencing token %d)",
+                        s.lock,
+                        result.lease.token,
+                        extra={"event": "acquired", "token": result.lease.token},
+                    )
+                    return Acquired(result.lease, t_sent_s, session)
+                # Rule 7: the reply came so late that the child could not be
+                # stopped in time; do not start it.
+                log.warning(
+                    "the acquire took %.3gs, past the kill deadline; not starting",
+                    elapsed_s,
+                )
+                self._release(session, result.lease)
+                if not s.wait:
+                    session.close()
+                    raise DatabaseUnavailableError(
+                        f"the database took {elapsed_s:.3g}s to grant the lease, longer"
+                        " than the kill deadline allows; use a longer --lease-duration"
+                    )
+                continue
+            now_s = self.clock()
+            if now_s >= give_up_s:
+                session.close()
+                raise BusyError(self._busy_message(result))
+            delay_s = retry_delay_s(result.expires_in_s, s.timing, self.unit_random())
+            log.debug("%s is held; retrying in %.3gs", s.lock, delay_s)
+            self._cancel_on(inbox.wait(min(delay_s, give_up_s - now_s)), session, None)
+
+    def supervise(self, acquired: Acquired, inbox: SignalInbox) -> int:
+        """Start the child, renew while it runs, stop it if the lease goes; release."""
+        s = self.settings
+        lease = acquired.lease
+        state = LeaseState(kill_deadline(acquired.t_sent_s, s.timing))
+        become_subreaper()
+        try:
+            child = Child(s.command, child_environment(self.env, lease, s))
+        except LeaderrunError:
+            self._release(acquired.session, lease)
+            acquired.session.close()
+            raise
+        # Only now may another thread exist: the child was forked from the main
+        # thread, so its parent-death signal is tied to this thread's life.
+        renewer = Renewer(
+            self.store,
+            acquired.session,
+            lease,
+            s.timing,
+            state,
+            t_sent_s=acquired.t_sent_s,
+            clock=self.clock,
+            unit_random=self.unit_random,
+        )
+        supervisor = Supervisor(child, inbox, state, s.timing.kill_grace_s, self.clock)
+        with job_control_ignored():
+            renewer.start()
+            try:
+                outcome = supervisor.run()
+            except BaseException:
+                log.exception("the supervisor failed; killing the command")
+                supervisor.kill_everything()
+                self._finish(renewer, lease)
+                child.close()
+                return EXIT_INTERNAL
+        self._finish(renewer, lease)
+        child.close()
+        state.close()
+        if outcome.stopped_because is not None:
+            log.error(
+                "lease on %s lost: %s; the command was stopped",
+                s.lock,
+                outcome.stopped_because,
+                extra={"event": "lost"},
+            )
+            return EXIT_LEASE_LOST
+        if outcome.returncode is None:  # run() returns only once it exited
+            raise LeaderrunError("the supervisor returned before the command exited")
+        log.info(
+            "the command exited with status %d",
+            exit_status(outcome.returncode),
+            extra={"event": "child_exit", "status": exit_status(outcome.returncode)},
+        )
+        return exit_status(outcome.returncode)
+
+    def _finish(self, renewer: Renewer, lease: Lease) -> None:
+        """Stop renewing and release; the child's group is already gone."""
+        session = renewer.stop(self.settings.timing.attempt_budget_s)
+        if session is None:
+            try:
+                session = self.store.connect()
+            except DatabaseUnavailableError as exc:
+                log.warning(
+                    "could not release (the lease will expire): %s", exc.message
+                )
+                return
+        self._release(session, lease)
+        session.close()
+
+    def _release(self, session: LeaseSession, lease: Lease) -> None:
+        try:
+            if session.release(lease):
+                log.info("released %s", lease.lock, extra={"event": "released"})
+            else:
+                log.info("%s was no longer ours to release", lease.lock)
+        except DatabaseUnavailableError as exc:
+            log.warning("could not release (the lease will expire): %s", exc.message)
+
+    def _cancel_on(
+        self, signals: list[int], session: LeaseSession, lease: Lease | None
+    ) -> None:
+        """Cancel cleanly if a cancelling signal arrived: release, close, raise."""
+        cancelling = [n for n in signals if n in CANCELLING_SIGNALS]
+        if not cancelling:
+            return
+        if lease is not None:
+            self._release(session, lease)
+        session.close()
+        raise CancelledError(
+            cancelling[0],
+            "cancelled by a signal while waiting for the lock; nothing ran",
+        )
+
+    def _reconnect(
+        self,
+        inbox: SignalInbox,
+        error: DatabaseUnavailableError,
+        failures: int,
+        give_up_s: float,
+    ) -> LeaseSession:
+        """Reconnect a waiting contender, backing off, until the wait runs out."""
+        while True:
+            pause_s = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+            log.warning("%s; retrying in %gs", error.message, pause_s)
+            signals = inbox.wait(min(pause_s, max(0.0, give_up_s - self.clock())))
+            cancelling = [n for n in signals if n in CANCELLING_SIGNALS]
+            if cancelling:
+                raise CancelledError(
+                    cancelling[0], "cancelled by a signal while waiting for the lock"
+                )
+            try:
+                return self.store.connect()
+            except DatabaseUnavailableError as exc:
+                if self.clock() >= give_up_s:
+                    raise
+                error, failures = exc, failures + 1
+
+    def _busy_message(self, result: AcquireResult) -> str:
+        s = self.settings
+        who = "another node"
+        if result.holder_host is not None:
+            who = f"{result.holder_host} (pid {result.holder_pid})"
+        left = ""
+        if result.expires_in_s is not None:
+            left = (
+                f", lease ends in {max(0.0, result.expires_in_s):.1f}s unless renewed"
+            )
+        waited = " after waiting" if s.wait else ""
+        return f"{s.lock} is held by {who}{left}; not running the command{waited}"
+
+
+def run_command(
+    settings: RunSettings, store: LeaseStore, env: Mapping[str, str], host: str
+) -> int:
+    """Run ``settings.command`` under the lease; return leaderrun's exit status."""
+    try:
+        return Run(settings, store, env, host=host)()
+    except BusyError as exc:
+        exc.exit_code = settings.busy_exit_code
+        raise

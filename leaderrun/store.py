@@ -1,0 +1,80 @@
+"""The lease store interface, free of any database driver.
+
+A store hands out sessions; each session is one connection, used by one thread
+at a time. The PostgreSQL implementation lives in ``leaderrun.postgres`` (the
+only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from leaderrun.lease import Lease, LockId
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who asks for a lock: the holder identity and what is shown in ``status``."""
+
+    holder: str
+    host: str
+    pid: int
+    command: str
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    """The outcome of one acquire statement.
+
+    Either ``lease`` is set (we hold the lock now), or it is None and the other
+    fields describe the current holder as the database saw it.
+    """
+
+    lease: Lease | None
+    holder: str | None = None
+    holder_host: str | None = None
+    holder_pid: int | None = None
+    expires_in_s: float | None = None
+    """Seconds until the current holder's lease ends, in database time."""
+
+
+class LeaseSession(Protocol):
+    """One connection to the store; every method is a single statement.
+
+    Methods raise :class:`leaderrun.errors.DatabaseUnavailableError` (or a
+    subclass) when the statement cannot be run; such a failure says nothing about
+    the lease, and the caller may retry on a fresh session.
+    """
+
+    def acquire(self, lock: LockId, claim: Claim, lease_s: float) -> AcquireResult:
+        """Take the lock if it is free or expired, bumping the fencing token."""
+        ...
+
+    def renew(self, lease: Lease, lease_s: float) -> bool:
+        """Extend our lease; False means it is definitely lost (taken or ended)."""
+        ...
+
+    def release(self, lease: Lease) -> bool:
+        """End our lease now; False means it was no longer ours."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection; never raises."""
+        ...
+
+
+class LeaseStore(Protocol):
+    """A place where leases live, able to open sessions."""
+
+    def connect(self) -> LeaseSession:
+        """Open a session.
+
+        Raises:
+            DatabaseUnavailableError: the database cannot be reached or used.
+        """
+        ...
+
+    def describe(self) -> str:
+        """Where the store is, for messages; never includes a password."""
+        ...

@@ -1,0 +1,417 @@
+"""The child and its signals: spawn, forward, stop the whole group, reap.
+
+The only module that imports ``subprocess`` and installs signal handlers. It runs
+in the main thread, and nothing here touches the database, so a renewal hung in
+a socket read can never delay a kill (DESIGN rules 5, 6 and 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from types import FrameType
+from typing import Protocol
+
+from leaderrun.clock import boottime
+from leaderrun.errors import CommandNotExecutableError, CommandNotFoundError
+from leaderrun.lease import SUPERVISOR_TICK_S
+
+log = logging.getLogger("leaderrun")
+
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+"""Signals sent to leaderrun that are passed on to the child's process group."""
+
+CANCELLING_SIGNALS = frozenset(FORWARDED_SIGNALS) - {signal.SIGWINCH}
+"""Signals that cancel a leaderrun still waiting for the lock (WINCH is a resize)."""
+
+ESCALATING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+"""A second one of these turns into SIGKILL for the whole group."""
+
+JOB_CONTROL_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+"""Ignored while the child runs: a stopped supervisor could not renew its lease."""
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+# Loaded before any fork: dlopen() in a forked child of a threaded parent can deadlock.
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LeaseWatch(Protocol):
+    """What the supervisor needs to know about the lease, without any I/O."""
+
+    def snapshot(self) -> tuple[float, str | None]:
+        """The kill deadline (on CLOCK_BOOTTIME) and the reason it was lost, if so."""
+        ...
+
+    def freeze(self) -> None:
+        """Stop accepting renewals: the kill has begun and nothing may reverse it."""
+        ...
+
+    def fileno(self) -> int:
+        """A descriptor that becomes readable when the lease is lost."""
+        ...
+
+
+class SignalInbox:
+    """Records signals for the main loop, which acts on them outside the handler.
+
+    Handlers only append the signal number; a wakeup pipe makes the main loop's
+    ``poll`` return at once. Used as a context manager, it restores the previous
+    handlers on exit.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous: dict[
+            int, signal.Handlers | Callable[..., object] | int | None
+        ] = {}
+        self._previous_wakeup_fd = -1
+
+    def __enter__(self) -> SignalInbox:
+        self._previous_wakeup_fd = signal.set_wakeup_fd(
+            self._write_fd, warn_on_full_buffer=False
+        )
+        for signum in FORWARDED_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self._pending.append(signum)
+
+    def fileno(self) -> int:
+        """The read end of the wakeup pipe."""
+        return self._read_fd
+
+    def take(self) -> list[int]:
+        """The signals received since the last call, oldest first."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 512):
+                pass
+        taken, self._pending[:] = self._pending[:], []
+        return taken
+
+    def wait(self, timeout_s: float) -> list[int]:
+        """Sleep up to ``timeout_s`` or until a signal arrives; return what arrived."""
+        if not self._pending:
+            select.select([self._read_fd], [], [], max(0.0, timeout_s))
+        return self.take()
+
+
+def resolve_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """The executable the child will run, checked before any lease is taken.
+
+    Raises:
+        CommandNotFoundError: not on PATH, or no such file (exit 127).
+        CommandNotExecutableError: a directory, or not executable (exit 126).
+    """
+    name = argv[0]
+    if "/" not in name:
+        found = shutil.which(name, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise CommandNotFoundError(f"command not found: {name!r}")
+        return found
+    if not os.path.exists(name):
+        raise CommandNotFoundError(f"no such file: {name!r}")
+    if os.path.isdir(name) or not os.access(name, os.X_OK):
+        raise CommandNotExecutableError(
+            f"not executable: {name!r}; check its mode (chmod +x) or run it through "
+            "its interpreter"
+        )
+    return name
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Runs in the child between fork and exec. PR_SET_PDEATHSIG fires when the
+    # *thread* that forked us ends, which is why leaderrun forks from the main
+    # thread, which lives as long as the child does. If the parent is already
+    # gone (killed between fork and prctl), no signal would ever come: give up.
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(128 + signal.SIGKILL)
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants, so that daemonised grandchildren can be stopped."""
+    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.debug("PR_SET_CHILD_SUBREAPER failed: %s", os.strerror(ctypes.get_errno()))
+
+
+class Child:
+    """The command, running as the leader of its own session and process group."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        """Start ``argv`` with ``env``, from the calling (main) thread.
+
+        Raises:
+            CommandNotFoundError: exec found no such file (exit 127).
+            CommandNotExecutableError: exec was refused (exit 126).
+        """
+        try:
+            # A new session: the child has its own process group (signalled as a
+            # whole) and no controlling terminal, so a Ctrl-C or Ctrl-Z at the
+            # terminal reaches leaderrun alone, which forwards it exactly once.
+            self._process = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                start_new_session=True,
+                # Safe here: no other thread exists yet (see Run.supervise).
+                preexec_fn=partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
+            )
+        except FileNotFoundError:
+            raise CommandNotFoundError(f"command not found: {argv[0]!r}") from None
+        except OSError as exc:
+            raise CommandNotExecutableError(
+                f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
+            ) from None
+        self.pid = self._process.pid
+        self.pgid = self.pid
+        self.pidfd = os.pidfd_open(self.pid)
+        self.returncode: int | None = None
+
+    def reap(self) -> int | None:
+        """Reap every exited child of ours; return the command's status once it exited.
+
+        Besides the command itself, leaderrun may have adopted orphaned
+        descendants (it is a subreaper); they are reaped here too so that no
+        zombie keeps the process group alive.
+        """
+        while self.returncode is None or _has_children():
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if info is None:
+                break
+            _, status = os.waitpid(info.si_pid, 0)
+            if info.si_pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                # Tell Popen, so it neither warns nor reaps a reused pid later.
+                self._process.returncode = self.returncode
+        return self.returncode
+
+    def signal_group(self, signum: int) -> bool:
+        """Send ``signum`` to the whole process group; False if it is empty."""
+        try:
+            os.killpg(self.pgid, signum)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            # A setuid program in the group; the others still got the signal.
+            return True
+        return True
+
+    def group_alive(self) -> bool:
+        """Whether any process (a zombie included) is still in the group."""
+        return self.signal_group(0)
+
+    def signal_adopted(self, signum: int) -> int:
+        """Send ``signum`` to descendants that left the group and were adopted by us."""
+        count = 0
+        for pid in _children():
+            if pid != self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+                    count += 1
+        return count
+
+    def gone(self) -> bool:
+        """Whether the command, its group and every adopted descendant are gone."""
+        self.reap()
+        return (
+            self.returncode is not None
+            and not self.group_alive()
+            and not _has_children()
+        )
+
+    def close(self) -> None:
+        """Release the pidfd."""
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+def _children() -> list[int]:
+    """Our own direct children, from /proc."""
+    pids: list[int] = []
+    task_dir = f"/proc/{os.getpid()}/task"
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return pids
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _has_children() -> bool:
+    return bool(_children())
+
+
+@dataclass
+class Outcome:
+    """How a supervised run ended."""
+
+    returncode: int | None
+    """The command's exit status (negative: killed by that signal), if it exited."""
+
+    stopped_because: str | None = None
+    """Why leaderrun stopped the command, or None if it ended by itself."""
+
+
+class Supervisor:
+    """The main thread's loop: forward signals, watch the lease, stop the group.
+
+    Args:
+        child: the running command.
+        inbox: the signals received by leaderrun.
+        lease: the lease state, published by the renewal thread.
+        kill_grace_s: SIGTERM to SIGKILL, when leaderrun stops the child.
+        clock: CLOCK_BOOTTIME, or a fake in tests.
+    """
+
+    def __init__(
+        self,
+        child: Child,
+        inbox: SignalInbox,
+        lease: LeaseWatch,
+        kill_grace_s: float,
+        clock: Callable[[], float] = boottime,
+    ) -> None:
+        self.child = child
+        self.inbox = inbox
+        self.lease = lease
+        self.kill_grace_s = kill_grace_s
+        self.clock = clock
+        self._escalations = 0
+        self._killed = False
+
+    def run(self) -> Outcome:
+        """Supervise until the command ends or must be stopped; never returns early.
+
+        On return the command, its process group and its adopted descendants
+        are gone, so the lease may be released.
+        """
+        poller = select.poll()
+        for fd in (self.inbox.fileno(), self.child.pidfd, self.lease.fileno()):
+            poller.register(fd, select.POLLIN)
+        while True:
+            self.forward_signals()
+            if self.child.reap() is not None:
+                self.finish_group()
+                return Outcome(self.child.returncode)
+            deadline_s, lost = self.lease.snapshot()
+            now_s = self.clock()
+            if lost is not None or now_s >= deadline_s:
+                reason = lost or "no renewal succeeded before the kill deadline"
+                self.stop(reason)
+                return Outcome(self.child.returncode, stopped_because=reason)
+            # poll() counts CLOCK_MONOTONIC, which stops during suspend, so wake
+            # at least every tick and re-read CLOCK_BOOTTIME.
+            timeout_s = min(SUPERVISOR_TICK_S, max(0.0, deadline_s - now_s))
+            poller.poll(timeout_s * 1000)
+
+    def forward_signals(self) -> None:
+        """Pass each received signal to the group; a second INT or TERM is SIGKILL."""
+        for signum in self.inbox.take():
+            if signum in ESCALATING_SIGNALS:
+                self._escalations += 1
+            if self._escalations >= 2 and signum in ESCALATING_SIGNALS:
+                log.warning(
+                    "second %s: killing the command's process group",
+                    signal.Signals(signum).name,
+                )
+                self.kill_everything()
+                continue
+            log.info("forwarding %s to the command", signal.Signals(signum).name)
+            self.child.signal_group(signum)
+
+    def stop(self, reason: str) -> None:
+        """SIGTERM the group, SIGKILL it after the grace, and confirm it is empty.
+
+        Once begun, nothing stops the stop: the lease is frozen first, so a late
+        renewal reply cannot extend it (rule 6).
+        """
+        self.lease.freeze()
+        log.error("stopping the command: %s", reason)
+        self.child.signal_group(signal.SIGTERM)
+        self.child.signal_adopted(signal.SIGTERM)
+        self._wait_gone(self.clock() + self.kill_grace_s)
+        self.kill_everything()
+
+    def finish_group(self) -> None:
+        """After the command exited: stop what it left behind in its group.
+
+        Background processes the command left running get SIGTERM, then SIGKILL
+        after the grace, so the lease is never released while one still runs.
+        """
+        if not self.child.gone():
+            log.warning("the command exited but left processes behind; stopping them")
+            self.child.signal_group(signal.SIGTERM)
+            self.child.signal_adopted(signal.SIGTERM)
+            self._wait_gone(self.clock() + self.kill_grace_s)
+            self.kill_everything()
+
+    def kill_everything(self) -> None:
+        """SIGKILL the group and adopted descendants until none is left."""
+        self._killed = True
+        while not self.child.gone():
+            self.child.signal_group(signal.SIGKILL)
+            self.child.signal_adopted(signal.SIGKILL)
+            self.inbox.wait(0.01)
+
+    def _wait_gone(self, until_s: float) -> None:
+        while self.clock() < until_s and not self.child.gone():
+            self.forward_signals()
+            if self._killed:
+                return
+            self.inbox.wait(min(SUPERVISOR_TICK_S, max(0.0, until_s - self.clock())))
+
+
+@contextlib.contextmanager
+def job_control_ignored() -> Iterator[None]:
+    """Ignore SIGTSTP/SIGTTIN/SIGTTOU: Ctrl-Z must never stop the supervisor."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in JOB_CONTROL_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's exit status for a child status: the code, or 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def errno_name(code: int) -> str:
+    """``ENOENT`` for 2, for messages."""
+    return errno.errorcode.get(code, str(code))
