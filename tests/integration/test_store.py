@@ -1,0 +1,548 @@
+"""The PostgreSQL lease store against the real server: its SQL, races and errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import TupleRow
+
+from leaderrun.errors import (
+    ConfigError,
+    DatabaseUnavailableError,
+    LeaderrunError,
+    SchemaMissingError,
+)
+from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
+from leaderrun.postgres import TABLE, PostgresLeaseStore, PostgresSession
+from leaderrun.redact import MASK, dsn_secrets
+from leaderrun.store import AcquireResult, Claim
+
+pytestmark = pytest.mark.pg
+
+Admin = Callable[[], psycopg.Connection[TupleRow]]
+
+LEASE_S = 30.0
+CONTENDERS = 20
+RACE_ROUNDS = 5
+"""A table-creation race is not lost every time: run it in this many schemas."""
+WAIT_S = 30.0
+"""The bound on waiting for threads and the server; generous for a busy host."""
+SECRET = "Hunter2-s3cret"
+
+
+def claim(n: int) -> Claim:
+    """The claim of contender ``n``, each with its own holder identity."""
+    return Claim(holder=f"host{n}:{n}:nonce", host=f"host{n}", pid=n, command="true")
+
+
+def new_name(prefix: str) -> str:
+    """A schema or role name no other test uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def schema(pg_dsn: str, pg_admin: Admin) -> Iterator[str]:
+    """A schema of this module's own, with the lease table already created."""
+    name = new_name("lr_store")
+    with pg_admin() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    PostgresLeaseStore(pg_dsn, name).init()
+    yield name
+    with pg_admin() as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def new_schema(pg_admin: Admin) -> Iterator[Callable[[], str]]:
+    """Creates empty schemas (no lease table yet); drops them after the test."""
+    made: list[str] = []
+
+    def create() -> str:
+        name = new_name("lr_fresh")
+        with pg_admin() as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+        made.append(name)
+        return name
+
+    yield create
+    with pg_admin() as conn:
+        for name in made:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def fresh_schema(new_schema: Callable[[], str]) -> str:
+    """An empty schema: no lease table yet."""
+    return new_schema()
+
+
+@pytest.fixture
+def lock(lock_name: str) -> LockId:
+    return parse_lock_id(lock_name)
+
+
+@pytest.fixture
+def open_session() -> Iterator[Callable[[PostgresLeaseStore], PostgresSession]]:
+    """Opens sessions, and closes every one of them after the test."""
+    opened: list[PostgresSession] = []
+
+    def open_(store: PostgresLeaseStore) -> PostgresSession:
+        session = store.connect()
+        opened.append(session)
+        return session
+
+    yield open_
+    for session in opened:
+        session.close()
+
+
+@pytest.fixture
+def store(pg_dsn: str, schema: str) -> PostgresLeaseStore:
+    return PostgresLeaseStore(pg_dsn, schema)
+
+
+@pytest.fixture
+def session(
+    store: PostgresLeaseStore,
+    open_session: Callable[[PostgresLeaseStore], PostgresSession],
+) -> PostgresSession:
+    return open_session(store)
+
+
+def table_of(schema: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(TABLE))
+
+
+def row_of(admin: Admin, schema: str, lock: LockId) -> dict[str, Any] | None:
+    """The lock's row as the server has it, with its expiry relative to now()."""
+    query = sql.SQL(
+        "SELECT lock_name, holder, token, expires_at, "
+        "extract(epoch FROM expires_at - now())::float8 AS expires_in_s "
+        "FROM {} WHERE lock_key = %s"
+    ).format(table_of(schema))
+    with admin() as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute(query, (lock.key,)).fetchone()
+
+
+def expire(admin: Admin, schema: str, lock: LockId) -> None:
+    """Make the lock's lease end a second ago in the server's time; holder kept."""
+    query = sql.SQL(
+        "UPDATE {} SET expires_at = now() - interval '1 second' WHERE lock_key = %s"
+    ).format(table_of(schema))
+    with admin() as conn:
+        assert conn.execute(query, (lock.key,)).rowcount == 1
+
+
+def with_password(dsn: str, **params: str) -> tuple[str, str]:
+    """``dsn`` with ``params``, carrying a password, and that password.
+
+    The DSN's own password is kept, so that a server which checks it still lets
+    us in; without one, SECRET is added, which a trust-auth server ignores.
+    """
+    secrets = dsn_secrets(dsn)
+    if secrets:
+        return make_conninfo(dsn, **params), secrets[0]
+    return make_conninfo(dsn, password=SECRET, **params), SECRET
+
+
+def acquired(result: AcquireResult) -> Lease:
+    assert result.lease is not None, result
+    return result.lease
+
+
+def race(count: int, contend: Callable[[int, threading.Barrier], Any]) -> list[Any]:
+    """Run ``contend(n, barrier)`` on ``count`` threads; return results or errors."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def run(n: int) -> None:
+        try:
+            results[n] = contend(n, barrier)
+        except Exception as exc:
+            barrier.abort()
+            results[n] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert not any(thread.is_alive() for thread in threads), "a contender hung"
+    return results
+
+
+# --- the table ------------------------------------------------------------------------
+
+
+def test_the_table_is_created_on_first_use(pg_dsn, pg_admin, fresh_schema, lock):
+    """The first acquire in an empty schema creates leader_lease and takes token 1."""
+    regclass = f"{fresh_schema}.{TABLE}"
+    with pg_admin() as conn:
+        assert conn.execute("SELECT to_regclass(%s)", (regclass,)).fetchone() == (None,)
+    store = PostgresLeaseStore(pg_dsn, fresh_schema)
+    session = store.connect()
+    try:
+        assert acquired(session.acquire(lock, claim(1), LEASE_S)).token == 1
+    finally:
+        session.close()
+    with pg_admin() as conn:
+        found = conn.execute("SELECT to_regclass(%s)::text", (regclass,)).fetchone()
+    assert found is not None
+    assert found[0] is not None
+
+
+@pytest.mark.xfail(
+    strict=False,  # the race is not lost every time, so this cannot be strict
+    reason="bug: PostgresSession.ensure_table() tolerates UniqueViolation and "
+    "DuplicateTable but not DuplicateObject (SQLSTATE 42710: type leader_lease "
+    "already exists), which a racing CREATE TABLE IF NOT EXISTS also raises",
+)
+def test_first_users_racing_to_create_the_table_all_succeed(
+    pg_dsn: str, new_schema: Callable[[], str], lock_name: str
+):
+    """Twenty sessions acquiring at once in an empty schema all succeed, each round."""
+    for _ in range(RACE_ROUNDS):
+        store = PostgresLeaseStore(pg_dsn, new_schema())
+
+        def contend(n: int, barrier: threading.Barrier) -> AcquireResult:
+            session = store.connect()  # noqa: B023 - runs within this round
+            try:
+                barrier.wait(WAIT_S)
+                lock = parse_lock_id(f"{lock_name}-{n}")
+                return session.acquire(lock, claim(n), LEASE_S)
+            finally:
+                session.close()
+
+        results = race(CONTENDERS, contend)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert [acquired(r).token for r in results] == [1] * CONTENDERS
+
+
+# --- acquire, renew, release ----------------------------------------------------------
+
+
+def test_exactly_one_of_twenty_contenders_takes_an_expired_lease(
+    store: PostgresLeaseStore, session, pg_admin, schema, lock
+):
+    """Twenty contenders on an expired lease: exactly one wins, with the token + 1."""
+    acquired(session.acquire(lock, claim(100), LEASE_S))
+    expire(pg_admin, schema, lock)
+
+    def contend(n: int, barrier: threading.Barrier) -> AcquireResult:
+        contender = store.connect()
+        try:
+            barrier.wait(WAIT_S)
+            return contender.acquire(lock, claim(n), LEASE_S)
+        finally:
+            contender.close()
+
+    results = race(CONTENDERS, contend)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    winners = [r.lease for r in results if r.lease is not None]
+    assert len(winners) == 1
+    assert winners[0].token == 2
+    row = row_of(pg_admin, schema, lock)
+    assert row is not None
+    assert (row["holder"], row["token"]) == (winners[0].holder, 2)
+
+
+@pytest.mark.parametrize("renewed", [True, False], ids=["renewed", "not-renewed"])
+def test_a_contender_waiting_on_a_renewal_sees_its_outcome(
+    store, session, open_session, pg_admin, schema, lock, renewed
+):
+    """A contender blocked behind a renewal's row lock re-checks the renewed row.
+
+    It gets 0 rows when the renewal commits; the control case, a transaction that
+    only locks the row, shows that the same contender would have won.
+    """
+    lease = acquired(session.acquire(lock, claim(1), LEASE_S))
+    expire(pg_admin, schema, lock)
+    contender = open_session(store)
+    outcome: list[AcquireResult] = []
+    table = table_of(schema)
+    with pg_admin() as locker, pg_admin() as watcher:
+        with locker.transaction():
+            locker.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE lock_key = %s FOR UPDATE").format(
+                    table
+                ),
+                (lock.key,),
+            )
+            locker_pid = locker.info.backend_pid
+            thread = threading.Thread(
+                target=lambda: outcome.append(contender.acquire(lock, claim(2), 30))
+            )
+            thread.start()
+            deadline = time.monotonic() + WAIT_S
+            blocked = (
+                "SELECT count(*) > 0 FROM pg_stat_activity "
+                "WHERE %s = ANY(pg_blocking_pids(pid))"
+            )
+            while watcher.execute(blocked, (locker_pid,)).fetchone() != (True,):
+                assert time.monotonic() < deadline, "the contender never blocked"
+                time.sleep(0.01)
+            if renewed:
+                renew = sql.SQL(
+                    "UPDATE {} SET expires_at = now() + interval '30 seconds', "
+                    "renewed_at = now() "
+                    "WHERE lock_key = %s AND holder = %s AND token = %s"
+                ).format(table)
+                assert locker.execute(renew, (lock.key, lease.holder, 1)).rowcount == 1
+        thread.join(WAIT_S)
+    assert len(outcome) == 1
+    row = row_of(pg_admin, schema, lock)
+    assert row is not None
+    if renewed:
+        assert outcome[0].lease is None
+        assert (row["holder"], row["token"]) == (lease.holder, 1)
+        assert row["expires_in_s"] > 0
+    else:
+        assert acquired(outcome[0]).token == 2
+        assert (row["holder"], row["token"]) == (claim(2).holder, 2)
+
+
+@pytest.mark.parametrize("taker", [2, 1], ids=["another-holder", "same-holder"])
+def test_a_renewal_after_a_takeover_changes_nothing(
+    store, session, open_session, pg_admin, schema, lock, taker
+):
+    """A stale token renews and releases nothing, even when the holder is the same."""
+    stale = acquired(session.acquire(lock, claim(1), LEASE_S))
+    expire(pg_admin, schema, lock)
+    fresh = acquired(open_session(store).acquire(lock, claim(taker), LEASE_S))
+    assert fresh.token == stale.token + 1
+    before = row_of(pg_admin, schema, lock)
+    assert before is not None
+    assert not session.renew(stale, 600.0)
+    assert not session.release(stale)
+    after = row_of(pg_admin, schema, lock)
+    assert after is not None
+    unchanged = ("lock_name", "holder", "token", "expires_at")
+    assert [after[k] for k in unchanged] == [before[k] for k in unchanged]
+    assert (after["holder"], after["token"]) == (claim(taker).holder, fresh.token)
+
+
+def test_release_keeps_the_row_and_the_token_keeps_growing(
+    session, pg_admin, schema, lock
+):
+    """Release frees the lock but keeps the row; each new holder gets the next token."""
+    tokens = []
+    for n in range(1, 4):
+        lease = acquired(session.acquire(lock, claim(n), LEASE_S))
+        tokens.append(lease.token)
+        assert session.release(lease)
+        row = row_of(pg_admin, schema, lock)
+        assert row is not None
+        assert (row["holder"], row["token"]) == (None, lease.token)
+        assert row["expires_in_s"] <= 0
+    assert tokens == [1, 2, 3]
+
+
+def test_expiry_is_judged_by_the_servers_clock(
+    store, session, open_session, pg_admin, schema, lock
+):
+    """A lease ends when the server's now() passes expires_at, whatever the client."""
+    acquired(session.acquire(lock, claim(1), 3600.0))
+    contender = open_session(store)
+    refused = contender.acquire(lock, claim(2), LEASE_S)
+    assert refused.lease is None
+    assert refused.holder == claim(1).holder
+    assert refused.expires_in_s == pytest.approx(3600.0, abs=WAIT_S)
+    expire(pg_admin, schema, lock)
+    assert acquired(contender.acquire(lock, claim(2), LEASE_S)).token == 2
+
+
+def test_renew_extends_from_the_servers_now(session, pg_admin, schema, lock):
+    """A renewal sets expires_at to the server's now() plus the lease it is given."""
+    lease = acquired(session.acquire(lock, claim(1), LEASE_S))
+    assert session.renew(lease, 600.0)
+    row = row_of(pg_admin, schema, lock)
+    assert row is not None
+    assert row["expires_in_s"] == pytest.approx(600.0, abs=WAIT_S)
+
+
+def test_a_key_used_by_another_lock_name_is_refused(session, pg_admin, schema):
+    """A name whose 64-bit key another name already uses is refused, never taken."""
+    mine = parse_lock_id(f"mine-{uuid.uuid4().hex}")
+    insert = sql.SQL(
+        "INSERT INTO {} (lock_key, lock_name, holder, token, acquired_at, "
+        "renewed_at, expires_at) VALUES (%s, 'theirs', NULL, 41, now(), now(), now())"
+    ).format(table_of(schema))
+    with pg_admin() as conn:
+        conn.execute(insert, (name_key(mine.name or ""),))
+    with pytest.raises(ConfigError) as raised:
+        session.acquire(mine, claim(1), LEASE_S)
+    assert raised.value.message == (
+        f"--lock-id {mine.name!r} has the same 64-bit key as the lock 'theirs'; "
+        "choose another name"
+    )
+    row = row_of(pg_admin, schema, mine)
+    assert row is not None
+    assert (row["lock_name"], row["holder"], row["token"]) == ("theirs", None, 41)
+
+
+# --- rule 9: no transaction left open -------------------------------------------------
+
+
+def test_every_lease_statement_leaves_the_connection_idle(
+    pg_dsn, pg_admin, fresh_schema, lock
+):
+    """After acquire (creating the table), renew and release the session is idle."""
+    app = new_name("lr_idle")
+    dsn = make_conninfo(pg_dsn, application_name=app)
+    store = PostgresLeaseStore(dsn, fresh_schema)
+    session = store.connect()
+
+    def server_state() -> tuple[Any, ...]:
+        with pg_admin() as conn:
+            row: tuple[Any, ...] | None = conn.execute(
+                "SELECT state, backend_xid FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            ).fetchone()
+        assert row is not None
+        return row
+
+    try:
+        lease = acquired(session.acquire(lock, claim(1), LEASE_S))
+        assert server_state() == ("idle", None)
+        assert session.renew(lease, LEASE_S)
+        assert server_state() == ("idle", None)
+        assert session.release(lease)
+        assert server_state() == ("idle", None)
+    finally:
+        session.close()
+
+
+def test_a_connection_left_in_a_transaction_is_caught(session, pg_admin, schema, lock):
+    """A statement that leaves its connection inside a transaction raises, loudly."""
+    lease = acquired(session.acquire(lock, claim(1), LEASE_S))
+    before = row_of(pg_admin, schema, lock)
+    assert before is not None
+    # The one reach into the session: force its connection into a transaction.
+    session._conn.execute("BEGIN")
+    with pytest.raises(LeaderrunError, match="left in state INTRANS"):
+        session.renew(lease, 600.0)
+    after = row_of(pg_admin, schema, lock)
+    assert after is not None
+    assert after["expires_at"] == before["expires_at"], "others never saw it"
+
+
+# --- schema and privileges ------------------------------------------------------------
+
+
+def test_a_missing_schema_says_what_to_do(pg_dsn, lock):
+    """A schema that does not exist is SchemaMissingError naming it and the fix."""
+    missing = new_name("lr_missing")
+    store = PostgresLeaseStore(pg_dsn, missing)
+    expected = f"schema {missing!r} does not exist; create it or pass another --schema"
+    session = store.connect()
+    try:
+        with pytest.raises(SchemaMissingError) as raised:
+            session.acquire(lock, claim(1), LEASE_S)
+        assert raised.value.message == expected
+    finally:
+        session.close()
+    with pytest.raises(SchemaMissingError) as raised:
+        store.init()
+    assert raised.value.message == expected
+
+
+@pytest.fixture
+def role_dsn(pg_dsn: str, pg_admin: Admin, fresh_schema: str) -> Iterator[str]:
+    """A DSN for a new role that may use ``fresh_schema`` but not create in it."""
+    role, password = new_name("lr_role"), uuid.uuid4().hex
+    with pg_admin() as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.Identifier(fresh_schema), sql.Identifier(role)
+            )
+        )
+    yield make_conninfo(pg_dsn, user=role, password=password)
+    with pg_admin() as conn:
+        conn.execute(
+            sql.SQL("REVOKE ALL ON SCHEMA {} FROM {}").format(
+                sql.Identifier(fresh_schema), sql.Identifier(role)
+            )
+        )
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_role_that_may_not_create_the_table_is_told_what_to_run(
+    role_dsn, fresh_schema, lock
+):
+    """Without CREATE on the schema, the error names the table and the SQL to run."""
+    store = PostgresLeaseStore(role_dsn, fresh_schema)
+    expected = (
+        f"table {fresh_schema}.{TABLE} does not exist and this role may not create "
+        "it; ask a DBA to run the SQL that `leaderrun init --print-sql` prints"
+    )
+    session = store.connect()
+    try:
+        with pytest.raises(SchemaMissingError) as raised:
+            session.acquire(lock, claim(1), LEASE_S)
+        assert raised.value.message == expected
+    finally:
+        session.close()
+    with pytest.raises(SchemaMissingError) as raised:
+        store.init()
+    assert raised.value.message == expected
+
+
+# --- secrets --------------------------------------------------------------------------
+
+
+def test_no_password_when_the_server_is_unreachable(pg_dsn, schema):
+    """Connecting to a port nobody listens on fails without showing the password."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
+        port = sock.getsockname()[1]
+        dsn = f"postgresql://app:{SECRET}@127.0.0.1:{port}/prod"
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            PostgresLeaseStore(dsn, schema).connect()
+    assert raised.value.message.startswith(f"cannot connect to app@127.0.0.1:{port}/")
+    assert SECRET not in raised.value.message
+
+
+def test_no_password_when_the_server_quotes_it_back(pg_dsn, schema):
+    """Whatever the server quotes back, the password in it is masked."""
+    _, secret = with_password(pg_dsn)
+    dsn, _ = with_password(pg_dsn, options=f"-c statement_timeout={secret}")
+    with pytest.raises(DatabaseUnavailableError) as raised:
+        PostgresLeaseStore(dsn, schema).connect()
+    assert secret not in raised.value.message
+    assert f'"statement_timeout": "{MASK}"' in raised.value.message
+
+
+def test_no_password_when_a_statement_fails(pg_dsn, pg_admin, schema, lock):
+    """A statement on a killed connection fails as unavailable, without the password."""
+    app = new_name("lr_killed")
+    dsn, secret = with_password(pg_dsn, application_name=app)
+    session = PostgresLeaseStore(dsn, schema).connect()
+    try:
+        lease = acquired(session.acquire(lock, claim(1), LEASE_S))
+        with pg_admin() as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            )
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            session.renew(lease, LEASE_S)
+    finally:
+        session.close()
+    assert raised.value.message.startswith("statement on ")
+    assert secret not in raised.value.message

@@ -1,0 +1,306 @@
+"""LeaseState's rules, and the Renewer's attempts and thread, on the in-memory store.
+
+Attempts run on worker threads, so a few tests wait for a thread, always with a
+bound; nothing here sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from leaderrun.clock import boottime
+from leaderrun.heartbeat import LeaseState, Renewer
+from leaderrun.lease import Lease, Timing, kill_deadline, make_timing, parse_lock_id
+from leaderrun.store import Claim
+from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
+
+LOCK = parse_lock_id("heartbeat-test")
+CLAIM = Claim(holder="host:1:nonce", host="host", pid=1, command="true")
+DEFAULT = make_timing()
+
+HUNG = Timing(lease_s=3.0, renew_interval_s=0.5, jitter_s=0.0, kill_grace_s=0.5)
+"""A timing whose attempt budget is about 0.5 s, so a hung attempt is cut short."""
+
+FAST = Timing(lease_s=30.0, renew_interval_s=0.05, jitter_s=0.0, kill_grace_s=1.0)
+"""Renew every 50 ms, with a kill deadline (~28 s) no loaded machine comes near."""
+
+WAIT_S = 20.0
+"""The bound on waiting for a thread to do what it must; generous for a busy host."""
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` until it holds, or fail after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {WAIT_S}s")
+        time.sleep(0.005)
+
+
+def readable(fd: int, timeout_s: float = 0.0) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout_s``."""
+    return bool(select.select([fd], [], [], timeout_s)[0])
+
+
+class FaultyStore(InMemoryLeaseStore):
+    """The in-memory store plus the faults a renewal must survive.
+
+    It keeps every session it opens. While ``gate`` is clear, renewals wait in the
+    call (a backend that stopped answering): ``hung`` is set, and ``in_call`` counts
+    the calls still inside. The next
+    ``crash_connects`` connects and ``crash_renews`` renewals raise RuntimeError,
+    as a bug in a store would.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.sessions: list[FaultySession] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.hung = threading.Event()
+        self.in_call = 0
+        self.crash_connects = 0
+        self.crash_renews = 0
+
+    def connect(self) -> FaultySession:
+        self._check()
+        if self.crash_connects > 0:
+            self.crash_connects -= 1
+            raise RuntimeError("connect crashed")
+        session = FaultySession(self)
+        self.sessions.append(session)
+        return session
+
+
+class FaultySession(InMemorySession):
+    """A session of a :class:`FaultyStore`."""
+
+    def __init__(self, store: FaultyStore) -> None:
+        super().__init__(store)
+        self.faults = store
+
+    def renew(self, lease: Lease, lease_s: float) -> bool:
+        if self.faults.crash_renews > 0:
+            self.faults.crash_renews -= 1
+            raise RuntimeError("renew crashed")
+        if not self.faults.gate.is_set():
+            self.faults.hung.set()
+            self.faults.in_call += 1
+            try:
+                if not self.faults.gate.wait(WAIT_S * 3):
+                    raise AssertionError("the test never opened the gate")
+            finally:
+                self.faults.in_call -= 1
+        return super().renew(lease, lease_s)
+
+
+class Holder:
+    """A lease taken on a FaultyStore, with the Renewer and LeaseState that keep it."""
+
+    def __init__(
+        self, store: FaultyStore, timing: Timing, clock: Callable[[], float]
+    ) -> None:
+        self.store = store
+        self.session = store.connect()
+        t_sent_s = clock()
+        lease = self.session.acquire(LOCK, CLAIM, timing.lease_s).lease
+        assert lease is not None
+        self.lease = lease
+        self.first_deadline_s = kill_deadline(t_sent_s, timing)
+        self.state = LeaseState(self.first_deadline_s)
+        self.renewer = Renewer(
+            store,
+            self.session,
+            lease,
+            timing,
+            self.state,
+            t_sent_s=t_sent_s,
+            clock=clock,
+            unit_random=lambda: 0.5,
+        )
+
+
+@pytest.fixture
+def holders() -> Iterator[Callable[..., Holder]]:
+    """Makes Holders; at teardown opens every gate and stops every renewal thread."""
+    made: list[Holder] = []
+
+    def make(timing: Timing = FAST, clock: Callable[[], float] = boottime) -> Holder:
+        holder = Holder(FaultyStore(FakeClock()), timing, clock)
+        made.append(holder)
+        return holder
+
+    yield make
+    for holder in made:
+        holder.store.gate.set()
+        if holder.renewer.alive():
+            holder.renewer.stop(WAIT_S)
+        holder.state.close()
+
+
+# --- LeaseState -------------------------------------------------------------------
+
+
+@pytest.fixture
+def state() -> Iterator[LeaseState]:
+    lease_state = LeaseState(kill_deadline(100.0, DEFAULT))
+    yield lease_state
+    lease_state.close()
+
+
+def test_extend_moves_the_deadline_to_the_renewals_own(state):
+    """A later renewal answered in time moves the kill deadline to its own."""
+    assert state.extend(105.0, 106.0, DEFAULT)
+    assert state.snapshot() == (kill_deadline(105.0, DEFAULT), None)
+
+
+def test_extend_never_moves_the_deadline_back(state):
+    """A reply to an older renewal counts as success but keeps the later deadline."""
+    assert state.extend(90.0, 91.0, DEFAULT)
+    assert state.snapshot() == (kill_deadline(100.0, DEFAULT), None)
+
+
+def test_a_reply_after_its_own_deadline_is_refused(state):
+    """A reply at t_sent + kill deadline or later is refused and changes nothing."""
+    own_deadline_s = kill_deadline(110.0, DEFAULT)
+    assert not state.extend(110.0, own_deadline_s, DEFAULT)
+    assert not state.extend(110.0, own_deadline_s + 1.0, DEFAULT)
+    assert state.snapshot() == (kill_deadline(100.0, DEFAULT), None)
+    assert state.extend(110.0, own_deadline_s - 0.001, DEFAULT)
+    assert state.snapshot() == (own_deadline_s, None)
+
+
+def test_extend_is_refused_after_freeze(state):
+    """Once frozen, even a timely renewal is refused: the kill has begun."""
+    state.freeze()
+    assert not state.extend(105.0, 106.0, DEFAULT)
+    assert state.snapshot() == (kill_deadline(100.0, DEFAULT), None)
+
+
+def test_extend_is_refused_after_loss(state):
+    """Once lost, a lease is not renewed by a late success."""
+    state.lose("taken over")
+    assert not state.extend(105.0, 106.0, DEFAULT)
+    assert state.snapshot() == (kill_deadline(100.0, DEFAULT), "taken over")
+
+
+def test_lose_wakes_the_supervisor_and_keeps_the_first_reason(state):
+    """lose() makes fileno() readable; a second loss does not change the reason."""
+    assert not readable(state.fileno())
+    state.freeze()
+    assert not readable(state.fileno()), "freezing is not losing"
+    state.lose("taken over")
+    state.lose("released by an operator")
+    assert readable(state.fileno(), WAIT_S)
+    assert state.snapshot()[1] == "taken over"
+
+
+# --- Renewer.attempt ------------------------------------------------------------------
+
+
+def test_attempt_renews_while_the_lease_is_ours(holders):
+    """An attempt on a lease still ours returns True and extends it in the store."""
+    holder = holders(DEFAULT, FakeClock())
+    holder.store.clock.advance(10.0)
+    assert holder.renewer.attempt() is True
+    assert holder.store.statements["renew"] == 1
+    row = holder.store.rows[LOCK.key]
+    assert row.expires_at_s == holder.store.clock() + DEFAULT.lease_s
+
+
+def test_attempt_reports_a_takeover_as_lost(holders):
+    """After someone else took the lock, an attempt returns False: lost for certain."""
+    holder = holders(DEFAULT, FakeClock())
+    holder.store.take_over(LOCK)
+    assert holder.renewer.attempt() is False
+
+
+def test_attempt_fails_while_unavailable_and_reconnects_after(holders):
+    """An unreachable store gives None (unknown); once back, a new session renews."""
+    holder = holders(DEFAULT, FakeClock())
+    holder.store.available = False
+    assert holder.renewer.attempt() is None
+    assert holder.session.closed, "the failed session is dropped"
+    assert holder.renewer.attempt() is None, "connecting fails too"
+    holder.store.available = True
+    assert holder.renewer.attempt() is True
+    assert len(holder.store.sessions) == 2
+    assert not holder.store.sessions[1].closed
+
+
+def test_an_attempt_that_hangs_is_abandoned_after_its_budget(holders):
+    """A renewal stuck in the store is given up after the attempt budget: None."""
+    holder = holders(HUNG, FakeClock())
+    assert HUNG.attempt_budget_s == pytest.approx(0.5, abs=0.01)
+    holder.store.gate.clear()
+    started_s = time.monotonic()
+    assert holder.renewer.attempt() is None
+    assert time.monotonic() - started_s >= HUNG.attempt_budget_s - 0.001
+    assert holder.store.in_call == 1, "returned while the call is still stuck"
+
+
+def test_the_abandoned_session_is_closed_once_the_hung_call_returns(holders):
+    """The stuck session is closed when its call returns; the next one is fresh."""
+    holder = holders(HUNG, FakeClock())
+    holder.store.gate.clear()
+    assert holder.renewer.attempt() is None
+    assert not holder.session.closed, "closed under the feet of a running statement"
+    holder.store.gate.set()
+    wait_until(lambda: holder.session.closed, "the abandoned session was closed")
+    assert holder.renewer.attempt() is True
+    assert len(holder.store.sessions) == 2
+
+
+# --- the renewal thread ---------------------------------------------------------------
+
+
+def test_the_thread_keeps_extending_the_deadline(holders):
+    """Started, the renewer renews again and again; stopped, it returns its session."""
+    holder = holders()
+    holder.renewer.start()
+    wait_until(lambda: holder.renewer.renewals >= 3, "three renewals")
+    deadline_s, lost = holder.state.snapshot()
+    assert lost is None
+    assert deadline_s > holder.first_deadline_s
+    assert holder.renewer.stop(WAIT_S) is holder.session
+    assert not holder.renewer.alive()
+    assert not holder.session.closed
+    assert holder.store.statements["renew"] >= 3
+
+
+def test_the_thread_reports_a_takeover_and_ends(holders):
+    """After a takeover the thread reports the loss, waking the supervisor, and ends."""
+    holder = holders()
+    holder.renewer.start()
+    wait_until(lambda: holder.renewer.renewals >= 1, "a first renewal")
+    holder.store.take_over(LOCK)
+    assert readable(holder.state.fileno(), WAIT_S)
+    _, lost = holder.state.snapshot()
+    assert lost is not None
+    assert "taken over" in lost
+    assert "token 1" in lost
+    wait_until(lambda: not holder.renewer.alive(), "the renewal thread ended")
+
+
+def test_a_crashing_store_is_a_failed_attempt_not_a_dead_thread(holders, caplog):
+    """RuntimeError from connect or renew is logged, retried, and renewals resume."""
+    caplog.set_level(logging.WARNING, logger="leaderrun")
+    holder = holders()
+    holder.store.crash_renews = 2
+    holder.store.crash_connects = 1
+    holder.renewer.start()
+    wait_until(lambda: holder.renewer.renewals >= 1, "a renewal after the crashes")
+    assert holder.renewer.alive()
+    assert holder.state.snapshot()[1] is None
+    crashes = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert [str(r.exc_info[1]) for r in crashes if r.exc_info] == [
+        "renew crashed",
+        "connect crashed",
+        "renew crashed",
+    ]
