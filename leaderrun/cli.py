@@ -168,16 +168,27 @@ def _labels(ctx: typer.Context, names: Sequence[str]) -> dict[str, str]:
     return labels
 
 
+def _print_version(value: bool) -> None:
+    # A parameter callback, not the group's body: the body never runs without a
+    # subcommand, and `leaderrun --version` has none.
+    if value:
+        typer.echo(f"leaderrun {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _top(
     version: Annotated[
         bool,
-        typer.Option("--version", help="Print the version and exit.", is_eager=True),
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
     ] = False,
 ) -> None:
-    if version:
-        typer.echo(f"leaderrun {__version__}")
-        raise typer.Exit(0)
+    """Run a command on exactly one node at a time."""
 
 
 @app.command(

@@ -278,8 +278,9 @@ class PostgresSession:
         try:
             self._conn.execute(_statement(_DDL, self._store.schema))
             self._conn.execute(_statement(_COMMENT, self._store.schema))
-        except (e.UniqueViolation, e.DuplicateTable):
-            # Two first users raced CREATE TABLE IF NOT EXISTS; the other won.
+        except (e.UniqueViolation, e.DuplicateTable, e.DuplicateObject):
+            # Two first users raced CREATE TABLE IF NOT EXISTS; the other won. The
+            # loser fails on the table's row type (42710) or its catalog row (23505).
             pass
         except e.InvalidSchemaName:
             raise SchemaMissingError(

@@ -200,12 +200,6 @@ def test_the_table_is_created_on_first_use(pg_dsn, pg_admin, fresh_schema, lock)
     assert found[0] is not None
 
 
-@pytest.mark.xfail(
-    strict=False,  # the race is not lost every time, so this cannot be strict
-    reason="bug: PostgresSession.ensure_table() tolerates UniqueViolation and "
-    "DuplicateTable but not DuplicateObject (SQLSTATE 42710: type leader_lease "
-    "already exists), which a racing CREATE TABLE IF NOT EXISTS also raises",
-)
 def test_first_users_racing_to_create_the_table_all_succeed(
     pg_dsn: str, new_schema: Callable[[], str], lock_name: str
 ):

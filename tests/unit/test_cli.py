@@ -96,11 +96,6 @@ def test_run_help_lists_the_lock_option(capsys):
     assert "--lock-id" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the eager --version option of the group callback never runs "
-    "without a subcommand; click exits 64 with 'Missing command.'",
-)
 def test_version_prints_name_and_version(capsys):
     """`leaderrun --version` prints `leaderrun 0.1.0` and exits 0."""
     code, out, err = run_main(capsys, "--version")
