@@ -26,7 +26,7 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.store import AcquireResult, Claim, key_collision
 
 log = logging.getLogger("leaderrun")
 
@@ -247,10 +247,7 @@ class PostgresSession:
         if acquired:
             return AcquireResult(lease=Lease(lock, claim.holder, int(token)))
         if name != lock.name:
-            raise ConfigError(
-                f"--lock-id {str(lock)!r} has the same 64-bit key as the lock "
-                f"{name if name is not None else lock.key!r}; choose another name"
-            )
+            raise key_collision(lock, name)
         return AcquireResult(
             lease=None,
             holder=holder,
