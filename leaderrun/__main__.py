@@ -1,5 +1,5 @@
 """``python -m leaderrun``: the same as the ``leaderrun`` command."""
 
-from leaderrun.cli import main
+from leaderrun.console import main
 
 main()

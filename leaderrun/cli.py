@@ -62,6 +62,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich help would import rich (~40 ms) on --help.
+    rich_markup_mode=None,
 )
 
 # Options shared by every subcommand that talks to the database.
@@ -393,6 +395,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         message = exc.format_message()
         if not message:
             # No arguments at all: click has printed the help, which says it all.
+            sys.exit(code)
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None and message == ctx.get_help():
+            # The same, without rich: the help is the error's message.
+            typer.echo(message)
             sys.exit(code)
         hint = " (see leaderrun --help)" if code == EXIT_USAGE else ""
         _fail(f"{message}{hint}", code)

@@ -10,6 +10,7 @@ and every value is a bound parameter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, LiteralString
 
 import psycopg
@@ -24,6 +25,7 @@ from leaderrun.errors import (
     LeaderrunError,
     SchemaMissingError,
 )
+from leaderrun.handoff import ListenRefusedError
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
 from leaderrun.store import AcquireResult, Claim, key_collision
@@ -93,11 +95,33 @@ UPDATE {table}
    SET expires_at = now() + make_interval(secs => %(lease_s)s), renewed_at = now()
  WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s"""
 
-# Release keeps the row, and so the token, for the life of the table.
+# Release keeps the row, and so the token, for the life of the table. Still one
+# statement, it also wakes the lock's waiters (leaderrun.handoff): the
+# notification goes out at commit, and only if the lease was really ours.
 _RELEASE: LiteralString = """
-UPDATE {table}
-   SET holder = NULL, expires_at = now()
- WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s"""
+WITH released AS (
+    UPDATE {table}
+       SET holder = NULL, expires_at = now()
+     WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
+    RETURNING lock_key
+)
+SELECT pg_notify(%(channel)s, '') FROM released"""
+
+_LISTEN: LiteralString = "LISTEN {channel}"
+
+MAX_CHANNEL_BYTES = 63
+"""NAMEDATALEN - 1: PostgreSQL refuses longer channel names in pg_notify()."""
+
+
+def release_channel(schema: str, key: int) -> str:
+    """The NOTIFY channel on which releases of the lock ``key`` are announced.
+
+    The schema is part of it, since each schema has its own table. A schema so
+    long that the name is cut can only make two locks share a channel, which
+    costs their waiters a spurious wake-up, never a wrong acquire.
+    """
+    channel = f"leaderrun:{key}" if schema == "public" else f"leaderrun:{key}:{schema}"
+    return channel.encode()[:MAX_CHANNEL_BYTES].decode(errors="ignore")
 
 
 def _statement(template: LiteralString, schema: str) -> sql.Composed:
@@ -183,7 +207,36 @@ class PostgresLeaseStore:
             conn.info.backend_pid,
             conn.info.server_version,
         )
+        # Behind PgBouncer in transaction mode a waiter's LISTEN can stick to a
+        # pooled server connection that later serves us; psycopg would keep
+        # every notification it then receives in a backlog that nobody reads.
+        conn.add_notify_handler(_ignore_notification)
         return PostgresSession(self, conn)
+
+    def listen(self, lock: LockId) -> PostgresListener:
+        """Open a new connection that listens for releases of ``lock``.
+
+        It is never a lease connection: LISTEN is session state (DESIGN rule 9).
+
+        Raises:
+            ListenRefusedError: the server refused LISTEN.
+            DatabaseUnavailableError: the connection could not be made.
+        """
+        channel = release_channel(self.schema, lock.key)
+        try:
+            conn = psycopg.connect(
+                self._conninfo, autocommit=True, prepare_threshold=None
+            )
+        except psycopg.Error as exc:
+            raise DatabaseUnavailableError(
+                f"cannot connect to {self.describe()} to listen: {self._clean(exc)}"
+            ) from None
+        try:
+            conn.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(channel)))
+        except psycopg.Error as exc:
+            conn.close()
+            raise ListenRefusedError(f"LISTEN refused: {self._clean(exc)}") from None
+        return PostgresListener(conn, channel, self._clean)
 
     def init(self) -> None:
         """Create the lease table if it is missing (idempotent).
@@ -263,7 +316,11 @@ class PostgresSession:
 
     def release(self, lease: Lease) -> bool:
         """End our lease now, keeping the row; False if it was no longer ours."""
-        return self._execute(self._store._release, _lease_params(lease)) == 1
+        params = {
+            **_lease_params(lease),
+            "channel": release_channel(self._store.schema, lease.lock.key),
+        }
+        return self._execute(self._store._release, params) == 1
 
     def ensure_table(self) -> None:
         """``CREATE TABLE IF NOT EXISTS`` the lease table, tolerating a racing twin.
@@ -359,6 +416,59 @@ class _StatementErrors:
         raise DatabaseUnavailableError(
             f"statement on {self._store.describe()} failed: {self._store._clean(exc)}"
         ) from None
+
+
+class PostgresListener:
+    """A connection that LISTENs on one lock's release channel.
+
+    Args:
+        conn: an autocommit connection that has run ``LISTEN channel``.
+        channel: the channel it listens on.
+        clean: turns a driver error into a message without secrets.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        channel: str,
+        clean: Callable[[BaseException], str],
+    ) -> None:
+        self._conn = conn
+        self._channel = channel
+        self._clean = clean
+        # Kept: a broken connection's fileno() raises, yet select() must still
+        # see the socket become readable (EOF) so that drain() finds out.
+        self._fd = conn.fileno()
+
+    def fileno(self) -> int:
+        """The connection's socket."""
+        return self._fd
+
+    def drain(self) -> bool:
+        """Read every notification already received; True if one was ours.
+
+        Raises:
+            DatabaseUnavailableError: the connection is broken.
+        """
+        try:
+            return any(
+                n.channel == self._channel for n in self._conn.notifies(timeout=0)
+            )
+        except psycopg.Error as exc:
+            raise DatabaseUnavailableError(
+                f"the listening connection failed: {self._clean(exc)}"
+            ) from None
+
+    def close(self) -> None:
+        """Close the connection; never raises."""
+        try:
+            self._conn.close()
+        except Exception:
+            log.debug("closing the listening connection failed", exc_info=True)
+
+
+def _ignore_notification(notification: psycopg.Notify) -> None:
+    """Drop a notification that reached a lease connection (see ``connect``)."""
 
 
 def _lease_params(lease: Lease) -> dict[str, Any]:

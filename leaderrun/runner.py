@@ -31,6 +31,7 @@ from leaderrun.errors import (
     LeaderrunError,
     SchemaMissingError,
 )
+from leaderrun.handoff import Handoff
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import Lease, kill_deadline, make_holder, retry_delay_s
 from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
@@ -136,6 +137,13 @@ class Run:
             CancelledError: a signal arrived first.
             DatabaseUnavailableError: the database could not be used.
         """
+        handoff = Handoff(self.store, self.settings.lock, enabled=self.settings.wait)
+        try:
+            return self._acquire(inbox, handoff)
+        finally:
+            handoff.close()  # before the child starts: it needs no LISTEN
+
+    def _acquire(self, inbox: SignalInbox, handoff: Handoff) -> Acquired:
         s = self.settings
         started_s = self.clock()
         if not s.wait:
@@ -194,9 +202,13 @@ class Run:
             if now_s >= give_up_s:
                 session.close()
                 raise BusyError(self._busy_message(result))
+            if handoff.listen():
+                continue  # a release just before the LISTEN went unheard: look again
             delay_s = retry_delay_s(result.expires_in_s, s.timing, self.unit_random())
             log.debug("%s is held; retrying in %.3gs", s.lock, delay_s)
-            self._cancel_on(inbox.wait(min(delay_s, give_up_s - now_s)), session, None)
+            if handoff.wait(inbox.fileno(), min(delay_s, give_up_s - now_s)):
+                log.debug("%s was released; trying now", s.lock)
+            self._cancel_on(inbox.take(), session, None)
 
     def supervise(self, acquired: Acquired, inbox: SignalInbox) -> int:
         """Start the child, renew while it runs, stop it if the lease goes; release."""
