@@ -1,0 +1,1 @@
+"""leaderrun's benchmarks: ``python -m bench`` (see bench/README.md)."""
