@@ -121,8 +121,8 @@ def readline(stream: IO[str], timeout_s: float = LINE_TIMEOUT_S) -> str:
     return stream.readline()
 
 
-def wait_for(stream: IO[str], needle: str) -> None:
-    """Read lines until one contains ``needle``."""
+def wait_for(stream: IO[str], needle: str) -> str:
+    """Read lines until one contains ``needle``; return them."""
     seen = []
     while True:
         line = readline(stream)
@@ -130,7 +130,7 @@ def wait_for(stream: IO[str], needle: str) -> None:
             raise RuntimeError(f"{needle!r} never came: {''.join(seen)}")
         seen.append(line)
         if needle in line:
-            return
+            return "".join(seen)
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -312,7 +312,7 @@ def handoff_round(
         )
         assert waiter.stdout is not None
         assert waiter.stderr is not None
-        wait_for(waiter.stderr, "is held; retrying")
+        early = wait_for(waiter.stderr, "is held; retrying")
         holder.stdin.write("go\n")
         holder.stdin.flush()
         ended_ns = int(readline(holder.stdout))
@@ -320,7 +320,7 @@ def handoff_round(
         _, log = waiter.communicate(timeout=LINE_TIMEOUT_S)
         if waiter.returncode != 0 or holder.wait(timeout=LINE_TIMEOUT_S) != 0:
             raise RuntimeError(f"hand-off run failed: {log}")
-        return (started_ns - ended_ns) / 1e9, log
+        return (started_ns - ended_ns) / 1e9, early + log
     finally:
         stop(holder)
         if waiter is not None:
@@ -400,6 +400,10 @@ def bench_failover(dsn: str, leases_s: list[float], out: Results) -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert holder.stdout is not None
+        if readline(holder.stdout).strip() != "ready":
+            holder.kill()
+            raise RuntimeError("the holder did not start its child")
         waiter = subprocess.Popen(
             # The same lease as the holder's, as a fleet's nodes share settings:
             # the waiter's retry jitter (lease/30) follows its own lease.
@@ -414,11 +418,8 @@ def bench_failover(dsn: str, leases_s: list[float], out: Results) -> None:
             text=True,
         )
         try:
-            assert holder.stdout is not None
             assert waiter.stderr is not None
             assert waiter.stdout is not None
-            if readline(holder.stdout).strip() != "ready":
-                raise RuntimeError("the holder did not start its child")
             wait_for(waiter.stderr, "is held; retrying")
             # Kill at a random point of the renewal cycle.
             time.sleep(random.uniform(0.5, 0.5 + lease_s / 3))

@@ -451,13 +451,16 @@ class PostgresListener:
             DatabaseUnavailableError: the connection is broken.
         """
         try:
-            return any(
-                n.channel == self._channel for n in self._conn.notifies(timeout=0)
-            )
+            # All of them, not up to the first of ours: one left unread would
+            # wake the next sleep at once, for a statement wasted.
+            channels: list[str] = []
+            while batch := [n.channel for n in self._conn.notifies(timeout=0)]:
+                channels += batch
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
                 f"the listening connection failed: {self._clean(exc)}"
             ) from None
+        return self._channel in channels
 
     def close(self) -> None:
         """Close the connection; never raises."""

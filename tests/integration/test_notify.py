@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import select
+import time
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -28,6 +29,8 @@ NOTIFIED_WITHIN_S = 10.0
 """How long a notification may take to arrive on a busy host."""
 QUIET_FOR_S = 0.5
 """How long to watch for a notification that must not come."""
+SETTLE_S = 1.0
+"""Time for notifications already sent to reach the listener's socket."""
 
 HOLDER = Claim(holder="holder:1:aa", host="holder", pid=1, command="true")
 OTHER = Claim(holder="other:2:bb", host="other", pid=2, command="true")
@@ -69,6 +72,21 @@ def test_a_release_wakes_a_listener_of_that_lock(store, lock, listener):
         assert session.release(lease)
         assert notified(listener, NOTIFIED_WITHIN_S)
         assert not listener.drain(), "one release, one notification"
+    finally:
+        session.close()
+
+
+def test_releases_that_piled_up_are_consumed_by_one_drain(store, lock, listener):
+    session = store.connect()
+    try:
+        for _ in range(3):
+            lease = session.acquire(lock, HOLDER, LEASE_S).lease
+            assert lease is not None
+            assert session.release(lease)
+        time.sleep(SETTLE_S)  # all three delivered, so that one drain sees them
+        assert notified(listener, NOTIFIED_WITHIN_S)
+        # Nothing left over to wake the next sleep for nothing.
+        assert not readable(listener, QUIET_FOR_S)
     finally:
         session.close()
 
