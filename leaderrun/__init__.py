@@ -7,11 +7,14 @@ rich are loaded only by the modules that need them.
 
 from __future__ import annotations
 
+from leaderrun.decorators import is_leader, leader_only
+from leaderrun.elector import LeaderElector, current_elector, use_elector
 from leaderrun.errors import (
     BusyError,
     ConfigError,
     DatabaseUnavailableError,
     LeaderrunError,
+    NotLeaderError,
     UnsafeTimingError,
 )
 from leaderrun.lease import LockId, Timing, make_timing
@@ -22,10 +25,16 @@ __all__ = [
     "BusyError",
     "ConfigError",
     "DatabaseUnavailableError",
+    "LeaderElector",
     "LeaderrunError",
     "LockId",
+    "NotLeaderError",
     "Timing",
     "UnsafeTimingError",
     "__version__",
+    "current_elector",
+    "is_leader",
+    "leader_only",
     "make_timing",
+    "use_elector",
 ]
