@@ -446,7 +446,9 @@ class LeaderElector:
             self._term = None
         term.state.freeze()
         session = term.renewer.stop(self.timing.attempt_budget_s)
-        log.warning(
+        quiet = reason in (LOST_RELEASED, LOST_STOPPED)
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
             "no longer leader of %s: %s",
             self.lock,
             reason,
