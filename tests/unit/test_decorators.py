@@ -13,7 +13,7 @@ from leaderrun import (
     leader_only,
     use_elector,
 )
-from leaderrun.testing import FakeClock, InMemoryLeaseStore
+from leaderrun.testing import FakeClock, InMemoryLeaseStore, make_elector
 
 
 @pytest.fixture
@@ -169,3 +169,30 @@ def test_a_bad_mode_is_refused():
 
 def test_not_leader_error_exits_busy():
     assert NotLeaderError().exit_code == 75
+
+
+def test_make_elector_lets_a_user_test_leader_only_code_without_sleeping():
+    """The documented recipe: two electors on one fake clock and store."""
+    clock = FakeClock()
+    leader = make_elector("nightly", clock=clock)
+    follower = make_elector("nightly", store=leader.store)
+    assert leader.is_leader()
+    assert not follower.is_leader()
+    with use_elector(leader):
+        assert bare(21) == 42
+    with use_elector(follower):
+        assert bare(21) is None
+    # The leader's database goes away: by its deadline it is no longer leader,
+    # and once its lease expires the follower takes over with a larger token.
+    leader.store.available = False  # type: ignore[attr-defined]
+    clock.advance(leader.timing.kill_deadline_s)
+    assert not leader.is_leader()
+    leader.poll()
+    leader.store.available = True  # type: ignore[attr-defined]
+    clock.advance(follower.poll())
+    follower.poll()
+    assert follower.token == 2
+    with use_elector(follower):
+        assert bare(1) == 2
+    leader.stop()
+    follower.stop()
