@@ -445,7 +445,8 @@ class LeaderElector:
                 return  # another thread ended it first
             self._term = None
         term.state.freeze()
-        session = term.renewer.stop(self.timing.attempt_budget_s)
+        # Ask the renewer to stop, without waiting: on_lost must come at once.
+        early = term.renewer.stop(0.0)  # a session only if it has already ended
         quiet = reason in (LOST_RELEASED, LOST_STOPPED)
         log.log(
             logging.INFO if quiet else logging.WARNING,
@@ -457,6 +458,7 @@ class LeaderElector:
         # on_lost first: the application stops its leader-only work, and only
         # then may another replica be let in early (DESIGN rule 8).
         self._call(self.on_lost, reason)
+        session = early or term.renewer.stop(self.timing.attempt_budget_s)
         _, lost = term.state.snapshot()
         if lost is None:  # the lease may still be ours in the database
             if session is None:
