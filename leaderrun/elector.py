@@ -36,10 +36,16 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from leaderrun.clock import boottime
-from leaderrun.config import check_schema, resolve_dsn
+from leaderrun.config import (
+    RawRunOptions,
+    check_schema,
+    lock_from,
+    resolve_dsn,
+    timing_from,
+)
 from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import (
@@ -75,6 +81,17 @@ LOST_RELEASED = "released"
 
 LOST_STOPPED = "stopped"
 """``on_lost``'s reason after :meth:`LeaderElector.stop`."""
+
+ENV_TWINS = {
+    "lock_id": "LEADERRUN_LOCK_ID",
+    "dsn": "LEADERRUN_DSN",
+    "schema": "LEADERRUN_SCHEMA",
+    "lease_duration": "LEADERRUN_LEASE_DURATION",
+    "renew_interval": "LEADERRUN_RENEW_INTERVAL",
+    "jitter": "LEADERRUN_JITTER",
+    "kill_grace": "LEADERRUN_KILL_GRACE",
+}
+"""The command line's variables that :meth:`LeaderElector.from_env` reads."""
 
 ElectedCallback = Callable[[int], object]
 """``on_elected(token)``: called once at the start of each term."""
@@ -149,6 +166,8 @@ class LeaderElector:
         clock: CLOCK_BOOTTIME, or a :class:`leaderrun.testing.FakeClock`.
         unit_random: numbers in [0, 1), for the jitter.
         host: this machine's name in the lease row; default the hostname.
+        env: where ``dsn=None`` looks for ``LEADERRUN_DSN`` and
+            ``DATABASE_URL``; default ``os.environ``.
 
     Raises:
         ConfigError: an invalid lock id, schema or DSN.
@@ -221,6 +240,52 @@ class LeaderElector:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> LeaderElector:
+        """An elector configured as ``leaderrun`` would be, from the environment.
+
+        Reads ``LEADERRUN_LOCK_ID``, ``LEADERRUN_DSN`` (then ``DATABASE_URL``
+        and libpq's ``PG*``), ``LEADERRUN_SCHEMA``, ``LEADERRUN_LEASE_DURATION``,
+        ``LEADERRUN_RENEW_INTERVAL``, ``LEADERRUN_JITTER`` and
+        ``LEADERRUN_KILL_GRACE`` (durations such as ``30s`` or ``1m``), and the
+        seed's ``LE_*`` aliases in milliseconds. Keyword arguments (callbacks, a
+        ``connection_factory``...) go to the constructor.
+
+        Raises:
+            ConfigError: a value is missing or invalid; the message names the
+                variable.
+        """
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            return env.get(ENV_TWINS[name]) or None
+
+        options = RawRunOptions(
+            lock_id=get("lock_id"),
+            dsn=get("dsn"),
+            schema=get("schema"),
+            lease_duration=get("lease_duration"),
+            renew_interval=get("renew_interval"),
+            jitter=get("jitter"),
+            kill_grace=get("kill_grace"),
+            labels=ENV_TWINS,
+        )
+        lock = lock_from(options.lock_id, env, ENV_TWINS["lock_id"])
+        timing = timing_from(options, env)
+        return cls(
+            lock.name if lock.name is not None else lock.key,
+            options.dsn,
+            schema=options.schema or "public",
+            lease_s=timing.lease_s,
+            renew_interval_s=timing.renew_interval_s,
+            jitter_s=timing.jitter_s,
+            kill_grace_s=timing.kill_grace_s,
+            env=env,
+            **kwargs,
+        )
 
     # --- what the application asks --------------------------------------------
 

@@ -307,3 +307,51 @@ def test_the_postgres_store_is_built_lazily_and_validates_the_dsn():
 def test_integer_and_named_locks(make):
     assert make(42).lock.key == 42
     assert make("nightly").lock.name == "nightly"
+
+
+def test_from_env_reads_the_command_lines_variables(store):
+    elector = LeaderElector.from_env(
+        {
+            "LEADERRUN_LOCK_ID": "nightly",
+            "LEADERRUN_LEASE_DURATION": "1m",
+            "LEADERRUN_RENEW_INTERVAL": "5s",
+            "LEADERRUN_JITTER": "500ms",
+            "LEADERRUN_KILL_GRACE": "2s",
+        },
+        store=store,
+    )
+    assert elector.lock.name == "nightly"
+    assert (
+        elector.timing.lease_s,
+        elector.timing.renew_interval_s,
+        elector.timing.jitter_s,
+        elector.timing.kill_grace_s,
+    ) == (60.0, 5.0, 0.5, 2.0)
+
+
+def test_from_env_reads_the_seeds_millisecond_aliases(store):
+    elector = LeaderElector.from_env(
+        {"LE_LOCK_ID": "7", "LE_LEASE_DURATION": "12000"}, store=store
+    )
+    assert elector.lock.key == 7
+    assert elector.timing.lease_s == 12.0
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({}, "no --lock-id given"),
+        ({"LEADERRUN_LOCK_ID": "x", "LEADERRUN_JITTER": "soon"}, "LEADERRUN_JITTER"),
+        ({"LEADERRUN_LOCK_ID": "x", "LEADERRUN_LEASE_DURATION": "2s"}, "unsafe"),
+    ],
+)
+def test_from_env_names_the_bad_variable(store, env, match):
+    with pytest.raises(ConfigError, match=match):
+        LeaderElector.from_env(env, store=store)
+
+
+def test_from_env_takes_the_dsn_from_the_environment():
+    with pytest.raises(ConfigError, match="invalid DSN"):
+        LeaderElector.from_env(
+            {"LEADERRUN_LOCK_ID": "x", "DATABASE_URL": "host=a port"}
+        )
