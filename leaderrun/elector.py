@@ -455,6 +455,10 @@ class LeaderElector:
             return
         session, self._session = self._session, None
         elapsed_s = self.clock() - t_sent_s
+        if self._stopping.is_set():
+            # stop() gave up waiting for this statement; it must not lead now.
+            self._give_back(session, lease)
+            return
         if elapsed_s >= timing.kill_deadline_s:
             # The grant came so late that its deadline has passed already.
             log.warning(

@@ -1,6 +1,7 @@
 """@leader_only and the module-level is_leader(), with the public test doubles."""
 
 import asyncio
+from typing import assert_type
 
 import pytest
 
@@ -196,3 +197,14 @@ def test_make_elector_lets_a_user_test_leader_only_code_without_sleeping():
         assert bare(1) == 2
     leader.stop()
     follower.stop()
+
+
+def test_the_result_types_follow_the_mode():
+    """mypy checks the assert_type()s; at run time there is no leader here."""
+    assert assert_type(bare(1), int | None) is None
+    with pytest.raises(NotLeaderError):
+        assert_type(strict(1), int)
+    assert assert_type(asyncio.run(bare_async(1)), int | None) is None
+    with pytest.raises(NotLeaderError):
+        assert_type(asyncio.run(strict_async(1)), int)
+    assert assert_type(Service().tick(), int | None) is None

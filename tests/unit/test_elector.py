@@ -355,3 +355,12 @@ def test_from_env_takes_the_dsn_from_the_environment():
         LeaderElector.from_env(
             {"LEADERRUN_LOCK_ID": "x", "DATABASE_URL": "host=a port"}
         )
+
+
+def test_a_grant_that_arrives_after_stop_is_given_back(make, store):
+    elector = make()
+    elector._stopping.set()  # as stop() does before it gives up waiting
+    elector._try_acquire()
+    assert not elector.is_leader()
+    assert elector.calls == []
+    assert store.rows[elector.lock.key].holder is None
