@@ -1,7 +1,9 @@
 """leaderrun: run a command on exactly one node at a time, with a PostgreSQL lease.
 
 The command line is ``leaderrun --lock-id NAME -- COMMAND``; see ``leaderrun --help``
-and ``man leaderrun``. This package is kept light to import: psycopg, typer and
+and ``man leaderrun``. As a library, :class:`LeaderElector`, :func:`leader_only` and
+:func:`is_leader` elect one leader among a service's replicas (``docs/library.md``).
+This package is kept light to import: psycopg, typer and
 rich are loaded only by the modules that need them.
 """
 
