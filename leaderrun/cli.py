@@ -15,23 +15,25 @@ import time
 import traceback
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.main import get_command
 
-from leaderrun import __version__
+from leaderrun import __version__, admin
 from leaderrun.config import (
     DEFAULT_SCHEMA,
     RawRunOptions,
     check_schema,
+    lock_from,
     resolve_dsn,
     run_settings,
 )
 from leaderrun.errors import EXIT_INTERNAL, EXIT_USAGE, BusyError, LeaderrunError
+from leaderrun.lease import parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets, redact
 
-SUBCOMMANDS = ("run", "init")
+SUBCOMMANDS = ("run", "status", "release", "init")
 """Every subcommand; any other first argument is the bare form of ``run``."""
 
 _TOP_LEVEL_FLAGS = (
@@ -308,10 +310,126 @@ def run(
     raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
 
 
+def _lock_option(help_text: str) -> Any:
+    return typer.Option(
+        "--lock-id", envvar="LEADERRUN_LOCK_ID", help=help_text, show_default=False
+    )
+
+
+@app.command("status")
+def status(
+    lock_id: Annotated[
+        str | None,
+        _lock_option("Show only this lock; exit 0 if it is held, 3 if it is free."),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON document (times in ISO 8601 UTC, durations in seconds); "
+            "see leaderrun(1) for its shape.",
+        ),
+    ] = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Show who holds each lock, its fencing token and when its lease ends."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    lock = None if lock_id is None else parse_lock_id(lock_id)
+    from leaderrun.postgres import PostgresLeaseStore
+
+    store = PostgresLeaseStore(dsn_value, check_schema(schema), create=False)
+    snapshot = store.snapshot(lock)
+    found = admin.statuses(snapshot, lock)
+    if as_json:
+        typer.echo(json.dumps(admin.status_document(found, snapshot.db_now), indent=2))
+    elif sys.stdout.isatty():
+        _rich_status(found)
+    else:
+        typer.echo(
+            admin.plain_table(admin.COLUMNS, [admin.status_cells(s) for s in found]),
+            nl=False,
+        )
+    raise typer.Exit(admin.status_exit_code(found, lock))
+
+
+_STATE_STYLES = {"held": "bold green", "revoked": "yellow", "expired": "yellow"}
+
+
+def _rich_status(found: Sequence[admin.LockStatus]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in admin.COLUMNS:
+        table.add_column(column, overflow="fold")
+    for lock_status in found:
+        cells = list(admin.status_cells(lock_status))
+        cells[2] = f"[{_STATE_STYLES.get(cells[2], 'dim')}]{cells[2]}[/]"
+        table.add_row(*cells)
+    if not found:
+        Console().print("no locks yet", style="dim")
+        return
+    Console().print(table)
+
+
+@app.command("release")
+def release(
+    lock_id: Annotated[str | None, _lock_option("The lock to release.")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Revoke a live lease too: its holder stops the command at its next "
+            "renewal and exits 122; others may take the lock once the lease runs out.",
+        ),
+    ] = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Free a lock whose lease expired; with --force, revoke a live one."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    lock = lock_from(lock_id, env)
+    from leaderrun.postgres import PostgresLeaseStore
+
+    store = PostgresLeaseStore(dsn_value, check_schema(schema), create=False)
+    report = admin.release_report(store.release(lock, force=force), lock)
+    if report.exit_code == 0:
+        typer.echo(report.message)
+        raise typer.Exit(0)
+    _fail(report.message, report.exit_code)
+
+
 @app.command("init")
 def init(
     dsn: DsnOption = None,
     schema: SchemaOption = DEFAULT_SCHEMA,
+    print_sql: Annotated[
+        bool,
+        typer.Option(
+            "--print-sql",
+            help="Print the SQL instead of running it: the table, and the GRANTs "
+            "for a role that may run, show and release but not create.",
+        ),
+    ] = False,
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            envvar="LEADERRUN_ROLE",
+            help="The role the printed GRANTs are for (with --print-sql).",
+        ),
+    ] = "leaderrun",
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
     log_format: LogFormatOption = LogFormat.text,
@@ -320,10 +438,13 @@ def init(
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value)
-    from leaderrun.postgres import TABLE, PostgresLeaseStore
+    from leaderrun.postgres import TABLE, PostgresLeaseStore, setup_sql
 
-    PostgresLeaseStore(dsn_value, check_schema(schema)).init()
-    typer.echo(f"{schema}.{TABLE} is ready")
+    if print_sql:
+        typer.echo(setup_sql(check_schema(schema), role), nl=False)
+        return
+    created = PostgresLeaseStore(dsn_value, check_schema(schema)).init()
+    typer.echo(f"{schema}.{TABLE} {'created' if created else 'already exists'}")
 
 
 def _route(args: list[str]) -> list[str]:
