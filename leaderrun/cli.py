@@ -362,20 +362,31 @@ _STATE_STYLES = {"held": "bold green", "revoked": "yellow", "expired": "yellow"}
 
 
 def _rich_status(found: Sequence[admin.LockStatus]) -> None:
+    """A table for people: the 64-bit key is left to --json and piped output."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in admin.COLUMNS:
-        table.add_column(column, overflow="fold")
-    for lock_status in found:
-        cells = list(admin.status_cells(lock_status))
-        cells[2] = f"[{_STATE_STYLES.get(cells[2], 'dim')}]{cells[2]}[/]"
-        table.add_row(*cells)
+    console = Console()
     if not found:
-        Console().print("no locks yet", style="dim")
+        console.print("no locks yet", style="dim")
         return
-    Console().print(table)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    shown = [i for i, column in enumerate(admin.COLUMNS) if column != "KEY"]
+    for i in shown:
+        column = admin.COLUMNS[i]
+        # Free text and the date-and-time may wrap (at spaces); short values never.
+        wraps = column in ("LOCK", "HOLDER", "COMMAND", "ACQUIRED (UTC)")
+        table.add_column(column, no_wrap=not wraps)
+    for lock_status in found:
+        cells = admin.status_cells(lock_status)
+        state = cells[admin.COLUMNS.index("STATE")]
+        row = [escape(cells[i]) for i in shown]
+        row[shown.index(admin.COLUMNS.index("STATE"))] = (
+            f"[{_STATE_STYLES.get(state, 'dim')}]{state}[/]"
+        )
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command("release")

@@ -8,6 +8,7 @@ with a running ``leaderrun`` holder is in ``tests/acceptance/test_operator.py``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from leaderrun.lease import LockId, parse_lock_id
 from leaderrun.postgres import TABLE, PostgresLeaseStore, setup_sql
 from leaderrun.store import REVOKED_HOLDER, Claim
 
-pytestmark = pytest.mark.pg
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 Admin = Callable[[], psycopg.Connection[TupleRow]]
 SHORT_LEASE_S = 0.5
@@ -476,3 +477,49 @@ def test_least_privileged_role_without_the_table_is_told_what_to_run(
             f"leaderrun: table {empty_schema}.{TABLE} does not exist and this role "
             f"may not create it; {hint}\n"
         )
+
+
+def test_status_on_a_terminal_is_a_table_without_the_key(pg_dsn, schema, lock, take):
+    """stdout a terminal: rich's table (state in colour), the 64-bit key left out."""
+    import os
+    import pty
+
+    take(lock, LONG_LEASE_S)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "leaderrun", "status", "--schema", schema],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "LEADERRUN_DSN": pg_dsn,
+                "COLUMNS": "200",
+                "TERM": "xterm",
+            },
+        )
+        os.close(follower)
+        chunks = []
+        # Read while it writes (a full terminal buffer would block it) until
+        # EIO: the other end closed when the process exited.
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+    out = b"".join(chunks).decode()
+    assert proc.returncode == 0, err
+    assert "\x1b[" in out  # styled
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    header = next(line for line in plain.splitlines() if line.startswith("LOCK"))
+    assert header.split()[:3] == ["LOCK", "STATE", "HOLDER"]
+    line = next(line for line in plain.splitlines() if line.startswith(str(lock)))
+    assert line.split()[1:5] == ["held", "node1", "pid", "1"]
+    assert str(lock.key) not in plain
