@@ -99,6 +99,7 @@ def hold(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         text=True,
         env={"PATH": os.environ["PATH"], **env},
     )
+    assert proc.stdout is not None
     assert readline(proc.stdout).startswith("ready")
     return proc
 
