@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn
 
@@ -170,16 +170,27 @@ def _labels(ctx: typer.Context, names: Sequence[str]) -> dict[str, str]:
     return labels
 
 
+def _print_version(value: bool) -> None:
+    # A parameter callback, not the group's body: the body never runs without a
+    # subcommand, and `leaderrun --version` has none.
+    if value:
+        typer.echo(f"leaderrun {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _top(
     version: Annotated[
         bool,
-        typer.Option("--version", help="Print the version and exit.", is_eager=True),
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
     ] = False,
 ) -> None:
-    if version:
-        typer.echo(f"leaderrun {__version__}")
-        raise typer.Exit(0)
+    """Run a command on exactly one node at a time."""
 
 
 @app.command(
@@ -465,6 +476,19 @@ def _route(args: list[str]) -> list[str]:
     return args
 
 
+def _requested_log_format(args: Sequence[str], env: Mapping[str, str]) -> LogFormat:
+    """The --log-format of the command line or environment, before click parses it."""
+    value = env.get("LEADERRUN_LOG_FORMAT", "")
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--log-format" and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith("--log-format="):
+            value = arg.partition("=")[2]
+    return LogFormat.json if value == LogFormat.json else LogFormat.text
+
+
 def _fail(message: str, exit_code: int) -> NoReturn:
     text = redact(message, _State.secrets)
     if _State.log_format is LogFormat.json:
@@ -479,6 +503,9 @@ def _fail(message: str, exit_code: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``leaderrun`` console script: route, run, map every error to its status."""
     args = _route(list(sys.argv[1:] if argv is None else argv))
+    # Errors raised before a command sets up logging (usage errors) still honour
+    # the requested format, so a JSON log consumer never sees a bare text line.
+    _State.log_format = _requested_log_format(args, os.environ)
     command = get_command(app)
     try:
         status = command.main(args, prog_name="leaderrun", standalone_mode=False)
@@ -495,8 +522,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except typer.TyperException as exc:
         # click's usage errors (exit_code 2) become 64, EX_USAGE.
         code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+        message = exc.format_message()
+        if not message:
+            # No arguments at all: click has printed the help, which says it all.
+            sys.exit(code)
         hint = " (see leaderrun --help)" if code == EXIT_USAGE else ""
-        _fail(f"{exc.format_message()}{hint}", code)
+        _fail(f"{message}{hint}", code)
     except typer.Abort:
         _fail("aborted", 128 + 2)
     except KeyboardInterrupt:

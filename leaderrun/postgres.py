@@ -34,6 +34,7 @@ from leaderrun.store import (
     LeaseSnapshot,
     ReleaseAction,
     ReleaseResult,
+    key_collision,
 )
 
 log = logging.getLogger("leaderrun")
@@ -373,10 +374,7 @@ class PostgresSession:
         if acquired:
             return AcquireResult(lease=Lease(lock, claim.holder, int(token)))
         if name != lock.name:
-            raise ConfigError(
-                f"--lock-id {str(lock)!r} has the same 64-bit key as the lock "
-                f"{name if name is not None else lock.key!r}; choose another name"
-            )
+            raise key_collision(lock, name)
         return AcquireResult(
             lease=None,
             holder=holder,
@@ -451,8 +449,9 @@ class PostgresSession:
         try:
             self._conn.execute(_statement(_DDL, self._store.schema))
             self._conn.execute(_statement(_COMMENT, self._store.schema))
-        except (e.UniqueViolation, e.DuplicateTable):
-            # Two first users raced CREATE TABLE IF NOT EXISTS; the other won.
+        except (e.UniqueViolation, e.DuplicateTable, e.DuplicateObject):
+            # Two first users raced CREATE TABLE IF NOT EXISTS; the other won. The
+            # loser fails on the table's row type (42710) or its catalog row (23505).
             pass
         except e.InvalidSchemaName:
             raise SchemaMissingError(

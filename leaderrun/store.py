@@ -12,7 +12,21 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from leaderrun.errors import ConfigError
 from leaderrun.lease import Lease, LockId
+
+
+def key_collision(lock: LockId, other_name: str | None) -> ConfigError:
+    """The error for a lock whose 64-bit key a lock of another name already uses.
+
+    Names hash to keys, so two names can collide; the row's name decides, and
+    the newcomer is told to rename rather than silently sharing the lock.
+    """
+    other = other_name if other_name is not None else lock.key
+    return ConfigError(
+        f"--lock-id {str(lock)!r} has the same 64-bit key as the lock "
+        f"{other!r}; choose another name"
+    )
 
 
 @dataclass(frozen=True)

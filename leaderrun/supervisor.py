@@ -7,6 +7,7 @@ a socket read can never delay a kill (DESIGN rules 5, 6 and 8).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -79,7 +80,9 @@ class SignalInbox:
     """
 
     def __init__(self) -> None:
-        self._pending: list[int] = []
+        # A deque, because popleft() is atomic with respect to the handler, which
+        # runs between any two bytecodes of the main thread.
+        self._pending: collections.deque[int] = collections.deque()
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous: dict[
             int, signal.Handlers | Callable[..., object] | int | None
@@ -113,7 +116,9 @@ class SignalInbox:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read_fd, 512):
                 pass
-        taken, self._pending[:] = self._pending[:], []
+        taken: list[int] = []
+        while self._pending:
+            taken.append(self._pending.popleft())
         return taken
 
     def wait(self, timeout_s: float) -> list[int]:
@@ -234,7 +239,8 @@ class Child:
         """Send ``signum`` to descendants that left the group and were adopted by us."""
         count = 0
         for pid in _children():
-            if pid != self.pid:
+            # A process still in the group already got the group's signal.
+            if pid != self.pid and _pgid(pid) != self.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signum)
                     count += 1
@@ -253,6 +259,14 @@ class Child:
         """Release the pidfd."""
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
+
+
+def _pgid(pid: int) -> int | None:
+    """The process group of ``pid``, or None if it is gone."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _children() -> list[int]:
@@ -339,9 +353,13 @@ class Supervisor:
             timeout_s = min(SUPERVISOR_TICK_S, max(0.0, deadline_s - now_s))
             poller.poll(timeout_s * 1000)
 
-    def forward_signals(self) -> None:
-        """Pass each received signal to the group; a second INT or TERM is SIGKILL."""
-        for signum in self.inbox.take():
+    def forward_signals(self, received: Sequence[int] | None = None) -> None:
+        """Pass each received signal to the group; a second INT or TERM is SIGKILL.
+
+        Args:
+            received: signals already taken from the inbox; by default, take them.
+        """
+        for signum in self.inbox.take() if received is None else received:
             if signum in ESCALATING_SIGNALS:
                 self._escalations += 1
             if self._escalations >= 2 and signum in ESCALATING_SIGNALS:
@@ -393,7 +411,8 @@ class Supervisor:
             self.forward_signals()
             if self._killed:
                 return
-            self.inbox.wait(min(SUPERVISOR_TICK_S, max(0.0, until_s - self.clock())))
+            pause_s = min(SUPERVISOR_TICK_S, max(0.0, until_s - self.clock()))
+            self.forward_signals(self.inbox.wait(pause_s))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.store import AcquireResult, Claim, key_collision
 
 
 class FakeClock:
@@ -41,7 +41,7 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds`` (never backward)."""
-        if seconds < 0:
+        if not seconds >= 0:  # also refuses NaN, which would poison every deadline
             raise ValueError(f"a clock only moves forward, not by {seconds!r}s")
         with self._lock:
             self._now_s += seconds
@@ -115,8 +115,7 @@ class InMemoryLeaseStore:
             now_s = self.clock()
             row = self.rows.get(lock.key)
             if row is not None and row.name != lock.name:
-                # The SQL's lock_name guard: a key collision never takes over.
-                return AcquireResult(lease=None, holder=row.holder)
+                raise key_collision(lock, row.name)
             if row is None or row.holder is None or row.expires_at_s <= now_s:
                 token = 1 if row is None else row.token + 1
                 self.rows[lock.key] = LeaseRow(

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.acceptance.conftest import FAST, child, pid_gone, read_rest, readline
+from tests.acceptance.conftest import FAST, child, read_rest, readline
+from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 

@@ -96,11 +96,6 @@ def test_run_help_lists_the_lock_option(capsys):
     assert "--lock-id" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the eager --version option of the group callback never runs "
-    "without a subcommand; click exits 64 with 'Missing command.'",
-)
 def test_version_prints_name_and_version(capsys):
     """`leaderrun --version` prints `leaderrun 0.1.0` and exits 0."""
     code, out, err = run_main(capsys, "--version")
@@ -141,6 +136,33 @@ def test_usage_errors_exit_64_with_one_line(capsys, argv, needle):
     assert line.startswith("leaderrun: ")
     assert needle in line
     assert "Traceback" not in err
+
+
+def test_no_arguments_print_the_help_and_nothing_else(capsys):
+    """Bare `leaderrun` shows the help and exits 64 without an empty error line."""
+    code, out, err = run_main(capsys)
+    assert (code, err) == (EXIT_USAGE, "")
+    assert "Usage: leaderrun" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (("--log-format", "json", "--bogus"), {}),
+        (("--log-format=json", "--bogus"), {}),
+        (("--bogus",), {"LEADERRUN_LOG_FORMAT": "json"}),
+    ],
+    ids=["flag", "flag=value", "environment"],
+)
+def test_usage_errors_are_json_when_json_was_asked_for(capsys, monkeypatch, argv, env):
+    """A usage error, raised before logging is set up, is still one JSON object."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run_main(capsys, *argv)
+    assert (code, out) == (EXIT_USAGE, "")
+    entry = json.loads(only_line(err))
+    assert entry["level"] == "error"
+    assert "--bogus" in entry["message"]
 
 
 def test_bad_duration_flag_is_named(capsys):

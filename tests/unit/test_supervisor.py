@@ -44,6 +44,7 @@ from leaderrun.supervisor import (
     exit_status,
     resolve_command,
 )
+from tests.helpers.processes import pid_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = str(ROOT / "tests" / "helpers" / "child.py")
@@ -103,15 +104,6 @@ def handshake_child(*args: str) -> list[str]:
 def readable(fd: int, timeout_s: float) -> bool:
     """Whether ``fd`` becomes readable within ``timeout_s``."""
     return bool(select.select([fd], [], [], timeout_s)[0])
-
-
-def pid_gone(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie counts as gone: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 T = TypeVar("T")
@@ -529,10 +521,10 @@ ScenarioResult = dict[str, Any]
 def to_the_group(sent: list[str]) -> list[str]:
     """The events without signals to adopted processes.
 
-    Once the command has died, its dying grandchild may already be ours, and
-    signalled as adopted too: whether it is depends on who runs first. Such a
-    process may then print the same signal twice, which is why the tests below
-    compare sets of lines.
+    Once the command has died, a grandchild that left the group may already be
+    ours, and signalled as adopted too: whether it is depends on who runs first.
+    Such a process may then print the same signal twice, which is why the tests
+    below compare sets of lines.
     """
     return [event for event in sent if not event.startswith("adopted ")]
 
@@ -752,27 +744,17 @@ def test_a_group_ignoring_sigterm_is_killed_after_the_grace():
 
 @pytest.mark.slow
 def test_finish_group_stops_what_the_command_left_in_its_group(tmp_path):
-    """A background process left behind in the group gets SIGTERM, then SIGKILL."""
+    """A process left behind in the group gets SIGTERM, then SIGKILL, once each.
+
+    Once the command has exited it is our child too, but it is not signalled a
+    second time as adopted: it is still in the group.
+    """
     result = run_scenario("leave_behind", str(tmp_path / "events"), "same-group")
     assert result["left_pgid"] == result["command"]
     assert result["outcome"] == [5, None]
     assert set(result["lines"]) == {f"SIGTERM {result['left']}"}
-    # Once the command has exited, what it left is our child too, and today it
-    # is signalled a second time as adopted (reported): only the group counts.
-    assert to_the_group(result["sent"]) == ["group SIGTERM", "group SIGKILL"]
-    assert result["reaped"]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Child.signal_adopted() also signals adopted processes that are "
-    "still in the group, so they get each signal twice (group, then adopted)",
-)
-def test_a_process_left_in_the_group_is_signalled_once(tmp_path):
-    """What the command left in its group gets one SIGTERM, not one per route."""
-    result = run_scenario("leave_behind", str(tmp_path / "events"), "same-group")
     assert result["sent"] == ["group SIGTERM", "group SIGKILL"]
+    assert result["reaped"]
 
 
 @pytest.mark.slow
@@ -812,11 +794,6 @@ def test_signals_are_forwarded_to_the_group_and_a_second_sigint_kills():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Supervisor._wait_gone() drops the signals inbox.wait() returns, "
-    "so signals received during the kill grace are never forwarded",
-)
 def test_signals_received_during_the_kill_grace_are_forwarded():
     """A signal received while the kill grace runs still reaches the group."""
     result = run_scenario("signal_during_grace")

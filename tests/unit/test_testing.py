@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from leaderrun.errors import DatabaseUnavailableError
+from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId, parse_lock_id
 from leaderrun.store import AcquireResult, Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore
@@ -122,11 +122,14 @@ def test_token_grows_by_one_for_every_new_holder(store, clock):
 
 
 def test_a_key_collision_never_takes_over(store, clock):
-    """A lock whose key another lock's name uses is not granted, even when expired."""
+    """A lock whose key another lock's name uses is refused, even when expired."""
     take(store, 1)
     clock.advance(LEASE_S)
     twin = LockId(LOCK.key, "another-name")
-    assert store.connect().acquire(twin, claim(2), LEASE_S).lease is None
+    with pytest.raises(
+        ConfigError, match="same 64-bit key as the lock 'nightly-backup'"
+    ):
+        store.connect().acquire(twin, claim(2), LEASE_S)
     assert store.rows[LOCK.key].name == "nightly-backup"
     assert store.rows[LOCK.key].token == 1
 
@@ -254,9 +257,10 @@ def test_fake_clock_stands_still_until_advanced():
     assert clock() == clock.now() == 52.5
 
 
-def test_fake_clock_never_moves_backward():
-    """advance() refuses a negative step and leaves the clock where it was."""
+@pytest.mark.parametrize("step_s", [-0.001, float("nan")])
+def test_fake_clock_never_moves_backward(step_s):
+    """advance() refuses a negative or NaN step and leaves the clock where it was."""
     clock = FakeClock(start_s=50.0)
     with pytest.raises(ValueError, match="only moves forward"):
-        clock.advance(-0.001)
+        clock.advance(step_s)
     assert clock() == 50.0
