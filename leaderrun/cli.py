@@ -32,6 +32,7 @@ from leaderrun.config import (
 from leaderrun.errors import EXIT_INTERNAL, EXIT_USAGE, BusyError, LeaderrunError
 from leaderrun.lease import parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets, redact
+from leaderrun.store import OperatorStore
 
 SUBCOMMANDS = ("run", "status", "release", "init")
 """Every subcommand; any other first argument is the bare form of ``run``."""
@@ -354,7 +355,9 @@ def status(
     lock = None if lock_id is None else parse_lock_id(lock_id)
     from leaderrun.postgres import PostgresLeaseStore
 
-    store = PostgresLeaseStore(dsn_value, check_schema(schema), create=False)
+    store: OperatorStore = PostgresLeaseStore(
+        dsn_value, check_schema(schema), create=False
+    )
     snapshot = store.snapshot(lock)
     found = admin.statuses(snapshot, lock)
     if as_json:
@@ -424,7 +427,9 @@ def release(
     lock = lock_from(lock_id, env)
     from leaderrun.postgres import PostgresLeaseStore
 
-    store = PostgresLeaseStore(dsn_value, check_schema(schema), create=False)
+    store: OperatorStore = PostgresLeaseStore(
+        dsn_value, check_schema(schema), create=False
+    )
     report = admin.release_report(store.release(lock, force=force), lock)
     if report.exit_code == 0:
         typer.echo(report.message)

@@ -19,6 +19,7 @@ CORE_MODULES = [
     "leaderrun.heartbeat",
     "leaderrun.errors",
     "leaderrun.redact",
+    "leaderrun.admin",
 ]
 
 _PROBE = """
