@@ -173,6 +173,10 @@ def test_status_of_a_free_and_an_unknown_lock(pg_dsn, schema, lock, take):
         None,
         lease.token,
     )
+    text = leaderrun("status", "--schema", schema, "--lock-id", str(lock), dsn=pg_dsn)
+    assert text.returncode == 3
+    cells = text.stdout.splitlines()[1].split()
+    assert cells[:5] == [str(lock), str(lock.key), "free", "-", str(lease.token)]
     unknown = new_name("never")
     code, document = status_json(pg_dsn, schema, "--lock-id", unknown)
     assert code == 3
