@@ -261,11 +261,14 @@ class ReleaseReport:
     exit_code: int
 
 
-def release_report(result: ReleaseResult, lock: LockId) -> ReleaseReport:
+def release_report(
+    result: ReleaseResult, lock: LockId, token: int | None = None
+) -> ReleaseReport:
     """The one-line outcome of ``release`` and its exit status.
 
-    0 when something was released or revoked (or was revoked already, with
-    ``--force``), 3 when there was nothing to release, 75 when refused.
+    0 when something was released or revoked (or was revoked already), 3 when
+    there was nothing to release, 75 when refused (a live lease without
+    ``--force``, or a fencing token other than ``token``).
     """
     action, record = result.action, result.record
     if record is None or action is ReleaseAction.unknown:
@@ -274,6 +277,12 @@ def release_report(result: ReleaseResult, lock: LockId) -> ReleaseReport:
         )
     who = f"{record.host} (pid {record.pid})"
     left_s = (record.expires_at - result.db_now).total_seconds()
+    if action is ReleaseAction.changed_hands:
+        return ReleaseReport(
+            f"{lock} has fencing token {record.token} now, not {token}: it changed "
+            "hands since; nothing released (check `leaderrun status` again)",
+            EXIT_BUSY,
+        )
     if action is ReleaseAction.free:
         return ReleaseReport(
             f"{lock} is already free (fencing token {record.token}); nothing to "

@@ -414,6 +414,15 @@ def release(
             "renewal and exits 122; others may take the lock once the lease runs out.",
         ),
     ] = False,
+    token: Annotated[
+        int | None,
+        typer.Option(
+            "--token",
+            help="Only if the lease's fencing token is still this one (as status "
+            "showed it); otherwise exit 75 and change nothing.",
+            show_default=False,
+        ),
+    ] = None,
     dsn: DsnOption = None,
     schema: SchemaOption = DEFAULT_SCHEMA,
     verbose: VerboseOption = 0,
@@ -430,7 +439,8 @@ def release(
     store: OperatorStore = PostgresLeaseStore(
         dsn_value, check_schema(schema), create=False
     )
-    report = admin.release_report(store.release(lock, force=force), lock)
+    result = store.release(lock, force=force, token=token)
+    report = admin.release_report(result, lock, token)
     if report.exit_code == 0:
         typer.echo(report.message)
         raise typer.Exit(0)

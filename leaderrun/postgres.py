@@ -133,6 +133,7 @@ _OPERATOR_RELEASE: LiteralString = """
 UPDATE {table} AS l
    SET holder = CASE WHEN l.expires_at <= now() THEN NULL ELSE %(revoked)s END
  WHERE l.lock_key = %(key)s AND l.holder IS NOT NULL
+   AND (%(token)s::bigint IS NULL OR l.token = %(token)s)
    AND (l.expires_at <= now() OR (%(force)s AND l.holder <> %(revoked)s))
 RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
           l.renewed_at, l.expires_at, l.host, l.pid, l.command"""
@@ -312,8 +313,12 @@ class PostgresLeaseStore:
         finally:
             session.close()
 
-    def release(self, lock: LockId, *, force: bool) -> ReleaseResult:
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
         """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
+
+        With ``token``, only a lease with that fencing token is touched.
 
         Raises:
             SchemaMissingError: the table (or schema) does not exist.
@@ -321,7 +326,7 @@ class PostgresLeaseStore:
         """
         session = self.connect()
         try:
-            return session.operator_release(lock, force=force)
+            return session.operator_release(lock, force=force, token=token)
         finally:
             session.close()
 
@@ -401,9 +406,16 @@ class PostgresSession:
         records = tuple(_record(row[1:]) for row in rows if row[1] is not None)
         return LeaseSnapshot(db_now=rows[0][0], records=records)
 
-    def operator_release(self, lock: LockId, *, force: bool) -> ReleaseResult:
+    def operator_release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
         """One conditional UPDATE; when it changes nothing, say why from a snapshot."""
-        params = {"key": lock.key, "force": force, "revoked": REVOKED_HOLDER}
+        params = {
+            "key": lock.key,
+            "force": force,
+            "revoked": REVOKED_HOLDER,
+            "token": token,
+        }
         # A lease that runs out between the UPDATE and the snapshot is freed
         # on the next round; three rounds cannot all lose such a race.
         for _ in range(3):
@@ -420,7 +432,9 @@ class PostgresSession:
             if not snapshot.records:
                 return ReleaseResult(ReleaseAction.unknown, None, snapshot.db_now)
             record = snapshot.records[0]
-            if record.holder is None:
+            if token is not None and record.token != token:
+                action = ReleaseAction.changed_hands
+            elif record.holder is None:
                 action = ReleaseAction.free
             elif record.expires_at <= snapshot.db_now:
                 continue

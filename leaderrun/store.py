@@ -143,6 +143,8 @@ class ReleaseAction(StrEnum):
     """A live lease, and no ``--force``: nothing changed."""
     already_revoked = "already_revoked"
     """The lease was revoked before and has not run out yet."""
+    changed_hands = "changed_hands"
+    """The lease's fencing token is not the one given: a new holder; unchanged."""
     free = "free"
     """The lock was already free: nothing to do."""
     unknown = "unknown"
@@ -169,6 +171,11 @@ class OperatorStore(Protocol):
         """Every lock's row, or only ``lock``'s (none if it was never taken)."""
         ...
 
-    def release(self, lock: LockId, *, force: bool) -> ReleaseResult:
-        """Free an expired lease; with ``force``, revoke a live one too."""
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free an expired lease; with ``force``, revoke a live one too.
+
+        With ``token``, only a lease with that fencing token is touched.
+        """
         ...

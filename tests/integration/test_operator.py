@@ -328,6 +328,26 @@ def test_forced_release_revokes_without_handing_over_early(
     assert later.lease.token == lease.token + 1
 
 
+def test_forced_release_with_a_stale_token_changes_nothing(
+    pg_dsn, pg_admin, schema, lock, take
+):
+    """--token: the lock changed hands since status; the new holder is left alone."""
+    lease = take(lock, LONG_LEASE_S)
+    before = row(pg_admin, schema, lock)
+    args = ("release", "--schema", schema, "--lock-id", str(lock), "--force")
+    stale = leaderrun(*args, "--token", str(lease.token - 1), dsn=pg_dsn)
+    assert stale.returncode == 75
+    assert stale.stderr == (
+        f"leaderrun: {lock} has fencing token {lease.token} now, not "
+        f"{lease.token - 1}: it changed hands since; nothing released (check "
+        "`leaderrun status` again)\n"
+    )
+    assert row(pg_admin, schema, lock) == before
+    current = leaderrun(*args, "--token", str(lease.token), dsn=pg_dsn)
+    assert current.returncode == 0, current.stderr
+    assert row(pg_admin, schema, lock)["holder"] == REVOKED_HOLDER
+
+
 def test_forced_release_of_an_expired_lease_frees_it(
     pg_dsn, pg_admin, schema, lock, take
 ):

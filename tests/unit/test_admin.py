@@ -210,6 +210,15 @@ def test_release_report(action, holder, expires_in_s, code, needle):
         assert "db1 (pid 4242)" in report.message
 
 
+def test_release_report_when_the_token_changed():
+    result = ReleaseResult(ReleaseAction.changed_hands, record(), NOW)
+    report = admin.release_report(result, LOCK, token=6)
+    assert report.exit_code == EXIT_BUSY
+    assert report.message.startswith(
+        "nightly-backup has fencing token 7 now, not 6: it changed hands since"
+    )
+
+
 def test_release_of_a_lock_never_taken():
     report = admin.release_report(ReleaseResult(ReleaseAction.unknown, None, NOW), LOCK)
     assert (report.exit_code, report.message) == (
