@@ -23,13 +23,20 @@ from typer.main import get_command
 from leaderrun import __version__, admin
 from leaderrun.config import (
     DEFAULT_SCHEMA,
+    MAX_IDENTIFIER_BYTES,
     RawRunOptions,
     check_schema,
     lock_from,
     resolve_dsn,
     run_settings,
 )
-from leaderrun.errors import EXIT_INTERNAL, EXIT_USAGE, BusyError, LeaderrunError
+from leaderrun.errors import (
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    BusyError,
+    ConfigError,
+    LeaderrunError,
+)
 from leaderrun.lease import parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets, redact
 from leaderrun.store import OperatorStore
@@ -478,6 +485,11 @@ def init(
     from leaderrun.postgres import TABLE, PostgresLeaseStore, setup_sql
 
     if print_sql:
+        if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
+            raise ConfigError(
+                f"--role {role!r} must be a PostgreSQL role name of 1 to "
+                f"{MAX_IDENTIFIER_BYTES} bytes"
+            )
         typer.echo(setup_sql(check_schema(schema), role), nl=False)
         return
     created = PostgresLeaseStore(dsn_value, check_schema(schema)).init()

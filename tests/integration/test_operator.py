@@ -427,6 +427,14 @@ def test_print_sql_needs_no_database_and_matches_setup_sql():
     assert "DELETE" not in result.stdout.split("-- The role")[1].split("\n", 2)[2]
 
 
+def test_print_sql_refuses_an_empty_role():
+    result = leaderrun("init", "--print-sql", "--role", "", dsn="port=1")
+    assert (result.returncode, result.stdout) == (64, "")
+    assert result.stderr == (
+        "leaderrun: --role '' must be a PostgreSQL role name of 1 to 63 bytes\n"
+    )
+
+
 def test_least_privileged_role_runs_shows_and_releases_but_cannot_create(
     pg_dsn, pg_admin, empty_schema, app_role
 ):
