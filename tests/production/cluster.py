@@ -159,9 +159,11 @@ class ReplicatedPair:
             raise ClusterError("initdb, pg_ctl and pg_basebackup are not installed")
         self.primary = LocalPgCluster(bindir)
         self.standby = LocalPgCluster(bindir)
+        self.synchronous = False
 
     def create(self, synchronous: bool) -> None:
         """initdb and start the primary; clone it; start the standby, streaming."""
+        self.synchronous = synchronous
         self.primary.create()
         if synchronous:
             with self.connect(self.primary) as conn:
