@@ -144,8 +144,16 @@ class Run:
             give_up_s = math.inf
         else:
             give_up_s = started_s + s.wait_timeout_s
-        session = self.store.connect()  # unreachable at the start: exit 69 at once
         failures = 0
+        try:
+            session = self.store.connect()
+        except DatabaseUnavailableError as exc:
+            # Unreachable at the start: exit 69 at once, unless told to wait. A
+            # waiter started mid-failover (every host down or a standby) retries.
+            if not s.wait or self.clock() >= give_up_s:
+                raise
+            session = self._reconnect(inbox, exc, failures, give_up_s)
+            failures += 1
         while True:
             self._cancel_on(inbox.take(), session, None)
             t_sent_s = self.clock()

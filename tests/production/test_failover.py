@@ -12,6 +12,7 @@ primary: it reconnects within its deadline and the job is never stopped.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -26,13 +27,14 @@ JOB_S = 16
 """Longer than the lease: the job can only finish if renewals reach the new primary."""
 
 
-def lease_row(conn, lock: str) -> tuple[str, int, object]:
+def lease_row(conn: Any, lock: str) -> tuple[Any, ...]:
+    """(holder, token, renewed_at) of the lock's row."""
     row = conn.execute(
         "SELECT holder, token, renewed_at FROM leader_lease WHERE lock_name = %s",
         (lock,),
     ).fetchone()
     assert row is not None
-    return row
+    return tuple(row)
 
 
 def test_holder_keeps_leading_across_a_failover(pair, lock_name):
@@ -42,7 +44,10 @@ def test_holder_keeps_leading_across_a_failover(pair, lock_name):
         proc = runner.start(
             *LEASE, "-v", "--", "sh", "-c", f"echo started; sleep {JOB_S}; echo done"
         )
-        assert readline(proc.stdout, 30) == "started\n"
+        out, err = proc.stdout, proc.stderr
+        assert out is not None
+        assert err is not None
+        assert readline(out, 30) == "started\n"
         with pair.connect(pair.primary) as conn:
             holder, token, _ = lease_row(conn, lock_name)
         if pair.replication_state() == "async":
@@ -57,16 +62,17 @@ def test_holder_keeps_leading_across_a_failover(pair, lock_name):
                 # for a synchronous standby; a failover manager clears it.
                 conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
                 conn.execute("SELECT pg_reload_conf()")
-            promoted_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            # The last renewal the standby received; any later one is new.
+            replicated_renewal = lease_row(conn, lock_name)[2]
 
             def renewed_there() -> bool:
-                return lease_row(conn, lock_name)[2] > promoted_at  # type: ignore[operator]
+                return bool(lease_row(conn, lock_name)[2] > replicated_renewal)
 
             pair.wait_for(renewed_there, "a renewal on the new primary", timeout_s=15)
             assert lease_row(conn, lock_name)[:2] == (holder, token)
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()  # type: ignore[union-attr]
-        assert readline(proc.stdout) == "done\n"
-        stderr = read_rest(proc.stderr)  # type: ignore[arg-type]
+        assert proc.wait(timeout=60) == 0, read_rest(err)
+        assert readline(out) == "done\n"
+        stderr = read_rest(err)
         assert "renewal failed" in stderr  # it did notice the primary go
         assert "lost" not in stderr
         with pair.connect(pair.standby) as conn:
@@ -96,9 +102,10 @@ def test_a_read_only_standby_is_retried_not_fatal(pair, lock_name):
         ]
         wait_for_line(waiters[0].stderr, "read-only")  # the INSERT was refused
         wait_for_line(waiters[1].stderr, "retrying")  # libpq refused the session
+        assert all(w.poll() is None for w in waiters)  # both still trying
         pair.primary.stop("immediate")
         pair.promote()
-        outcomes = [(w.wait(timeout=60), read_rest(w.stdout)) for w in waiters]
+        outcomes = [(w.wait(timeout=60), w.communicate()[0]) for w in waiters]
         assert sorted(outcomes) == [(0, "ran\n"), (0, "ran\n")]
     finally:
         standby_only.kill_all()
