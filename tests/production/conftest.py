@@ -8,12 +8,16 @@ the database tests, they fail rather than skip under CI when a component
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
+from leaderrun.postgres import OPERATOR_PRIVILEGES
 from tests.acceptance.conftest import Leaderrun
 from tests.pg import ClusterError, PgCluster, _no_postgres
 from tests.production.cluster import PgBouncer, ReplicatedPair, pgbouncer_binary
@@ -112,3 +116,74 @@ def make_role(pg_admin) -> Iterator[Callable[..., str]]:
         for role in made:
             conn.execute(f'DROP OWNED BY "{role}"')
             conn.execute(f'DROP ROLE "{role}"')
+
+
+class Operator:
+    """A schema with the lease table, and a way to make roles that use it."""
+
+    def __init__(self, pg_dsn: str, schema: str, make_role: Callable[..., str]) -> None:
+        self.pg_dsn = pg_dsn
+        self.schema = schema
+        self._make_role = make_role
+
+    def grants(self) -> list[str]:
+        """Exactly the grants the README and ``init --print-sql`` give an operator."""
+        table = f'"{self.schema}".leader_lease'
+        return [
+            f'GRANT USAGE ON SCHEMA "{self.schema}" TO {{role}}',
+            f"GRANT {', '.join(OPERATOR_PRIVILEGES)} ON {table} TO {{role}}",
+        ]
+
+    def role(self, grants: list[str] | None = None, **settings: str) -> str:
+        """A new login role: the operator grants unless told otherwise, and settings."""
+        return self._make_role(
+            grants=self.grants() if grants is None else grants, settings=settings
+        )
+
+    def dsn(self, role: str, base: str | None = None) -> str:
+        """The test server's DSN (or ``base``), connecting as ``role``."""
+        return make_conninfo(base or self.pg_dsn, user=role)
+
+    def leaderrun(self, role: str, lock: str) -> Leaderrun:
+        """A factory of leaderrun processes as ``role`` on this schema's table."""
+        return SchemaLeaderrun(self.dsn(role), lock, self.schema)
+
+
+class SchemaLeaderrun(Leaderrun):
+    """leaderrun with ``--schema`` set."""
+
+    def __init__(self, dsn: str, lock: str, schema: str) -> None:
+        super().__init__(dsn, lock)
+        self.schema = schema
+
+    def argv(self, *args: str, lock: str | None = None) -> list[str]:
+        """As Leaderrun's, with ``--schema`` before ``args``."""
+        return super().argv("--schema", self.schema, *args, lock=lock)
+
+
+@pytest.fixture
+def operator(pg_dsn, pg_admin, make_role) -> Iterator[Operator]:
+    """A fresh schema holding the lease table, made by the superuser."""
+    schema = f"lr_{uuid.uuid4().hex[:10]}"
+    with pg_admin() as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leaderrun",
+            "init",
+            "--dsn",
+            pg_dsn,
+            "--schema",
+            schema,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    yield Operator(pg_dsn, schema, make_role)
+    with pg_admin() as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
