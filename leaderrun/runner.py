@@ -17,6 +17,7 @@ import os
 import random
 import secrets
 import shlex
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -262,8 +263,32 @@ class Run:
         return exit_status(outcome.returncode)
 
     def _finish(self, renewer: Renewer, lease: Lease) -> None:
-        """Stop renewing and release; the child's group is already gone."""
-        session = renewer.stop(self.settings.timing.attempt_budget_s)
+        """Stop renewing and release; the child's group is already gone.
+
+        Bounded: a release can hang where a renewal would have been abandoned
+        (a commit waiting for a synchronous standby that is gone). Then it is
+        left behind, and the lease expires on its own.
+        """
+        budget_s = self.settings.timing.attempt_budget_s
+        session = renewer.stop(budget_s)
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                self._connect_and_release(session, lease)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="leaderrun-release", daemon=True).start()
+        # A fresh connection may take one budget, the statement another.
+        if not done.wait(2 * budget_s):
+            log.warning(
+                "the release took longer than %.3gs; leaving it (the lease will "
+                "expire)",
+                2 * budget_s,
+            )
+
+    def _connect_and_release(self, session: LeaseSession | None, lease: Lease) -> None:
         if session is None:
             try:
                 session = self.store.connect()

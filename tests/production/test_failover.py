@@ -110,3 +110,31 @@ def test_a_read_only_standby_is_retried_not_fatal(pair, lock_name):
     finally:
         standby_only.kill_all()
         read_write.kill_all()
+
+
+@pytest.mark.parametrize("pair", ["sync"], indirect=True)
+def test_synchronous_standby_gone_stops_the_job_and_exits_122(pair, lock_name):
+    """Commits wait for a standby that is gone: renewals hang, the job is stopped.
+
+    The release then hangs as well; leaderrun leaves it behind instead of
+    waiting forever, and exits 122.
+    """
+    runner = Leaderrun(pair.primary.dsn, lock_name)
+    try:
+        proc = runner.start(
+            "--lease-duration", "6s", "--", "sh", "-c", "echo go; sleep 60"
+        )
+        out, err = proc.stdout, proc.stderr
+        assert out is not None
+        assert err is not None
+        assert readline(out, 30) == "go\n"
+        pair.standby.stop("immediate")
+        began = time.monotonic()
+        assert proc.wait(timeout=60) == 122
+        # Kill deadline about 4 s after the last renewal, plus the bounded release.
+        assert time.monotonic() - began < 15
+        stderr = read_rest(err)
+        assert "no renewal succeeded before the kill deadline" in stderr
+        assert "the release took longer than" in stderr
+    finally:
+        runner.kill_all()
