@@ -444,14 +444,25 @@ def bench_failover(dsn: str, leases_s: list[float], out: Results) -> None:
 
 def statement_calls(dsn: str) -> dict[str, int]:
     """pg_stat_statements calls on leader_lease and LISTEN, by kind."""
-    kinds = {"acquire": 0, "renew": 0, "release": 0, "listen": 0, "other": 0}
+    kinds = {
+        "acquire": 0,
+        "renew": 0,
+        "release": 0,
+        "listen": 0,
+        "connect check": 0,
+        "other": 0,
+    }
     with admin(dsn) as conn:
         rows = conn.execute(
             "SELECT query, calls FROM pg_stat_statements "
-            "WHERE query LIKE '%%leader_lease%%' OR query LIKE 'LISTEN%%'"
+            "WHERE query LIKE '%%leader_lease%%' OR query LIKE 'LISTEN%%' "
+            "OR query LIKE '%%current_setting(%%'"
         ).fetchall()
     for query, calls in rows:
-        if query.startswith("LISTEN"):
+        if "current_setting(" in query:
+            # Each new lease connection reads synchronous_commit once.
+            kinds["connect check"] += calls
+        elif query.startswith("LISTEN"):
             kinds["listen"] += calls
         elif "INSERT INTO" in query and "ON CONFLICT" in query:
             kinds["acquire"] += calls
@@ -504,7 +515,8 @@ def bench_statements(dsn: str, out: Results) -> None:
         "statements per acquire / renewal / release (one run, "
         f"{renewals} renewals logged)",
         f"{calls['acquire']} / {calls['renew'] / max(renewals, 1):.2f} / "
-        f"{calls['release']}; other {calls['other']}",
+        f"{calls['release']}; plus {calls['connect check']} settings read per "
+        f"connection; other {calls['other']}",
         "-",
         "1 each",
         verdict(

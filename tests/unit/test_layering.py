@@ -20,6 +20,10 @@ CORE_MODULES = [
     "leaderrun.errors",
     "leaderrun.redact",
     "leaderrun.handoff",
+    "leaderrun.elector",
+    "leaderrun.decorators",
+    "leaderrun.testing",
+    "leaderrun.admin",
 ]
 
 _PROBE = """
