@@ -97,15 +97,18 @@ def help_options(subcommand: str) -> set[str]:
     )
     assert result.returncode == 0, result.stderr
     names: set[str] = set()
-    box = ""
+    section = ""
     for line in result.stdout.splitlines():
-        if line.startswith("╭─"):
-            box = line.strip("╭─ ").split(" ")[0]
-        # "│ --busy-exit-code  -E    <int>   Exit status ..." (continuations
-        # of a description never start with a dash)
-        match = re.match(r"^│ +(-\S.*?)\s+<", line)
-        if match and box == "Options":
-            names.update(t for t in match.group(1).split() if t.startswith("-"))
+        # click's plain help (leaderrun never loads rich for it): a section
+        # header "Options:", then "  -E, --busy-exit-code <int>  Exit status..."
+        # (continuations of a description never start with a dash).
+        if line and not line.startswith(" "):
+            section = line.rstrip(":")
+        match = re.match(r"^  (-\S.*?)(?:\s{2,}|$)", line)
+        if match and section == "Options":
+            names.update(
+                t.rstrip(",") for t in match.group(1).split() if t.startswith("-")
+            )
     assert names, result.stdout
     return names
 
