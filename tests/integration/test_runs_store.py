@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -349,3 +350,36 @@ def test_a_lease_table_of_an_older_version_is_upgraded_on_first_use(
     finally:
         with pg_admin() as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+def test_racing_nodes_start_a_window_once(store, lock):
+    """Ten nodes acquiring and releasing in a loop, at once: one start per window."""
+    starts: list[int] = []
+    barrier = threading.Barrier(10)
+
+    def node(n: int) -> None:
+        session = store.connect()
+        try:
+            barrier.wait(timeout=30)
+            stop_at = time.monotonic() + 1.5
+            while time.monotonic() < stop_at:
+                result = session.acquire(
+                    lock, claim(n), LEASE_S, once_per=HOUR, history_keep=50
+                )
+                if result.lease is not None:
+                    starts.append(n)
+                    session.release(
+                        result.lease, RunEnd(RunOutcome.ok, 0, in_window=True)
+                    )
+        finally:
+            session.close()
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(starts) == 1
+    [run] = store.history(lock, 10)
+    assert run.outcome == "ok"
