@@ -155,14 +155,17 @@ UPDATE {table}
 
 # Release keeps the row, and so the token, for the life of the table. With a
 # run's end it also closes the run (overriding a 'lost' that another node guessed:
-# the holder knows better) and, for --min-hold, keeps the lease taken by the same
+# the holder knows better how it ended, though a release that comes late, after a
+# partition, keeps the guessed finish, the last renewal, rather than its own
+# now()) and, for --min-hold, keeps the lease taken by the same
 # holder until acquired_at + min_hold in the server's time, so a late node finds
 # it held without the holder staying alive. window_ok records, for
 # --retry-failed, whether the window's run ended well.
 _RELEASE: LiteralString = """
 WITH finished AS (
     UPDATE {runs}
-       SET finished_at = now(), exit_status = %(exit_status)s::integer,
+       SET finished_at = coalesce(finished_at, now()),
+           exit_status = %(exit_status)s::integer,
            outcome = %(outcome)s::text
      WHERE %(outcome)s::text IS NOT NULL
        AND lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s

@@ -257,7 +257,8 @@ class InMemoryLeaseStore:
                 and run.holder == lease.holder
                 and (run.finished_at_s is None or run.outcome == RunOutcome.lost)
             ):
-                run.finished_at_s = now_s
+                if run.finished_at_s is None:
+                    run.finished_at_s = now_s
                 run.exit_status = end.exit_status
                 run.outcome = end.outcome.value
             row = self.rows.get(lease.lock.key)

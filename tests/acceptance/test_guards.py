@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from leaderrun.runs import iso_utc, window_start_s
-from tests.acceptance.conftest import FAST, child, pid_gone, read_rest, readline
+from tests.acceptance.conftest import FAST, child, read_rest, readline
+from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 

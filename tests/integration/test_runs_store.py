@@ -275,6 +275,13 @@ def test_a_dead_holders_run_is_closed_as_lost_at_its_last_renewal(
     # The dead holder's late report, if it ever comes, knows better than a guess.
     session.release(first, RunEnd(RunOutcome.lost, 122))
     assert runs_of(pg_admin, schema, lock)[0][2:4] == ("lost", 122)
+    [(finished_at,)] = admin_sql(
+        pg_admin,
+        schema,
+        "SELECT finished_at FROM {runs} WHERE lock_key = %s AND token = 1",
+        lock.key,
+    )
+    assert finished_at == renewed_at  # not the late report's own time
     session.release(second, RunEnd(RunOutcome.ok, 0))
     assert runs_of(pg_admin, schema, lock)[1][2:] == ("ok", 0, True)
 
