@@ -118,7 +118,8 @@ class RunRecord:
         """The stable JSON shape of ``history --json``: ISO 8601 UTC, seconds."""
         return {
             "lock": self.lock,
-            "lock_key": self.lock_key,
+            # A string: a 64-bit key loses precision as a JavaScript number.
+            "lock_key": str(self.lock_key),
             "token": self.token,
             "holder": self.holder,
             "host": self.host,

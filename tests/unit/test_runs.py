@@ -162,7 +162,7 @@ def test_history_lines_align_and_show_the_window_only_when_there_is_one():
 def test_record_json_shape():
     assert record(lock_name=None).to_json() == {
         "lock": "7",
-        "lock_key": 7,
+        "lock_key": "7",
         "token": 3,
         "holder": "h:1:n",
         "host": "node-a",
