@@ -308,3 +308,50 @@ def test_history_of_an_unreachable_database_exits_69():
     assert result.returncode == 69
     assert result.stderr.startswith("leaderrun: cannot connect")
     assert "Traceback" not in result.stderr
+
+
+def test_status_shows_the_last_run(leaderrun):
+    """status (text and JSON) carries each lock's newest run: when, where, how."""
+    assert leaderrun.run(*FAST, "--", "sh", "-c", "exit 4").returncode == 4
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leaderrun",
+            "status",
+            "--dsn",
+            leaderrun.dsn,
+            "--lock-id",
+            leaderrun.lock,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr  # free again
+    [lock] = json.loads(result.stdout)["locks"]
+    run = lock["last_run"]
+    assert (run["token"], run["outcome"], run["exit_status"]) == (1, "failed", 4)
+    assert run["host"] == os.uname().nodename
+    assert run["duration_s"] >= 0
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leaderrun",
+            "status",
+            "--dsn",
+            leaderrun.dsn,
+            "--lock-id",
+            leaderrun.lock,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    header, row = text.stdout.splitlines()
+    assert "LAST RUN (UTC)" in header
+    assert " failed " in row

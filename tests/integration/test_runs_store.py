@@ -390,3 +390,41 @@ def test_racing_nodes_start_a_window_once(store, lock):
     assert len(starts) == 1
     [run] = store.history(lock, 10)
     assert run.outcome == "ok"
+
+
+def test_init_upgrades_an_older_lease_table(pg_dsn, pg_admin):
+    """init on a lease table without history: adds it and the columns, once."""
+    name = f"lr_init_{uuid.uuid4().hex[:10]}"
+    with pg_admin() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (lock_key bigint PRIMARY KEY, lock_name text,"
+                " holder text, token bigint NOT NULL, acquired_at timestamptz NOT NULL,"
+                " renewed_at timestamptz NOT NULL, expires_at timestamptz NOT NULL,"
+                " host text, pid integer, command text)"
+            ).format(sql.Identifier(name, TABLE))
+        )
+    try:
+        store = PostgresLeaseStore(pg_dsn, name)
+        session = store.connect()
+        try:
+            assert not session.schema_complete()
+            assert store.init() is False  # the lease table was there already
+            assert session.schema_complete()
+        finally:
+            session.close()
+        assert store.init() is False
+        columns = admin_sql(
+            pg_admin,
+            name,
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = %s"
+            " AND column_name IN ('window_start', 'window_ok')",
+            name,
+            TABLE,
+        )
+        assert columns == [(2,)]
+    finally:
+        with pg_admin() as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
