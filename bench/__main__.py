@@ -39,7 +39,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from leaderrun import __version__  # noqa: E402
-from leaderrun.postgres import _ACQUIRE, _RELEASE, PostgresLeaseStore, _statement  # noqa: E402
+from leaderrun.postgres import (  # noqa: E402
+    _ACQUIRE,
+    _RELEASE,
+    PostgresLeaseStore,
+    _statement,
+    setup_sql,
+)
+from leaderrun.runs import DEFAULT_HISTORY_KEEP  # noqa: E402
 
 BIN = Path(sys.executable).parent
 LEADERRUN = str(BIN / "leaderrun")
@@ -219,7 +226,29 @@ def verdict(ok: bool) -> str:
 def bench_startup(dsn: str, runs: int, out: Results) -> float:
     """leaderrun -- true against the minimal psycopg script; returns its peak RSS."""
     print(f"start-up: {runs} runs each, interleaved")
-    statements = {}
+    # The statements and parameters of a plain `leaderrun -- true`.
+    statements: dict[str, Any] = {
+        "acquire_params": {
+            "name": None,
+            "holder": "baseline",
+            "lease_s": 30.0,
+            "host": "baseline",
+            "pid": 0,
+            "command": "true",
+            "period_s": None,
+            "offset_s": 0.0,
+            "retry_failed": False,
+            "keep": DEFAULT_HISTORY_KEEP,
+        },
+        "release_params": {
+            "holder": "baseline",
+            "outcome": "ok",
+            "exit_status": 0,
+            "min_hold_s": 0.0,
+            "window_ok": None,
+            "channel": "baseline",
+        },
+    }
     with admin(dsn) as conn:
         PostgresLeaseStore(dsn).init()
         for name, template in (("acquire", _ACQUIRE), ("release", _RELEASE)):
@@ -338,20 +367,14 @@ def one_connection_role(dsn: str) -> Iterator[str]:
                 sql.Identifier(role), sql.Literal(password)
             )
         )
-        conn.execute(
-            sql.SQL("GRANT SELECT, INSERT, UPDATE ON leader_lease TO {}").format(
-                sql.Identifier(role)
-            )
-        )
+        for line in setup_sql("public", role).splitlines():
+            if line.startswith("GRANT"):  # what `init --print-sql` grants
+                conn.execute(line.encode())
     try:
         yield psycopg.conninfo.make_conninfo(dsn, user=role, password=password)
     finally:
         with admin(dsn) as conn:
-            conn.execute(
-                sql.SQL("REVOKE ALL ON leader_lease FROM {}").format(
-                    sql.Identifier(role)
-                )
-            )
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 

@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from leaderrun.postgres import PostgresLeaseStore
+from leaderrun.postgres import PostgresLeaseStore, setup_sql
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, wait_for_line
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
@@ -111,22 +111,17 @@ def one_connection_role(pg_dsn: str, pg_admin: Admin) -> Iterator[str]:
                 sql.Identifier(role), sql.Literal(password)
             )
         )
-        admin.execute(
-            sql.SQL("GRANT SELECT, INSERT, UPDATE ON public.leader_lease TO {}").format(
-                sql.Identifier(role)
-            )
-        )
+        # The grants `init --print-sql` prints: the lease and the run tables.
+        for line in setup_sql("public", role).splitlines():
+            if line.startswith("GRANT"):
+                admin.execute(line.encode())
     yield make_conninfo(pg_dsn, user=role, password=password)
     with pg_admin() as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
             (role,),
         )
-        admin.execute(
-            sql.SQL("REVOKE ALL ON public.leader_lease FROM {}").format(
-                sql.Identifier(role)
-            )
-        )
+        admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
