@@ -18,6 +18,7 @@ from leaderrun.postgres import (
     PostgresListener,
     release_channel,
 )
+from leaderrun.runs import RunEnd, RunOutcome
 from leaderrun.store import Claim
 
 pytestmark = pytest.mark.pg
@@ -100,6 +101,20 @@ def test_a_release_that_was_not_ours_announces_nothing(store, lock, listener):
         assert not notified(listener, QUIET_FOR_S)
         assert session.release(lease)
         assert notified(listener, NOTIFIED_WITHIN_S)
+    finally:
+        session.close()
+
+
+def test_a_release_that_keeps_the_lock_for_min_hold_announces_nothing(
+    store, lock, listener
+):
+    """--min-hold keeps the lease after the run: nobody may take it, so no wake-up."""
+    session = store.connect()
+    try:
+        lease = session.acquire(lock, HOLDER, LEASE_S).lease
+        assert lease is not None
+        assert session.release(lease, RunEnd(RunOutcome.ok, 0, min_hold_s=3600.0))
+        assert not notified(listener, QUIET_FOR_S)
     finally:
         session.close()
 
