@@ -71,7 +71,8 @@ DsnOption = Annotated[
         "--dsn",
         envvar="LEADERRUN_DSN",
         help="libpq connection string or URI; falls back to DATABASE_URL, then to "
-        "libpq's PG* variables and service files. Keep passwords in PGPASSFILE.",
+        "libpq's PG* variables and service files. Keep passwords in PGPASSFILE. "
+        "sqlite:///PATH uses a SQLite file instead, for the processes of one host.",
         show_default=False,
     ),
 ]
@@ -310,11 +311,14 @@ def run(
     )
     settings = run_settings(options, tuple(command or ()), env)
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.backends import open_store
     from leaderrun.runner import run_command
 
-    store = PostgresLeaseStore(
-        settings.dsn, settings.schema, attempt_budget_s=settings.timing.attempt_budget_s
+    store = open_store(
+        settings.dsn,
+        settings.schema,
+        env,
+        attempt_budget_s=settings.timing.attempt_budget_s,
     )
     raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
 
@@ -331,10 +335,10 @@ def init(
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value)
-    from leaderrun.postgres import TABLE, PostgresLeaseStore
+    from leaderrun.backends import open_store, table_label
 
-    PostgresLeaseStore(dsn_value, check_schema(schema)).init()
-    typer.echo(f"{schema}.{TABLE} is ready")
+    open_store(dsn_value, check_schema(schema), env).init()
+    typer.echo(f"{table_label(dsn_value, schema)} is ready")
 
 
 def _route(args: list[str]) -> list[str]:

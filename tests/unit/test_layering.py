@@ -19,6 +19,8 @@ CORE_MODULES = [
     "leaderrun.heartbeat",
     "leaderrun.errors",
     "leaderrun.redact",
+    "leaderrun.backends",
+    "leaderrun.sqlite",
 ]
 
 _PROBE = """

@@ -1,0 +1,455 @@
+"""The SQLite lease store: leases in one file, for every process of one host.
+
+The only module that imports ``sqlite3``. It keeps the PostgreSQL store's
+semantics (``leaderrun.postgres``): the same ``leader_lease`` columns, one
+statement to acquire (an upsert that takes the row only when it is free or
+expired), a compare-and-swap on holder and token to renew and release, rows
+never deleted, so the fencing token only grows.
+
+Time comes from the host clock, read inside SQL (``julianday('now')``, fixed for
+the whole of one statement), so every process on the host judges expiry by the
+same clock, as with the database clock of PostgreSQL. Expiry is stored as Unix
+seconds (REAL).
+
+Locking: the file is in WAL mode, so readers never block the writer, and every
+lease statement is a single autocommit write that takes SQLite's write lock
+before it reads, so racing upserts are serialized and each sees the latest row.
+A statement waits for the write lock at most ``busy_s`` (the renewal attempt
+budget); the kill deadline never waits on it, since the main thread that keeps
+it never touches the database. ``synchronous=FULL`` makes each commit durable
+before it returns: a fencing token handed to a child must not be handed out
+again after a power cut. WAL needs shared memory and POSIX locks that work, so
+a file on a network file system is refused (:func:`network_fs_type`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from leaderrun.clock import boottime
+from leaderrun.errors import (
+    ConfigError,
+    DatabaseUnavailableError,
+    LeaderrunError,
+    SchemaMissingError,
+)
+from leaderrun.lease import Lease, LockId
+from leaderrun.store import AcquireResult, Claim, key_collision
+
+log = logging.getLogger("leaderrun")
+
+TABLE = "leader_lease"
+"""The lease table's name, as in PostgreSQL."""
+
+MAX_COMMAND_CHARS = 1000
+"""The command shown in ``status`` is cut to this many characters."""
+
+MIN_SQLITE_VERSION = (3, 35, 0)
+"""RETURNING, which the acquire needs, came in SQLite 3.35."""
+
+MIN_BUSY_S = 0.1
+"""The shortest wait for SQLite's write lock (seconds), whatever the budget."""
+
+NETWORK_FS_TYPES = frozenset(
+    {
+        "9p",
+        "afs",
+        "beegfs",
+        "ceph",
+        "cifs",
+        "coda",
+        "fuse.ceph-fuse",
+        "fuse.davfs",
+        "fuse.gcsfuse",
+        "fuse.glusterfs",
+        "fuse.juicefs",
+        "fuse.rclone",
+        "fuse.s3fs",
+        "fuse.sshfs",
+        "gfs2",
+        "glusterfs",
+        "gpfs",
+        "lustre",
+        "ncpfs",
+        "nfs",
+        "nfs4",
+        "ocfs2",
+        "orangefs",
+        "smb3",
+        "smbfs",
+    }
+)
+"""File systems shared between hosts, where SQLite's locks or WAL index are unsafe.
+
+SQLite's own documentation: POSIX advisory locks are broken on many network file
+systems, and WAL keeps its index in shared memory, which only one host can see.
+"""
+
+WAL_SWITCH_RETRY_S = 0.01
+"""Pause between attempts to open a file that another process is switching to WAL."""
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+"""Where Linux lists the mounts this process sees."""
+
+# Times are Unix seconds from the host clock, (julianday('now') - 2440587.5) *
+# 86400. SQLite fixes 'now' for the whole of one sqlite3_step(), so every use in
+# one statement sees the same instant. The SQL is spelled out in full (no string
+# building): TABLE is its table.
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS leader_lease (
+    lock_key    INTEGER PRIMARY KEY,
+    lock_name   TEXT,
+    holder      TEXT,
+    token       INTEGER NOT NULL,
+    acquired_at REAL    NOT NULL,
+    renewed_at  REAL    NOT NULL,
+    expires_at  REAL    NOT NULL,
+    host        TEXT,
+    pid         INTEGER,
+    command     TEXT
+)"""
+
+# One statement takes the lock when it is free or expired, bumping the token in
+# the same row. The write lock is taken before the row is read, so of N racing
+# contenders exactly one finds it free. The key-collision test mirrors
+# PostgreSQL's IS NOT DISTINCT FROM.
+_ACQUIRE = """
+INSERT INTO leader_lease AS l
+    (lock_key, lock_name, holder, token, acquired_at, renewed_at, expires_at,
+     host, pid, command)
+VALUES (:key, :name, :holder, 1,
+        (julianday('now') - 2440587.5) * 86400.0,
+        (julianday('now') - 2440587.5) * 86400.0,
+        (julianday('now') - 2440587.5) * 86400.0 + :lease_s,
+        :host, :pid, :command)
+ON CONFLICT (lock_key) DO UPDATE
+    SET lock_name = excluded.lock_name, holder = excluded.holder,
+        token = l.token + 1, acquired_at = excluded.acquired_at,
+        renewed_at = excluded.renewed_at, expires_at = excluded.expires_at,
+        host = excluded.host, pid = excluded.pid, command = excluded.command
+    WHERE (l.holder IS NULL
+           OR l.expires_at <= (julianday('now') - 2440587.5) * 86400.0)
+      AND l.lock_name IS excluded.lock_name
+RETURNING token"""
+
+# Only when the acquire took nothing: who holds it, for the message and for how
+# long a waiter sleeps. It decides nothing, so a second statement is harmless.
+_HOLDER = """
+SELECT holder, host, pid,
+       expires_at - (julianday('now') - 2440587.5) * 86400.0, lock_name
+  FROM leader_lease WHERE lock_key = :key"""
+
+# A compare-and-swap on (holder, token), as in PostgreSQL.
+_RENEW = """
+UPDATE leader_lease
+   SET expires_at = (julianday('now') - 2440587.5) * 86400.0 + :lease_s,
+       renewed_at = (julianday('now') - 2440587.5) * 86400.0
+ WHERE lock_key = :key AND holder = :holder AND token = :token"""
+
+# Release keeps the row, and so the token, for the life of the file.
+_RELEASE = """
+UPDATE leader_lease
+   SET holder = NULL, expires_at = (julianday('now') - 2440587.5) * 86400.0
+ WHERE lock_key = :key AND holder = :holder AND token = :token"""
+
+
+def _unescape_mount_field(field: str) -> str:
+    r"""Undo mountinfo's octal escapes (``\040`` is a space)."""
+    out, index = [], 0
+    while index < len(field):
+        chunk = field[index : index + 4]
+        if len(chunk) == 4 and chunk[0] == "\\" and chunk[1:].isdigit():
+            out.append(chr(int(chunk[1:], 8)))
+            index += 4
+        else:
+            out.append(field[index])
+            index += 1
+    return "".join(out)
+
+
+def mount_fs_type(directory: str, mountinfo: str) -> str | None:
+    """The file system type of the mount holding ``directory`` (absolute, resolved).
+
+    ``mountinfo`` is the text of ``/proc/self/mountinfo``. The mount whose mount
+    point is the longest path prefix of ``directory`` holds it; of two mounts on
+    the same point, the later one (listed last) is on top. None if no line fits.
+    """
+    best: tuple[int, str] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount_point = _unescape_mount_field(fields[4])
+        fs_type = line.split(" - ", 1)[1].split(" ")[0]
+        inside = (
+            mount_point == "/"
+            or directory == mount_point
+            or directory.startswith(mount_point.rstrip("/") + "/")
+        )
+        if inside and (best is None or len(mount_point) >= best[0]):
+            best = (len(mount_point), fs_type)
+    return best[1] if best else None
+
+
+def network_fs_type(directory: Path) -> str | None:
+    """The network file system ``directory`` is on, or None if it is local.
+
+    None also when the mounts cannot be read (not Linux, no /proc): the check
+    is an aid, and SQLite works on a local disk without it.
+    """
+    try:
+        mountinfo = MOUNTINFO.read_text()
+    except OSError:
+        return None
+    fs_type = mount_fs_type(str(directory.resolve()), mountinfo)
+    if fs_type is not None and fs_type.lower() in NETWORK_FS_TYPES:
+        return fs_type
+    return None
+
+
+class SqliteLeaseStore:
+    """Leases in the ``leader_lease`` table of one SQLite file, for one host.
+
+    Args:
+        path: the database file (absolute); created with the table on first use.
+        busy_s: how long a statement waits for another process's write lock;
+            the renewal attempt budget, so a wait never outlasts an attempt.
+        create: create the table on first use if it is missing.
+
+    Raises:
+        ConfigError: the directory does not exist, or is on a network file system.
+        DatabaseUnavailableError: this Python's SQLite is too old.
+    """
+
+    def __init__(self, path: Path, *, busy_s: float = 5.0, create: bool = True) -> None:
+        self.path = path
+        self.busy_s = max(MIN_BUSY_S, busy_s)
+        self.create = create
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            raise DatabaseUnavailableError(
+                f"SQLite {sqlite3.sqlite_version} is too old for leaderrun (it needs "
+                f"{'.'.join(map(str, MIN_SQLITE_VERSION))} or later); use a newer "
+                "Python or a PostgreSQL DSN"
+            )
+        directory = path.parent
+        if not directory.is_dir():
+            raise ConfigError(
+                f"--dsn sqlite://{path}: directory {str(directory)!r} does not "
+                "exist; create it (writable by every user of the lock) first"
+            )
+        fs_type = network_fs_type(directory)
+        if fs_type is not None:
+            raise ConfigError(
+                f"--dsn sqlite://{path}: {str(directory)!r} is on a network file "
+                f"system ({fs_type}), where SQLite's locking is unsafe; put the file "
+                "on a local disk, or use a PostgreSQL DSN to share a lock between "
+                "hosts"
+            )
+
+    def describe(self) -> str:
+        """The database file's path."""
+        return f"sqlite://{self.path}"
+
+    def connect(self) -> SqliteSession:
+        """Open an autocommit session on the file, in WAL mode, synchronous=FULL.
+
+        Raises:
+            DatabaseUnavailableError: the file cannot be opened or used.
+        """
+        give_up_s = boottime() + self.busy_s
+        while True:
+            conn: sqlite3.Connection | None = None
+            try:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_s,
+                    isolation_level=None,  # autocommit: each statement commits alone
+                    check_same_thread=False,  # one thread at a time, not always one
+                )
+                conn.execute("PRAGMA synchronous = FULL")
+                self._use_wal(conn)
+                return SqliteSession(self, conn)
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                # Switching a new file to WAL needs an exclusive lock taken from a
+                # shared one; SQLite answers BUSY at once rather than risk a
+                # deadlock, without waiting. So wait here, as long as it would.
+                if _is_busy(exc) and boottime() < give_up_s:
+                    time.sleep(WAL_SWITCH_RETRY_S)
+                    continue
+                raise self._error(exc, "cannot open") from None
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode == "wal":
+            return
+        # Persistent in the file: only its first users pay for the switch.
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            raise DatabaseUnavailableError(
+                f"cannot put {self.path} in WAL mode (it stays in {mode!r}); "
+                "is the file system local and writable?"
+            )
+
+    def init(self) -> None:
+        """Create the file and the lease table if they are missing (idempotent).
+
+        Raises:
+            DatabaseUnavailableError: the file cannot be opened or written.
+        """
+        session = self.connect()
+        try:
+            session.ensure_table()
+        finally:
+            session.close()
+
+    def _error(self, exc: sqlite3.Error, doing: str) -> DatabaseUnavailableError:
+        """The leaderrun error for a sqlite3 error, naming the file and what to do."""
+        name = getattr(exc, "sqlite_errorname", "")
+        text = str(exc) or type(exc).__name__
+        if _is_busy(exc):
+            return DatabaseUnavailableError(
+                f"{doing} {self.path}: another process held its write lock for "
+                f"more than {self.busy_s:.3g}s"
+            )
+        if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+            return DatabaseUnavailableError(
+                f"{doing} {self.path}: {text}; the file, its directory and its -wal "
+                "and -shm files must be writable by every user of the lock"
+            )
+        if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+            return DatabaseUnavailableError(
+                f"{doing} {self.path}: {text}; is it a leaderrun SQLite database?"
+            )
+        return DatabaseUnavailableError(f"{doing} {self.path}: {text}")
+
+
+class SqliteSession:
+    """One connection to the file, used by one thread at a time."""
+
+    def __init__(self, store: SqliteLeaseStore, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    def acquire(self, lock: LockId, claim: Claim, lease_s: float) -> AcquireResult:
+        """Take the lock if free or expired; else describe its holder.
+
+        Raises:
+            ConfigError: the lock's key is taken by a lock of another name.
+            SchemaMissingError: no table, and ``create`` is off.
+            DatabaseUnavailableError: the statement could not run.
+        """
+        params = {
+            "key": lock.key,
+            "name": lock.name,
+            "holder": claim.holder,
+            "lease_s": lease_s,
+            "host": claim.host,
+            "pid": claim.pid,
+            "command": claim.command[:MAX_COMMAND_CHARS],
+        }
+        try:
+            rows = self._rows(_ACQUIRE, params)
+        except SchemaMissingError:
+            if not self._store.create:
+                raise
+            self.ensure_table()
+            rows = self._rows(_ACQUIRE, params)
+        if rows:
+            return AcquireResult(lease=Lease(lock, claim.holder, int(rows[0][0])))
+        held = self._rows(_HOLDER, {"key": lock.key})
+        if not held:
+            return AcquireResult(lease=None)
+        holder, host, pid, expires_in_s, name = held[0]
+        if name != lock.name:
+            raise key_collision(lock, name)
+        return AcquireResult(
+            lease=None,
+            holder=holder,
+            holder_host=host,
+            holder_pid=pid,
+            expires_in_s=expires_in_s,
+        )
+
+    def renew(self, lease: Lease, lease_s: float) -> bool:
+        """Extend our lease by ``lease_s`` from the host's now; False if lost."""
+        return self._count(_RENEW, {**_lease_params(lease), "lease_s": lease_s}) == 1
+
+    def release(self, lease: Lease) -> bool:
+        """End our lease now, keeping the row; False if it was no longer ours."""
+        return self._count(_RELEASE, _lease_params(lease)) == 1
+
+    def ensure_table(self) -> None:
+        """``CREATE TABLE IF NOT EXISTS`` the lease table.
+
+        Raises:
+            DatabaseUnavailableError: the file cannot be written.
+        """
+        try:
+            self._conn.execute(_DDL)
+        except sqlite3.Error as exc:
+            raise self._store._error(exc, f"cannot create {TABLE} in") from None
+        log.debug("table %s is ready in %s", TABLE, self._store.path)
+
+    def close(self) -> None:
+        """Close the connection; never raises."""
+        try:
+            self._conn.close()
+        except Exception:
+            log.debug("closing the SQLite connection failed", exc_info=True)
+
+    def _rows(self, statement: str, params: dict[str, Any]) -> list[Any]:
+        # fetchall: an upsert with RETURNING commits only once it has been
+        # stepped to the end; a half-read cursor would keep the write lock.
+        try:
+            cursor = self._conn.execute(statement, params)
+            try:
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        except sqlite3.Error as exc:
+            raise self._map(exc) from None
+        self._check_idle()
+        return rows
+
+    def _count(self, statement: str, params: dict[str, Any]) -> int:
+        try:
+            count = self._conn.execute(statement, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._map(exc) from None
+        self._check_idle()
+        return count
+
+    def _check_idle(self) -> None:
+        # A statement left inside a transaction would keep the write lock and
+        # hide our write from everyone else: fail loudly, never silently.
+        if self._conn.in_transaction:
+            raise LeaderrunError(f"SQLite connection to {self._store.path} left open")
+
+    def _map(self, exc: sqlite3.Error) -> DatabaseUnavailableError:
+        if "no such table" in str(exc):
+            return SchemaMissingError(
+                f"table {TABLE} does not exist in {self._store.path}; run "
+                "`leaderrun init` with this --dsn"
+            )
+        return self._store._error(exc, "statement failed on")
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether another connection's lock made the statement fail."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def _lease_params(lease: Lease) -> dict[str, Any]:
+    return {"key": lease.lock.key, "holder": lease.holder, "token": lease.token}
