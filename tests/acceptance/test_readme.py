@@ -41,9 +41,10 @@ def test_readme_first_command_installs_and_one_of_two_runs(tmp_path):
     """Run the block as written in a copy of the project: one runs, one exits 75.
 
     A copy, because the block makes ``.venv`` and installs into it, which must
-    not touch the suite's own. The environment has no ``PG*`` variables (the
-    suite scrubs them) and no PostgreSQL programs on ``PATH``, so nothing here
-    could reach a server even by accident.
+    not touch the suite's own. The environment has no ``PG*``, ``DATABASE_URL``
+    or ``LEADERRUN_*`` variables (the suite scrubs them), and the suite's own
+    server, if it started one, listens on a random port nothing here names: the
+    block can only work through the SQLite file it names.
     """
     work = tmp_path / "leaderrun"
     work.mkdir()
@@ -54,15 +55,10 @@ def test_readme_first_command_installs_and_one_of_two_runs(tmp_path):
         work / "leaderrun",
         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
     )
-    path = os.pathsep.join(
-        p
-        for p in os.environ.get("PATH", "").split(os.pathsep)
-        if p and not (Path(p) / "pg_ctl").exists() and "postgresql" not in p
-    )
     result = subprocess.run(
         ["bash", "-c", first_command()],
         cwd=work,
-        env={**os.environ, "PATH": path},
+        env=dict(os.environ),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
