@@ -239,13 +239,15 @@ class SqliteLeaseStore:
         directory = path.parent
         if not directory.is_dir():
             raise ConfigError(
-                f"--dsn sqlite://{path}: directory {str(directory)!r} does not "
+                f"sqlite://{path}: directory {str(directory)!r} does not "
                 "exist; create it (writable by every user of the lock) first"
             )
-        fs_type = network_fs_type(directory)
+        # Resolve the file, not only its directory: a symlink may lead elsewhere.
+        real_directory = path.resolve().parent
+        fs_type = network_fs_type(real_directory)
         if fs_type is not None:
             raise ConfigError(
-                f"--dsn sqlite://{path}: {str(directory)!r} is on a network file "
+                f"sqlite://{path}: {str(real_directory)!r} is on a network file "
                 f"system ({fs_type}), where SQLite's locking is unsafe; put the file "
                 "on a local disk, or use a PostgreSQL DSN to share a lock between "
                 "hosts"

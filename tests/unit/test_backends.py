@@ -216,6 +216,24 @@ def test_a_file_on_a_network_file_system_is_refused(tmp_path, monkeypatch):
     assert "local disk" in excinfo.value.message
 
 
+def test_a_symlink_to_a_network_file_system_is_refused(tmp_path, monkeypatch):
+    """The file's real location decides, not the directory of the link."""
+    remote = tmp_path / "remote"
+    local = tmp_path / "local"
+    remote.mkdir()
+    local.mkdir()
+    (local / "leases.db").symlink_to(remote / "leases.db")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 259:2 / / rw - ext4 /dev/sda1 rw\n"
+        f"40 22 0:40 / {remote.resolve()} rw - cifs //nas/x rw\n"
+    )
+    monkeypatch.setattr("leaderrun.sqlite.MOUNTINFO", mountinfo)
+    with pytest.raises(ConfigError, match=r"network file system \(cifs\)"):
+        SqliteLeaseStore(local / "leases.db")
+    SqliteLeaseStore(local / "other.db")  # a plain file beside it is fine
+
+
 def test_unreadable_mount_table_does_not_block(tmp_path, monkeypatch):
     """Without /proc the check cannot run; SQLite on a local disk still works."""
     monkeypatch.setattr("leaderrun.sqlite.MOUNTINFO", tmp_path / "missing")
