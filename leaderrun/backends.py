@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from leaderrun.config import DEFAULT_SCHEMA
 from leaderrun.errors import ConfigError
-from leaderrun.store import LeaseStore
+from leaderrun.store import LeaseStore, OperatorStore
 
 SQLITE_SCHEME = "sqlite"
 """The URI scheme of the embedded store: ``sqlite:///absolute/path.db``."""
@@ -45,11 +45,11 @@ NO_DSN_MESSAGE = (
 """The refusal when nothing names a database."""
 
 
-class ManagedStore(LeaseStore, Protocol):
-    """A lease store that can also create its table."""
+class ManagedStore(LeaseStore, OperatorStore, Protocol):
+    """A lease store that also serves the operators and can create its table."""
 
-    def init(self) -> None:
-        """Create the lease table if it is missing (idempotent)."""
+    def init(self) -> bool:
+        """Create the lease table if it is missing; True if it was created."""
         ...
 
 

@@ -10,6 +10,7 @@ and every value is a bound parameter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, LiteralString
 
 import psycopg
@@ -26,7 +27,17 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
-from leaderrun.store import AcquireResult, Claim, key_collision
+from leaderrun.store import (
+    REVOKED_HOLDER,
+    AcquireResult,
+    Claim,
+    LeaseRecord,
+    LeaseSnapshot,
+    ReleaseAction,
+    ReleaseResult,
+    key_collision,
+    release_outcome,
+)
 
 log = logging.getLogger("leaderrun")
 
@@ -100,6 +111,91 @@ UPDATE {table}
  WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s"""
 
 
+ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
+"""Opens a new psycopg connection; given to a store instead of a DSN."""
+
+# --- the operators' statements: status, release, and the SQL a DBA runs ---
+
+# One statement, so every row and now() come from one snapshot. The LEFT JOIN
+# from a one-row relation returns now() even when there is no row at all.
+_SNAPSHOT: LiteralString = """
+SELECT now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
+       l.renewed_at, l.expires_at, l.host, l.pid, l.command
+  FROM (SELECT) AS one
+  LEFT JOIN {table} AS l ON %(key)s::bigint IS NULL OR l.lock_key = %(key)s
+ ORDER BY l.lock_name NULLS LAST, l.lock_key"""
+
+# One conditional UPDATE decides, so an operator can never free a lease that
+# was renewed or taken a moment ago: in READ COMMITTED a row changed under us
+# is re-checked on its newest version. An expired lease is cleared (holder NULL,
+# so the lock shows as free). With force, a live lease is revoked: the holder
+# becomes a marker no holder can match, so the holder's next renewal (a
+# compare-and-swap on holder and token) fails and it stops its child; its
+# expires_at is kept, so nobody takes the lock before the old holder has had to
+# stop its child by its own deadline. The token is never touched: the next
+# acquirer gets token + 1.
+_OPERATOR_RELEASE: LiteralString = """
+UPDATE {table} AS l
+   SET holder = CASE WHEN l.expires_at <= now() THEN NULL ELSE %(revoked)s END
+ WHERE l.lock_key = %(key)s AND l.holder IS NOT NULL
+   AND (%(token)s::bigint IS NULL OR l.token = %(token)s)
+   AND (l.expires_at <= now() OR (%(force)s AND l.holder <> %(revoked)s))
+RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
+          l.renewed_at, l.expires_at, l.host, l.pid, l.command"""
+
+_EXISTS: LiteralString = "SELECT to_regclass(%(table)s) IS NOT NULL"
+
+OPERATOR_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
+"""What a role that runs, shows and releases leases needs on the table.
+
+INSERT ... ON CONFLICT DO UPDATE needs INSERT and UPDATE; reading the row
+needs SELECT. No DELETE: rows are never deleted, and a role that could delete
+one could restart a lock's fencing tokens at 1.
+"""
+
+DEFAULT_GRANT_ROLE = "leaderrun"
+"""The role ``init --print-sql`` grants to unless ``--role`` names another."""
+
+
+def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
+    """The SQL a DBA runs once: the table, its comment, and a least-privileged role.
+
+    The role gets USAGE on the schema and SELECT, INSERT, UPDATE on the table: it
+    can run, show and release leases, but not create or drop the table, nor
+    delete rows. Needs no connection: identifiers are quoted here.
+    """
+    table = sql.Identifier(schema, TABLE)
+    grantee = sql.Identifier(role)
+    privileges = sql.SQL(", ").join(sql.SQL(p) for p in OPERATOR_PRIVILEGES)
+    statements = [
+        sql.SQL(_DDL.strip()).format(table=table),
+        sql.SQL(_COMMENT.strip()).format(table=table),
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+            sql.Identifier(schema), grantee
+        ),
+        sql.SQL("GRANT {} ON {} TO {}").format(privileges, table, grantee),
+    ]
+    text = [statement.as_string() + ";" for statement in statements]
+    return (
+        f"-- leaderrun {schema}.{TABLE}: run once as a role that may create tables "
+        f"in {schema}; safe to repeat.\n"
+        + "\n".join(text[:2])
+        + f"\n-- The role {role} may run, show and release leases, but not create "
+        "the table or delete rows\n-- (a deleted row would restart the lock's "
+        "fencing tokens).\n" + "\n".join(text[2:]) + "\n"
+    )
+
+
+def missing_table_hint(schema: str, role: str | None) -> str:
+    """What to run when the lease table is missing and this role cannot create it."""
+    role_flag = f" --role {role}" if role else ""
+    return (
+        f"run `leaderrun init --schema {schema}` as a role that may create tables "
+        f"in {schema}, or have a DBA run the SQL that `leaderrun init --schema "
+        f"{schema} --print-sql{role_flag}` prints"
+    )
+
+
 def _statement(template: LiteralString, schema: str) -> sql.Composed:
     return sql.SQL(template).format(table=sql.Identifier(schema, TABLE))
 
@@ -113,6 +209,9 @@ class PostgresLeaseStore:
         attempt_budget_s: how long one attempt may take; sets the TCP timeouts
             so a dead peer frees a blocked socket read in about that time.
         create: create the table on first use if it is missing.
+        connection_factory: opens each connection instead of ``dsn`` (which then
+            only names the server in messages). Every connection it returns is
+            switched to autocommit without prepared statements (DESIGN rule 9).
     """
 
     def __init__(
@@ -122,8 +221,10 @@ class PostgresLeaseStore:
         *,
         attempt_budget_s: float = 5.0,
         create: bool = True,
+        connection_factory: ConnectionFactory | None = None,
     ) -> None:
         self.schema = schema
+        self._factory = connection_factory
         self.create = create
         self._secrets = dsn_secrets(dsn)
         try:
@@ -153,10 +254,14 @@ class PostgresLeaseStore:
         self._acquire = _statement(_ACQUIRE, schema)
         self._renew = _statement(_RENEW, schema)
         self._release = _statement(_RELEASE, schema)
+        self._snapshot = _statement(_SNAPSHOT, schema)
+        self._operator_release = _statement(_OPERATOR_RELEASE, schema)
 
     def describe(self) -> str:
         """``user@host:port/dbname`` as far as the DSN says; never a password."""
         p = self._params
+        if self._factory is not None and not p:
+            return "the connection factory's database"
         where = p.get("host") or p.get("hostaddr") or "(libpq default host)"
         port = f":{p['port']}" if p.get("port") else ""
         user = f"{p['user']}@" if p.get("user") else ""
@@ -170,9 +275,16 @@ class PostgresLeaseStore:
             DatabaseUnavailableError: the server cannot be reached or refused us.
         """
         try:
-            conn = psycopg.connect(
-                self._conninfo, autocommit=True, prepare_threshold=None
-            )
+            if self._factory is None:
+                conn = psycopg.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=None
+                )
+            else:
+                conn = self._factory()
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.autocommit = True
+                conn.prepare_threshold = None
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
                 f"cannot connect to {self.describe()}: {self._clean(exc)}"
@@ -185,8 +297,12 @@ class PostgresLeaseStore:
         )
         return PostgresSession(self, conn)
 
-    def init(self) -> None:
+    def init(self) -> bool:
         """Create the lease table if it is missing (idempotent).
+
+        Returns True if it was created, False if it was there already. An
+        existing table is left alone, so a role without CREATE (or that does not
+        own it) can run ``init`` against it too.
 
         Raises:
             SchemaMissingError: the schema is missing or the role may not create.
@@ -194,7 +310,42 @@ class PostgresLeaseStore:
         """
         session = self.connect()
         try:
+            if session.table_exists():
+                return False
             session.ensure_table()
+            return True
+        finally:
+            session.close()
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s, and the database's ``now()``.
+
+        Never creates the table.
+
+        Raises:
+            SchemaMissingError: the table (or schema) does not exist.
+            DatabaseUnavailableError: the database cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.snapshot(lock)
+        finally:
+            session.close()
+
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
+
+        With ``token``, only a lease with that fencing token is touched.
+
+        Raises:
+            SchemaMissingError: the table (or schema) does not exist.
+            DatabaseUnavailableError: the database cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.operator_release(lock, force=force, token=token)
         finally:
             session.close()
 
@@ -265,6 +416,44 @@ class PostgresSession:
         """End our lease now, keeping the row; False if it was no longer ours."""
         return self._execute(self._store._release, _lease_params(lease)) == 1
 
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Rows of the lease table (all, or ``lock``'s) with the database's now()."""
+        key = None if lock is None else lock.key
+        with self._errors():
+            rows = self._conn.execute(self._store._snapshot, {"key": key}).fetchall()
+        self._check_idle()
+        records = tuple(_record(row[1:]) for row in rows if row[1] is not None)
+        return LeaseSnapshot(db_now=rows[0][0], records=records)
+
+    def operator_release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """One conditional UPDATE; when it changes nothing, say why from a snapshot."""
+        params = {
+            "key": lock.key,
+            "force": force,
+            "revoked": REVOKED_HOLDER,
+            "token": token,
+        }
+
+        def update() -> ReleaseResult | None:
+            row = self._fetch(self._store._operator_release, params)
+            if row is None:
+                return None
+            record = _record(row[1:])
+            action = (
+                ReleaseAction.freed if record.holder is None else ReleaseAction.revoked
+            )
+            return ReleaseResult(action, record, row[0])
+
+        return release_outcome(lock, token, update, lambda: self.snapshot(lock))
+
+    def table_exists(self) -> bool:
+        """Whether the lease table exists (whatever this role may do with it)."""
+        table = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
+        row = self._fetch(sql.SQL(_EXISTS).format(), {"table": table})
+        return bool(row and row[0])
+
     def ensure_table(self) -> None:
         """``CREATE TABLE IF NOT EXISTS`` the lease table, tolerating a racing twin.
 
@@ -287,7 +476,7 @@ class PostgresSession:
         except e.InsufficientPrivilege:
             raise SchemaMissingError(
                 f"table {table} does not exist and this role may not create it; "
-                "ask a DBA to run the SQL that `leaderrun init --print-sql` prints"
+                + missing_table_hint(self._store.schema, self._conn.info.user)
             ) from None
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
@@ -342,7 +531,10 @@ class _StatementErrors:
             return
         table = f"{self._store.schema}.{TABLE}"
         if isinstance(exc, e.UndefinedTable):
-            raise SchemaMissingError(f"table {table} does not exist") from None
+            raise SchemaMissingError(
+                f"table {table} does not exist; "
+                + missing_table_hint(self._store.schema, None)
+            ) from None
         if isinstance(exc, e.InvalidSchemaName):
             raise SchemaMissingError(
                 f"schema {self._store.schema!r} does not exist; create it or pass "
@@ -359,6 +551,22 @@ class _StatementErrors:
         raise DatabaseUnavailableError(
             f"statement on {self._store.describe()} failed: {self._store._clean(exc)}"
         ) from None
+
+
+def _record(row: tuple[Any, ...]) -> LeaseRecord:
+    key, name, holder, token, acquired, renewed, expires, host, pid, command = row
+    return LeaseRecord(
+        key=key,
+        name=name,
+        holder=holder,
+        token=token,
+        acquired_at=acquired,
+        renewed_at=renewed,
+        expires_at=expires,
+        host=host,
+        pid=pid,
+        command=command,
+    )
 
 
 def _lease_params(lease: Lease) -> dict[str, Any]:

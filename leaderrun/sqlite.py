@@ -27,8 +27,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from leaderrun.clock import boottime
 from leaderrun.errors import (
@@ -38,7 +40,17 @@ from leaderrun.errors import (
     SchemaMissingError,
 )
 from leaderrun.lease import Lease, LockId
-from leaderrun.store import AcquireResult, Claim, key_collision
+from leaderrun.store import (
+    REVOKED_HOLDER,
+    AcquireResult,
+    Claim,
+    LeaseRecord,
+    LeaseSnapshot,
+    ReleaseAction,
+    ReleaseResult,
+    key_collision,
+    release_outcome,
+)
 
 log = logging.getLogger("leaderrun")
 
@@ -158,6 +170,48 @@ UPDATE leader_lease
  WHERE lock_key = :key AND holder = :holder AND token = :token"""
 
 
+# status: every row (or one lock's) and the host's now, in one statement, so
+# one read snapshot. The LEFT JOIN from a one-row relation returns now even
+# when there is no row at all.
+_SNAPSHOT = """
+SELECT (julianday('now') - 2440587.5) * 86400.0, l.lock_key, l.lock_name,
+       l.holder, l.token, l.acquired_at, l.renewed_at, l.expires_at, l.host,
+       l.pid, l.command
+  FROM (SELECT 1) AS one
+  LEFT JOIN leader_lease AS l ON :key IS NULL OR l.lock_key = :key
+ ORDER BY l.lock_name NULLS LAST, l.lock_key"""
+
+# release, as in PostgreSQL: one conditional UPDATE decides. An expired lease
+# is cleared; with force, a live one is revoked (a holder no renewal matches,
+# expires_at kept, so nobody takes it before the old holder had to stop its
+# child). The token is never touched. RETURNING gives the row as updated.
+_OPERATOR_RELEASE = """
+UPDATE leader_lease
+   SET holder = CASE
+           WHEN expires_at <= (julianday('now') - 2440587.5) * 86400.0 THEN NULL
+           ELSE :revoked END
+ WHERE lock_key = :key AND holder IS NOT NULL
+   AND (:token IS NULL OR token = :token)
+   AND (expires_at <= (julianday('now') - 2440587.5) * 86400.0
+        OR (:force AND holder <> :revoked))
+RETURNING (julianday('now') - 2440587.5) * 86400.0, lock_key, lock_name, holder,
+          token, acquired_at, renewed_at, expires_at, host, pid, command"""
+
+_TABLE_EXISTS = """
+SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'leader_lease'"""
+
+
+def setup_sql() -> str:
+    """The SQL that ``leaderrun init`` runs on a SQLite file (``--print-sql``)."""
+    return (
+        "-- leaderrun leader_lease in a SQLite file; times are Unix seconds.\n"
+        "-- leaderrun also sets PRAGMA journal_mode = WAL (kept in the file) and\n"
+        "-- synchronous = FULL (on each connection). Never delete rows: the\n"
+        "-- fencing token must keep increasing.\n"
+        "PRAGMA journal_mode = WAL;\n" + _DDL.strip() + ";\n"
+    )
+
+
 def _unescape_mount_field(field: str) -> str:
     r"""Undo mountinfo's octal escapes (``\040`` is a space)."""
     out, index = [], 0
@@ -230,6 +284,9 @@ class SqliteLeaseStore:
         self.path = path
         self.busy_s = max(MIN_BUSY_S, busy_s)
         self.create = create
+        # rwc creates a missing file; rw (status, release) never does.
+        mode = "rwc" if create else "rw"
+        self._target = f"file:{quote(str(path))}?mode={mode}"
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
             raise DatabaseUnavailableError(
                 f"SQLite {sqlite3.sqlite_version} is too old for leaderrun (it needs "
@@ -268,7 +325,8 @@ class SqliteLeaseStore:
             conn: sqlite3.Connection | None = None
             try:
                 conn = sqlite3.connect(
-                    self.path,
+                    self._target,
+                    uri=True,
                     timeout=self.busy_s,
                     isolation_level=None,  # autocommit: each statement commits alone
                     check_same_thread=False,  # one thread at a time, not always one
@@ -303,17 +361,58 @@ class SqliteLeaseStore:
                 "is the file system local and writable?"
             )
 
-    def init(self) -> None:
-        """Create the file and the lease table if they are missing (idempotent).
+    def init(self) -> bool:
+        """Create the file and the lease table if missing; True if it was created.
 
         Raises:
             DatabaseUnavailableError: the file cannot be opened or written.
         """
         session = self.connect()
         try:
+            if session.table_exists():
+                return False
             session.ensure_table()
+            return True
         finally:
             session.close()
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s, and the host's now.
+
+        Never creates the file or the table.
+
+        Raises:
+            SchemaMissingError: no such file, or no table in it.
+            DatabaseUnavailableError: the file cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.snapshot(lock)
+        finally:
+            session.close()
+
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
+
+        With ``token``, only a lease with that fencing token is touched.
+
+        Raises:
+            SchemaMissingError: no such file, or no table in it.
+            DatabaseUnavailableError: the file cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.operator_release(lock, force=force, token=token)
+        finally:
+            session.close()
+
+    def _missing(self) -> SchemaMissingError:
+        return SchemaMissingError(
+            f"{self.path} has no {TABLE} table; run `leaderrun init --dsn "
+            f"sqlite://{self.path}` (or any leaderrun run with it) first"
+        )
 
     def _error(self, exc: sqlite3.Error, doing: str) -> DatabaseUnavailableError:
         """The leaderrun error for a sqlite3 error, naming the file and what to do."""
@@ -324,6 +423,9 @@ class SqliteLeaseStore:
                 f"{doing} {self.path}: another process held its write lock for "
                 f"more than {self.busy_s:.3g}s"
             )
+        cant_open = name.startswith("SQLITE_CANTOPEN")
+        if cant_open and not self.create and not self.path.exists():
+            return self._missing()
         if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
             return DatabaseUnavailableError(
                 f"{doing} {self.path}: {text}; the file, its directory and its -wal "
@@ -391,6 +493,40 @@ class SqliteSession:
         """End our lease now, keeping the row; False if it was no longer ours."""
         return self._count(_RELEASE, _lease_params(lease)) == 1
 
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Rows of the lease table (all, or ``lock``'s) with the host's now."""
+        key = None if lock is None else lock.key
+        rows = self._rows(_SNAPSHOT, {"key": key})
+        records = tuple(_record(row[1:]) for row in rows if row[1] is not None)
+        return LeaseSnapshot(db_now=_utc(rows[0][0]), records=records)
+
+    def operator_release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """One conditional UPDATE; when it changes nothing, say why from a snapshot."""
+        params = {
+            "key": lock.key,
+            "force": force,
+            "revoked": REVOKED_HOLDER,
+            "token": token,
+        }
+
+        def update() -> ReleaseResult | None:
+            rows = self._rows(_OPERATOR_RELEASE, params)
+            if not rows:
+                return None
+            record = _record(rows[0][1:])
+            action = (
+                ReleaseAction.freed if record.holder is None else ReleaseAction.revoked
+            )
+            return ReleaseResult(action, record, _utc(rows[0][0]))
+
+        return release_outcome(lock, token, update, lambda: self.snapshot(lock))
+
+    def table_exists(self) -> bool:
+        """Whether the file has the lease table."""
+        return bool(self._rows(_TABLE_EXISTS, {})[0][0])
+
     def ensure_table(self) -> None:
         """``CREATE TABLE IF NOT EXISTS`` the lease table.
 
@@ -440,10 +576,7 @@ class SqliteSession:
 
     def _map(self, exc: sqlite3.Error) -> DatabaseUnavailableError:
         if "no such table" in str(exc):
-            return SchemaMissingError(
-                f"table {TABLE} does not exist in {self._store.path}; run "
-                "`leaderrun init` with this --dsn"
-            )
+            return self._store._missing()
         return self._store._error(exc, "statement failed on")
 
 
@@ -451,6 +584,26 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     """Whether another connection's lock made the statement fail."""
     name = getattr(exc, "sqlite_errorname", "")
     return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def _utc(unix_s: float) -> datetime:
+    return datetime.fromtimestamp(unix_s, UTC)
+
+
+def _record(row: tuple[Any, ...]) -> LeaseRecord:
+    key, name, holder, token, acquired, renewed, expires, host, pid, command = row
+    return LeaseRecord(
+        key=key,
+        name=name,
+        holder=holder,
+        token=token,
+        acquired_at=_utc(acquired),
+        renewed_at=_utc(renewed),
+        expires_at=_utc(expires),
+        host=host,
+        pid=pid,
+        command=command,
+    )
 
 
 def _lease_params(lease: Lease) -> dict[str, Any]:

@@ -7,10 +7,13 @@ only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Protocol
 
-from leaderrun.errors import ConfigError
+from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId
 
 
@@ -92,3 +95,130 @@ class LeaseStore(Protocol):
     def describe(self) -> str:
         """Where the store is, for messages; never includes a password."""
         ...
+
+
+# --- the operators' view: status and release (``leaderrun.admin`` renders it) ---
+
+REVOKED_HOLDER = "(revoked)"
+"""The holder of a lease ended by ``release --force`` until it runs out.
+
+It can never be a real holder (those are ``host:pid:nonce``), so the old
+holder's next renewal, a compare-and-swap on holder and token, finds nothing,
+and no contender may take the lock before the revoked lease's ``expires_at``:
+by then the old holder has stopped its child, renewal or no renewal.
+"""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """One row of the lease table, with the database's ``now()`` when it was read."""
+
+    key: int
+    name: str | None
+    holder: str | None
+    token: int
+    acquired_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+    host: str | None
+    pid: int | None
+    command: str | None
+
+
+@dataclass(frozen=True)
+class LeaseSnapshot:
+    """Rows of the lease table and the database's ``now()``, read in one statement."""
+
+    db_now: datetime
+    records: tuple[LeaseRecord, ...]
+
+
+class ReleaseAction(StrEnum):
+    """What ``release`` did, decided by one conditional UPDATE."""
+
+    freed = "freed"
+    """An expired lease (or a revoked one that ran out) was cleared."""
+    revoked = "revoked"
+    """A live lease was revoked (``--force``); free once it runs out."""
+    refused = "refused"
+    """A live lease, and no ``--force``: nothing changed."""
+    already_revoked = "already_revoked"
+    """The lease was revoked before and has not run out yet."""
+    changed_hands = "changed_hands"
+    """The lease's fencing token is not the one given: a new holder; unchanged."""
+    free = "free"
+    """The lock was already free: nothing to do."""
+    unknown = "unknown"
+    """The lock has no row: it was never taken."""
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """The outcome of ``release``: what was done, and the row as it was before."""
+
+    action: ReleaseAction
+    record: LeaseRecord | None
+    db_now: datetime
+
+
+class OperatorStore(Protocol):
+    """What ``status`` and ``release`` need; never creates the table.
+
+    Methods raise :class:`leaderrun.errors.DatabaseUnavailableError` (or
+    :class:`leaderrun.errors.SchemaMissingError`) when the database cannot be used.
+    """
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s (none if it was never taken)."""
+        ...
+
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free an expired lease; with ``force``, revoke a live one too.
+
+        With ``token``, only a lease with that fencing token is touched.
+        """
+        ...
+
+
+def release_outcome(
+    lock: LockId,
+    token: int | None,
+    update: Callable[[], ReleaseResult | None],
+    snapshot: Callable[[], LeaseSnapshot],
+) -> ReleaseResult:
+    """An operator's release: one conditional UPDATE, else why it changed nothing.
+
+    The reason comes from a snapshot read just after. ``update`` runs the
+    store's UPDATE and returns its result, or None when no row matched;
+    ``snapshot`` reads ``lock``'s row. Shared by every store so that each one
+    decides alike.
+
+    Raises:
+        DatabaseUnavailableError: the row kept changing under us.
+    """
+    # A lease that runs out between the UPDATE and the snapshot is freed on
+    # the next round; three rounds cannot all lose such a race.
+    for _ in range(3):
+        done = update()
+        if done is not None:
+            return done
+        seen = snapshot()
+        if not seen.records:
+            return ReleaseResult(ReleaseAction.unknown, None, seen.db_now)
+        record = seen.records[0]
+        if token is not None and record.token != token:
+            action = ReleaseAction.changed_hands
+        elif record.holder is None:
+            action = ReleaseAction.free
+        elif record.expires_at <= seen.db_now:
+            continue
+        elif record.holder == REVOKED_HOLDER:
+            action = ReleaseAction.already_revoked
+        else:
+            action = ReleaseAction.refused
+        return ReleaseResult(action, record, seen.db_now)
+    raise DatabaseUnavailableError(
+        f"could not release {lock}: its row kept changing; try again"
+    )

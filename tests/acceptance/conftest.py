@@ -272,6 +272,23 @@ class LeaseAdmin:
         holder, token, ended = found
         return holder, token, bool(ended)
 
+    def expires_at(self, lock: str) -> datetime:
+        """When the lock's lease ends, in UTC, as the store has it."""
+        if self.pg_admin is not None:
+            with self.pg_admin() as conn:
+                found = conn.execute(
+                    "SELECT expires_at FROM leader_lease WHERE lock_name = %s",
+                    (lock,),
+                ).fetchone()
+            assert found is not None
+            expires_at: datetime = found[0]
+            return expires_at
+        with contextlib.closing(self.sqlite()) as conn:
+            (unix_s,) = conn.execute(
+                "SELECT expires_at FROM leader_lease WHERE lock_name = ?", (lock,)
+            ).fetchone()
+        return datetime.fromtimestamp(unix_s, UTC)
+
     def take_over(self, lock: str) -> datetime:
         """Give the lock to 'thief' with a new token; the expiry it had, in UTC."""
         if self.pg_admin is not None:

@@ -354,12 +354,18 @@ def test_readers_do_not_block_a_renewal(session, db, lock):
 
 
 def test_a_missing_table_without_create_says_to_run_init(db, lock):
-    """create=False and no table: SchemaMissingError (69) naming `leaderrun init`."""
+    """create=False: no file, or a file without the table, is SchemaMissingError
+    (69) naming `leaderrun init`; neither file nor table is created."""
     store = SqliteLeaseStore(db, create=False)
+    with pytest.raises(SchemaMissingError, match="run `leaderrun init --dsn"):
+        store.connect()
+    assert not db.exists()
+    sqlite3.connect(db).close()  # an empty file
     session = store.connect()
     try:
-        with pytest.raises(SchemaMissingError, match="run `leaderrun init`"):
+        with pytest.raises(SchemaMissingError, match="run `leaderrun init --dsn"):
             session.acquire(lock, claim(1), LEASE_S)
+        assert not session.table_exists()
     finally:
         session.close()
 
@@ -369,3 +375,33 @@ def test_a_file_that_is_not_a_database_is_unavailable(db, lock):
     db.write_bytes(b"not a database at all, just text " * 100)
     with pytest.raises(DatabaseUnavailableError, match="is it a leaderrun SQLite"):
         SqliteLeaseStore(db).connect()
+
+
+def test_the_library_elects_one_leader_on_a_sqlite_file(db):
+    """LeaderElector(dsn="sqlite:///...") works like the command line: one leader."""
+    from leaderrun.elector import LeaderElector
+
+    dsn = f"sqlite://{db}"
+    a = LeaderElector("library", dsn=dsn, lease_s=4.0).start()
+    b = LeaderElector("library", dsn=dsn, lease_s=4.0).start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not (a.is_leader() or b.is_leader()):
+            assert time.monotonic() < deadline, "nobody was elected"
+            time.sleep(0.05)
+        leader, follower = (a, b) if a.is_leader() else (b, a)
+        time.sleep(1.0)  # more than one renewal
+        assert leader.is_leader()
+        assert not follower.is_leader()
+        assert leader.token == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_the_library_refuses_no_database_like_the_command_line():
+    """No dsn, no LEADERRUN_DSN, DATABASE_URL or PG*: a ConfigError naming both."""
+    from leaderrun.elector import LeaderElector
+
+    with pytest.raises(ConfigError, match="sqlite:///"):
+        LeaderElector("library", env={})

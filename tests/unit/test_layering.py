@@ -19,6 +19,10 @@ CORE_MODULES = [
     "leaderrun.heartbeat",
     "leaderrun.errors",
     "leaderrun.redact",
+    "leaderrun.elector",
+    "leaderrun.decorators",
+    "leaderrun.testing",
+    "leaderrun.admin",
     "leaderrun.backends",
     "leaderrun.sqlite",
 ]
