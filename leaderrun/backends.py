@@ -40,7 +40,8 @@ LIBPQ_TARGET_VARIABLES = (
 NO_DSN_MESSAGE = (
     "no database given: pass --dsn postgresql://HOST/DB to share a lock across "
     "a fleet, or --dsn sqlite:///PATH/leases.db for the processes of one host "
-    "(or set LEADERRUN_DSN, DATABASE_URL or libpq's PGHOST/PGSERVICE)"
+    "(or set LEADERRUN_DSN, LEADERRUN_DSN_FILE, DATABASE_URL or libpq's "
+    "PGHOST/PGSERVICE)"
 )
 """The refusal when nothing names a database."""
 

@@ -80,8 +80,9 @@ DsnOption = Annotated[
     typer.Option(
         "--dsn",
         envvar="LEADERRUN_DSN",
-        help="libpq connection string or URI; falls back to DATABASE_URL, then to "
-        "libpq's PG* variables and service files. Keep passwords in PGPASSFILE. "
+        help="libpq connection string or URI; falls back to the file "
+        "LEADERRUN_DSN_FILE names (mode 0600), DATABASE_URL, then libpq's PG* "
+        "variables and service files. Keep passwords in PGPASSFILE or that file. "
         "sqlite:///PATH uses a SQLite file instead, for the processes of one host.",
         show_default=False,
     ),

@@ -50,6 +50,15 @@ MAX_COMMAND_CHARS = 1000
 DEFAULT_CONNECT_TIMEOUT_S = 5
 """libpq connect_timeout in seconds (psycopg: 2 at least), unless the DSN sets it."""
 
+UNSAFE_SYNCHRONOUS_COMMIT = frozenset({"off"})
+"""``synchronous_commit`` values under which an acknowledged lease may vanish.
+
+With ``off`` a crash loses the last commits the server already acknowledged:
+an acquire (so its fencing token is handed out twice) or a renewal (so another
+node takes the lock while this one still runs). ``local`` is crash-safe on one
+server; what it means with standbys is in the README ("Production").
+"""
+
 _DDL: LiteralString = """
 CREATE TABLE IF NOT EXISTS {table} (
     lock_key    bigint      PRIMARY KEY,
@@ -289,6 +298,11 @@ class PostgresLeaseStore:
             raise DatabaseUnavailableError(
                 f"cannot connect to {self.describe()}: {self._clean(exc)}"
             ) from None
+        try:
+            self._check_settings(conn)
+        except BaseException:
+            conn.close()
+            raise
         log.debug(
             "connected to %s (backend pid %s, server %s)",
             self.describe(),
@@ -296,6 +310,30 @@ class PostgresLeaseStore:
             conn.info.server_version,
         )
         return PostgresSession(self, conn)
+
+    def _check_settings(self, conn: psycopg.Connection[Any]) -> None:
+        """Refuse a session whose commits the server may forget after a crash.
+
+        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
+        would stay on whichever server connection ran it.
+        """
+        try:
+            row = conn.execute(
+                "SELECT current_setting('synchronous_commit')"
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise DatabaseUnavailableError(
+                f"cannot use {self.describe()}: {self._clean(exc)}"
+            ) from None
+        value = str(row[0]) if row else ""
+        if value in UNSAFE_SYNCHRONOUS_COMMIT:
+            raise DatabaseUnavailableError(
+                f"synchronous_commit is {value!r} for {conn.info.user} on "
+                f"{self.describe()}: a crash could forget a lease the server "
+                "already granted; have a DBA run ALTER ROLE "
+                f"{sql.Identifier(conn.info.user).as_string()} "
+                "SET synchronous_commit = on"
+            )
 
     def init(self) -> bool:
         """Create the lease table if it is missing (idempotent).
@@ -514,14 +552,49 @@ class PostgresSession:
             raise LeaderrunError(f"lease connection left in state {status.name}")
 
     def _errors(self) -> _StatementErrors:
-        return _StatementErrors(self._store)
+        return _StatementErrors(self._store, self._conn)
+
+    def missing_grants(self) -> str:
+        """The GRANT statements this role lacks on the lease table (best effort)."""
+        schema, role = self._store.schema, self._conn.info.user
+        table = sql.Identifier(schema, TABLE).as_string()
+        grantee = sql.Identifier(role).as_string()
+        try:
+            row = self._conn.execute(
+                # By oid from the catalog: without USAGE on the schema the table
+                # could not be named, yet its grants still count.
+                "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
+                "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
+                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
+                "AND NOT has_table_privilege(c.oid, p))",
+                {
+                    "schema": schema,
+                    "table": TABLE,
+                    "privileges": list(OPERATOR_PRIVILEGES),
+                },
+            ).fetchone()
+        except psycopg.Error:
+            log.debug("cannot tell which grants are missing", exc_info=True)
+            row = None
+        grants = []
+        if row is None or not row[0]:
+            schema_id = sql.Identifier(schema).as_string()
+            grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
+        if row is None or row[1]:
+            missing = ", ".join(row[1] if row else OPERATOR_PRIVILEGES)
+            grants.append(f"GRANT {missing} ON {table} TO {grantee}")
+        return "; ".join(grants)
 
 
 class _StatementErrors:
     """Maps driver errors of one statement to leaderrun's errors."""
 
-    def __init__(self, store: PostgresLeaseStore) -> None:
+    def __init__(
+        self, store: PostgresLeaseStore, conn: psycopg.Connection[Any]
+    ) -> None:
         self._store = store
+        self._conn = conn
 
     def __enter__(self) -> None:
         return None
@@ -541,10 +614,10 @@ class _StatementErrors:
                 "another --schema"
             ) from None
         if isinstance(exc, e.InsufficientPrivilege):
+            grants = PostgresSession(self._store, self._conn).missing_grants()
             raise DatabaseUnavailableError(
-                f"this role lacks privileges on {table}: "
-                f"{self._store._clean(exc)}; `leaderrun init --print-sql` prints "
-                "the GRANTs it needs"
+                f"role {self._conn.info.user} lacks privileges on {table} "
+                f"({self._store._clean(exc)}); have the table's owner run: {grants}"
             ) from None
         # Everything else (a lost connection, a read-only standby after a
         # failover, a statement or lock timeout) is worth retrying elsewhere.
