@@ -298,7 +298,10 @@ class Outcome:
     """The command's exit status (negative: killed by that signal), if it exited."""
 
     stopped_because: str | None = None
-    """Why leaderrun stopped the command, or None if it ended by itself."""
+    """Why leaderrun stopped the command for its lease, or None if it did not."""
+
+    timed_out: bool = False
+    """leaderrun stopped the command because ``--max-runtime`` passed."""
 
 
 class Supervisor:
@@ -310,6 +313,8 @@ class Supervisor:
         lease: the lease state, published by the renewal thread.
         kill_grace_s: SIGTERM to SIGKILL, when leaderrun stops the child.
         clock: CLOCK_BOOTTIME, or a fake in tests.
+        runtime_deadline_s: when ``--max-runtime`` runs out, on ``clock``; the
+            group is then stopped as for a lost lease, and the outcome says so.
     """
 
     def __init__(
@@ -319,12 +324,14 @@ class Supervisor:
         lease: LeaseWatch,
         kill_grace_s: float,
         clock: Callable[[], float] = boottime,
+        runtime_deadline_s: float | None = None,
     ) -> None:
         self.child = child
         self.inbox = inbox
         self.lease = lease
         self.kill_grace_s = kill_grace_s
         self.clock = clock
+        self.runtime_deadline_s = runtime_deadline_s
         self._escalations = 0
         self._killed = False
 
@@ -348,6 +355,12 @@ class Supervisor:
                 reason = lost or "no renewal succeeded before the kill deadline"
                 self.stop(reason)
                 return Outcome(self.child.returncode, stopped_because=reason)
+            runtime_end_s = self.runtime_deadline_s
+            if runtime_end_s is not None and now_s >= runtime_end_s:
+                self.stop("--max-runtime passed")
+                return Outcome(self.child.returncode, timed_out=True)
+            if runtime_end_s is not None:
+                deadline_s = min(deadline_s, runtime_end_s)
             # poll() counts CLOCK_MONOTONIC, which stops during suspend, so wake
             # at least every tick and re-read CLOCK_BOOTTIME.
             timeout_s = min(SUPERVISOR_TICK_S, max(0.0, deadline_s - now_s))
