@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 
 from leaderrun.config import DEFAULT_SCHEMA
 from leaderrun.errors import ConfigError
+from leaderrun.lease import LockId
+from leaderrun.runs import RunRecord
 from leaderrun.store import LeaseStore, OperatorStore
 
 SQLITE_SCHEME = "sqlite"
@@ -51,6 +53,10 @@ class ManagedStore(LeaseStore, OperatorStore, Protocol):
 
     def init(self) -> bool:
         """Create the lease table if it is missing; True if it was created."""
+        ...
+
+    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
+        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first."""
         ...
 
 

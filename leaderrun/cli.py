@@ -622,9 +622,11 @@ def history(
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")
     lock = None if lock_id is None else parse_lock_id(lock_id)
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.backends import open_store
 
-    runs = PostgresLeaseStore(dsn_value, check_schema(schema)).history(lock, limit)
+    runs = open_store(dsn_value, check_schema(schema), env, create=False).history(
+        lock, limit
+    )
     if as_json:
         typer.echo(json.dumps([run.to_json() for run in runs], indent=2))
         return

@@ -24,9 +24,11 @@ a file on a network file system is refused (:func:`network_fs_type`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from leaderrun.errors import (
     SchemaMissingError,
 )
 from leaderrun.lease import Lease, LockId
+from leaderrun.runs import OncePer, RunEnd, RunRecord, window_start_s
 from leaderrun.store import (
     REVOKED_HOLDER,
     AcquireResult,
@@ -123,7 +126,29 @@ CREATE TABLE IF NOT EXISTS leader_lease (
     expires_at  REAL    NOT NULL,
     host        TEXT,
     pid         INTEGER,
-    command     TEXT
+    command     TEXT,
+    window_start REAL,
+    window_ok    INTEGER
+)"""
+
+RUN_TABLE = "leader_run"
+"""The run history table, as in PostgreSQL."""
+
+_RUN_DDL = """
+CREATE TABLE IF NOT EXISTS leader_run (
+    lock_key     INTEGER NOT NULL,
+    lock_name    TEXT,
+    token        INTEGER NOT NULL,
+    holder       TEXT    NOT NULL,
+    host         TEXT,
+    pid          INTEGER,
+    command      TEXT,
+    window_start REAL,
+    started_at   REAL    NOT NULL,
+    finished_at  REAL,
+    exit_status  INTEGER,
+    outcome      TEXT CHECK (outcome IN ('ok', 'failed', 'killed', 'timeout', 'lost')),
+    PRIMARY KEY (lock_key, token)
 )"""
 
 # One statement takes the lock when it is free or expired, bumping the token in
@@ -133,28 +158,110 @@ CREATE TABLE IF NOT EXISTS leader_lease (
 _ACQUIRE = """
 INSERT INTO leader_lease AS l
     (lock_key, lock_name, holder, token, acquired_at, renewed_at, expires_at,
-     host, pid, command)
+     host, pid, command, window_start, window_ok)
 VALUES (:key, :name, :holder, 1,
         (julianday('now') - 2440587.5) * 86400.0,
         (julianday('now') - 2440587.5) * 86400.0,
         (julianday('now') - 2440587.5) * 86400.0 + :lease_s,
-        :host, :pid, :command)
+        :host, :pid, :command, :window_start, NULL)
 ON CONFLICT (lock_key) DO UPDATE
     SET lock_name = excluded.lock_name, holder = excluded.holder,
         token = l.token + 1, acquired_at = excluded.acquired_at,
         renewed_at = excluded.renewed_at, expires_at = excluded.expires_at,
-        host = excluded.host, pid = excluded.pid, command = excluded.command
+        host = excluded.host, pid = excluded.pid, command = excluded.command,
+        window_start = coalesce(excluded.window_start, l.window_start),
+        window_ok = CASE WHEN excluded.window_start IS NULL THEN l.window_ok END
     WHERE (l.holder IS NULL
            OR l.expires_at <= (julianday('now') - 2440587.5) * 86400.0)
       AND l.lock_name IS excluded.lock_name
+      AND NOT coalesce(l.window_start = excluded.window_start
+                       AND NOT (:retry_failed AND l.window_ok IS NOT 1), 0)
 RETURNING token"""
 
 # Only when the acquire took nothing: who holds it, for the message and for how
 # long a waiter sleeps. It decides nothing, so a second statement is harmless.
 _HOLDER = """
 SELECT holder, host, pid,
-       expires_at - (julianday('now') - 2440587.5) * 86400.0, lock_name
+       expires_at - (julianday('now') - 2440587.5) * 86400.0, lock_name,
+       coalesce(window_start = :window_start
+                AND NOT (:retry_failed AND window_ok IS NOT 1), 0)
   FROM leader_lease WHERE lock_key = :key"""
+
+# --- run history and --once-per: several statements in one write transaction.
+# BEGIN IMMEDIATE takes the write lock first, so the transaction is as atomic
+# as PostgreSQL's one statement; :now is the host clock read inside it.
+
+_NOW = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+
+_PREVIOUS = "SELECT token, renewed_at FROM leader_lease WHERE lock_key = :key"
+
+# Runs whose holder died are closed as lost, at their last renewal if known.
+_CLOSE_LOST = """
+UPDATE leader_run
+   SET outcome = 'lost',
+       finished_at = coalesce(
+           CASE WHEN token = :prev_token THEN :prev_renewed END, :now)
+ WHERE lock_key = :key AND finished_at IS NULL
+   AND token < :token AND token > :token - :keep"""
+
+_START_RUN = """
+INSERT INTO leader_run
+    (lock_key, lock_name, token, holder, host, pid, command, window_start,
+     started_at)
+VALUES (:key, :name, :token, :holder, :host, :pid, :command, :window_start, :now)
+ON CONFLICT (lock_key, token) DO UPDATE
+    SET lock_name = excluded.lock_name, holder = excluded.holder,
+        host = excluded.host, pid = excluded.pid, command = excluded.command,
+        window_start = excluded.window_start, started_at = excluded.started_at,
+        finished_at = NULL, exit_status = NULL, outcome = NULL"""
+
+_PRUNE = "DELETE FROM leader_run WHERE lock_key = :key AND token <= :token - :keep"
+
+_FINISH_RUN = """
+UPDATE leader_run
+   SET finished_at = coalesce(finished_at, :now), exit_status = :exit_status,
+       outcome = :outcome
+ WHERE lock_key = :key AND token = :token AND holder = :holder
+   AND (finished_at IS NULL OR outcome = 'lost')"""
+
+# --min-hold: the same holder keeps the lease until acquired_at + min_hold.
+_RELEASE_ENDED = """
+UPDATE leader_lease
+   SET holder = CASE WHEN acquired_at + :min_hold_s > :now THEN holder END,
+       expires_at = max(:now, acquired_at + :min_hold_s),
+       window_ok = coalesce(:window_ok, window_ok)
+ WHERE lock_key = :key AND holder = :holder AND token = :token"""
+
+# A run with no outcome is 'running' while its lease (same token) is live, and
+# otherwise lost: its holder died and nobody has taken the lock since.
+_RUN_COLUMNS = """
+SELECT r.lock_key, r.lock_name, r.token, r.holder, r.host, r.pid, r.command,
+       r.window_start, r.started_at, r.finished_at, r.exit_status,
+       coalesce(r.outcome,
+                CASE WHEN l.token = r.token AND l.holder IS NOT NULL
+                          AND l.expires_at > (julianday('now') - 2440587.5) * 86400.0
+                     THEN 'running' ELSE 'lost' END),
+       coalesce(r.finished_at,
+                CASE WHEN l.token = r.token
+                     THEN min(l.renewed_at,
+                              (julianday('now') - 2440587.5) * 86400.0) END,
+                (julianday('now') - 2440587.5) * 86400.0) - r.started_at
+  FROM leader_run r LEFT JOIN leader_lease l ON l.lock_key = r.lock_key"""
+
+_HISTORY = (
+    _RUN_COLUMNS
+    + """
+ WHERE :key IS NULL OR r.lock_key = :key
+ ORDER BY r.started_at DESC, r.lock_key, r.token DESC
+ LIMIT :limit"""
+)
+
+_LAST_RUNS = (
+    _RUN_COLUMNS  # noqa: S608 - constant SQL, no value is formatted in
+    + """
+ WHERE r.token = (SELECT max(token) FROM leader_run m WHERE m.lock_key = r.lock_key)
+ ORDER BY r.lock_key"""
+)
 
 # A compare-and-swap on (holder, token), as in PostgreSQL.
 _RENEW = """
@@ -408,6 +515,27 @@ class SqliteLeaseStore:
         finally:
             session.close()
 
+    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
+        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first.
+
+        Raises:
+            SchemaMissingError: no such file.
+            DatabaseUnavailableError: the file cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.history(lock, limit)
+        finally:
+            session.close()
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock, for ``status``."""
+        session = self.connect()
+        try:
+            return session.last_runs()
+        finally:
+            session.close()
+
     def _missing(self) -> SchemaMissingError:
         return SchemaMissingError(
             f"{self.path} has no {TABLE} table; run `leaderrun init --dsn "
@@ -444,16 +572,46 @@ class SqliteSession:
     def __init__(self, store: SqliteLeaseStore, conn: sqlite3.Connection) -> None:
         self._store = store
         self._conn = conn
+        self._in_transaction = False
 
-    def acquire(self, lock: LockId, claim: Claim, lease_s: float) -> AcquireResult:
+    def acquire(
+        self,
+        lock: LockId,
+        claim: Claim,
+        lease_s: float,
+        *,
+        once_per: OncePer | None = None,
+        history_keep: int | None = None,
+    ) -> AcquireResult:
         """Take the lock if free or expired; else describe its holder.
+
+        Plain, one autocommit statement. With ``once_per`` (refuse when the
+        host clock's current window already ran) or ``history_keep`` (record
+        the run, close runs of dead holders as lost, prune), one write
+        transaction: the write lock is taken before anything is read.
 
         Raises:
             ConfigError: the lock's key is taken by a lock of another name.
             SchemaMissingError: no table, and ``create`` is off.
             DatabaseUnavailableError: the statement could not run.
         """
-        params = {
+        try:
+            return self._acquire(lock, claim, lease_s, once_per, history_keep)
+        except SchemaMissingError:
+            if not self._store.create:
+                raise
+            self.ensure_table()
+            return self._acquire(lock, claim, lease_s, once_per, history_keep)
+
+    def _acquire(
+        self,
+        lock: LockId,
+        claim: Claim,
+        lease_s: float,
+        once_per: OncePer | None,
+        history_keep: int | None,
+    ) -> AcquireResult:
+        params: dict[str, Any] = {
             "key": lock.key,
             "name": lock.name,
             "holder": claim.holder,
@@ -461,20 +619,58 @@ class SqliteSession:
             "host": claim.host,
             "pid": claim.pid,
             "command": claim.command[:MAX_COMMAND_CHARS],
+            "window_start": None,
+            "retry_failed": once_per is not None and once_per.retry_failed,
         }
-        try:
+        if once_per is None and history_keep is None:
+            return self._decide(lock, claim, params, self._rows(_ACQUIRE, params))
+        with self._transaction():
+            now_s = self._rows(_NOW, {})[0][0]
+            if once_per is not None:
+                params["window_start"] = window_start_s(
+                    now_s, once_per.period_s, once_per.offset_s
+                )
+            previous = self._rows(_PREVIOUS, {"key": lock.key})
             rows = self._rows(_ACQUIRE, params)
-        except SchemaMissingError:
-            if not self._store.create:
-                raise
-            self.ensure_table()
-            rows = self._rows(_ACQUIRE, params)
+            if rows and history_keep is not None:
+                prev_token, prev_renewed = previous[0] if previous else (None, None)
+                run = {
+                    **params,
+                    "token": rows[0][0],
+                    "keep": history_keep,
+                    "now": now_s,
+                    "prev_token": prev_token,
+                    "prev_renewed": prev_renewed,
+                }
+                for statement in (_CLOSE_LOST, _START_RUN, _PRUNE):
+                    self._count(statement, run)
+            return self._decide(lock, claim, params, rows)
+
+    def _decide(
+        self,
+        lock: LockId,
+        claim: Claim,
+        params: dict[str, Any],
+        rows: list[Any],
+    ) -> AcquireResult:
+        window = params["window_start"]
+        window_start = None if window is None else _utc(window)
         if rows:
-            return AcquireResult(lease=Lease(lock, claim.holder, int(rows[0][0])))
-        held = self._rows(_HOLDER, {"key": lock.key})
+            return AcquireResult(
+                lease=Lease(lock, claim.holder, int(rows[0][0])),
+                window_start=window_start,
+            )
+        held = self._rows(
+            _HOLDER,
+            {
+                "key": lock.key,
+                "window_start": window,
+                "retry_failed": params["retry_failed"],
+            },
+        )
         if not held:
-            return AcquireResult(lease=None)
-        holder, host, pid, expires_in_s, name = held[0]
+            return AcquireResult(lease=None, window_start=window_start)
+        holder, host, pid, expires_in_s, name, done = held[0]
         if name != lock.name:
             raise key_collision(lock, name)
         return AcquireResult(
@@ -483,15 +679,71 @@ class SqliteSession:
             holder_host=host,
             holder_pid=pid,
             expires_in_s=expires_in_s,
+            window_start=window_start,
+            window_done=bool(done),
         )
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease by ``lease_s`` from the host's now; False if lost."""
         return self._count(_RENEW, {**_lease_params(lease), "lease_s": lease_s}) == 1
 
-    def release(self, lease: Lease) -> bool:
-        """End our lease now, keeping the row; False if it was no longer ours."""
-        return self._count(_RELEASE, _lease_params(lease)) == 1
+    def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
+        """End our lease now, keeping the row; False if it was no longer ours.
+
+        With ``end``, also close the run in the history (even when the lease is
+        no longer ours), hold the lease until ``acquired_at + end.min_hold_s``,
+        and record for ``--retry-failed`` whether a window's run ended well.
+        """
+        if end is None:
+            return self._count(_RELEASE, _lease_params(lease)) == 1
+        params: dict[str, Any] = {
+            **_lease_params(lease),
+            "outcome": str(end.outcome),
+            "exit_status": end.exit_status,
+            "min_hold_s": end.min_hold_s,
+            "window_ok": end.window_ok,
+        }
+        with self._transaction():
+            params["now"] = self._rows(_NOW, {})[0][0]
+            self._count(_FINISH_RUN, params)
+            return self._count(_RELEASE_ENDED, params) == 1
+
+    def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
+        """The newest ``limit`` runs, of one lock or of all, newest first."""
+        key = None if lock is None else lock.key
+        return self._runs(_HISTORY, {"key": key, "limit": limit})
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock that has one, by lock key."""
+        return self._runs(_LAST_RUNS, {})
+
+    def _runs(self, statement: str, params: dict[str, Any]) -> list[RunRecord]:
+        try:
+            rows = self._rows(statement, params)
+        except SchemaMissingError:
+            return []  # nothing was ever recorded here
+        return [_run_record(row) for row in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: the write lock first, then all or nothing."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._map(exc) from None
+        self._in_transaction = True
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self._map(exc) from None
+            raise
+        finally:
+            self._in_transaction = False
+        self._check_idle()
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Rows of the lease table (all, or ``lock``'s) with the host's now."""
@@ -535,6 +787,7 @@ class SqliteSession:
         """
         try:
             self._conn.execute(_DDL)
+            self._conn.execute(_RUN_DDL)
         except sqlite3.Error as exc:
             raise self._store._error(exc, f"cannot create {TABLE} in") from None
         log.debug("table %s is ready in %s", TABLE, self._store.path)
@@ -571,7 +824,7 @@ class SqliteSession:
     def _check_idle(self) -> None:
         # A statement left inside a transaction would keep the write lock and
         # hide our write from everyone else: fail loudly, never silently.
-        if self._conn.in_transaction:
+        if self._conn.in_transaction and not self._in_transaction:
             raise LeaderrunError(f"SQLite connection to {self._store.path} left open")
 
     def _map(self, exc: sqlite3.Error) -> DatabaseUnavailableError:
@@ -588,6 +841,30 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 def _utc(unix_s: float) -> datetime:
     return datetime.fromtimestamp(unix_s, UTC)
+
+
+def _maybe_utc(unix_s: float | None) -> datetime | None:
+    return None if unix_s is None else _utc(unix_s)
+
+
+def _run_record(row: tuple[Any, ...]) -> RunRecord:
+    key, name, token, holder, host, pid, command, window, started = row[:9]
+    finished, exit_status, outcome, duration_s = row[9:]
+    return RunRecord(
+        lock_key=key,
+        lock_name=name,
+        token=token,
+        holder=holder,
+        host=host,
+        pid=pid,
+        command=command,
+        window_start=_maybe_utc(window),
+        started_at=_utc(started),
+        finished_at=_maybe_utc(finished),
+        exit_status=exit_status,
+        outcome=outcome,
+        duration_s=float(duration_s),
+    )
 
 
 def _record(row: tuple[Any, ...]) -> LeaseRecord:

@@ -289,6 +289,21 @@ class LeaseAdmin:
             ).fetchone()
         return datetime.fromtimestamp(unix_s, UTC)
 
+    def runs_recorded(self, lock: str) -> int:
+        """How many rows the run history keeps for the lock."""
+        if self.pg_admin is not None:
+            with self.pg_admin() as conn:
+                found = conn.execute(
+                    "SELECT count(*) FROM leader_run WHERE lock_name = %s", (lock,)
+                ).fetchone()
+        else:
+            with contextlib.closing(self.sqlite()) as conn:
+                found = conn.execute(
+                    "SELECT count(*) FROM leader_run WHERE lock_name = ?", (lock,)
+                ).fetchone()
+        assert found is not None
+        return int(found[0])
+
     def take_over(self, lock: str) -> datetime:
         """Give the lock to 'thief' with a new token; the expiry it had, in UTC."""
         if self.pg_admin is not None:
