@@ -24,6 +24,8 @@ CORE_MODULES = [
     "leaderrun.decorators",
     "leaderrun.testing",
     "leaderrun.admin",
+    "leaderrun.backends",
+    "leaderrun.sqlite",
 ]
 
 _PROBE = """
