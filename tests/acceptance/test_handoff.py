@@ -22,7 +22,8 @@ from psycopg.rows import TupleRow
 from leaderrun.postgres import PostgresLeaseStore, setup_sql
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, wait_for_line
 
-pytestmark = [pytest.mark.pg, pytest.mark.slow]
+# NOTIFY is PostgreSQL's: a SQLite waiter sleeps until the expiry, as it always did.
+pytestmark = [pytest.mark.pg, pytest.mark.slow, pytest.mark.stores("postgres")]
 
 Admin = Callable[[], psycopg.Connection[TupleRow]]
 
