@@ -338,16 +338,19 @@ class Supervisor:
         for fd in (self.inbox.fileno(), self.child.pidfd, self.lease.fileno()):
             poller.register(fd, select.POLLIN)
         while True:
-            self.forward_signals()
-            if self.child.reap() is not None:
-                self.finish_group()
-                return Outcome(self.child.returncode)
+            # The deadline comes first: after a pause (SIGSTOP, a swap storm)
+            # the child is stopped before anything else, even if it already
+            # died (the watchdog may have killed it while we were stopped).
             deadline_s, lost = self.lease.snapshot()
             now_s = self.clock()
             if lost is not None or now_s >= deadline_s:
                 reason = lost or "no renewal succeeded before the kill deadline"
                 self.stop(reason)
                 return Outcome(self.child.returncode, stopped_because=reason)
+            self.forward_signals()
+            if self.child.reap() is not None:
+                self.finish_group()
+                return Outcome(self.child.returncode)
             # poll() counts CLOCK_MONOTONIC, which stops during suspend, so wake
             # at least every tick and re-read CLOCK_BOOTTIME.
             timeout_s = min(SUPERVISOR_TICK_S, max(0.0, deadline_s - now_s))
