@@ -279,6 +279,15 @@ def run(
             show_default=False,
         ),
     ] = None,
+    watchdog: Annotated[
+        bool,
+        typer.Option(
+            "--watchdog/--no-watchdog",
+            envvar="LEADERRUN_WATCHDOG",
+            help="Run a watchdog process that stops the command at the deadline "
+            "if leaderrun itself is paused (SIGSTOP, swap storm).",
+        ),
+    ] = True,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
     log_format: LogFormatOption = LogFormat.text,
@@ -297,6 +306,7 @@ def run(
         wait=wait,
         wait_timeout=wait_timeout,
         busy_exit_code=busy_exit_code,
+        watchdog=watchdog,
         labels=_labels(
             ctx,
             (

@@ -78,6 +78,7 @@ class RawRunOptions:
     wait: bool = False
     wait_timeout: str | None = None
     busy_exit_code: int | None = None
+    watchdog: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     """How to name an option in messages when it came from elsewhere than its flag."""
 
@@ -99,6 +100,8 @@ class RunSettings:
     wait_timeout_s: float | None
     busy_exit_code: int
     command: tuple[str, ...]
+    watchdog: bool = True
+    """Run the watchdog process that stops the child if leaderrun is paused."""
 
 
 def resolve_dsn(
@@ -227,4 +230,5 @@ def run_settings(
         wait_timeout_s=wait_timeout_s,
         busy_exit_code=busy,
         command=command,
+        watchdog=options.watchdog,
     )

@@ -44,6 +44,7 @@ from leaderrun.supervisor import (
     job_control_ignored,
     resolve_command,
 )
+from leaderrun.watchdog import Watchdog
 
 log = logging.getLogger("leaderrun")
 
@@ -203,13 +204,23 @@ class Run:
         s = self.settings
         lease = acquired.lease
         state = LeaseState(kill_deadline(acquired.t_sent_s, s.timing))
+        watchdog = None
+        if s.watchdog:
+            # Forked before become_subreaper(), so it is not our child, and
+            # before any thread exists.
+            watchdog = Watchdog(s.timing.kill_grace_s, self.clock)
+            watchdog.start()
         become_subreaper()
         try:
             child = Child(s.command, child_environment(self.env, lease, s))
         except LeaderrunError:
+            if watchdog is not None:
+                watchdog.close()
             self._release(acquired.session, lease)
             acquired.session.close()
             raise
+        if watchdog is not None:
+            watchdog.arm(child.pgid)
         # Only now may another thread exist: the child was forked from the main
         # thread, so its parent-death signal is tied to this thread's life.
         renewer = Renewer(
@@ -222,7 +233,9 @@ class Run:
             clock=self.clock,
             unit_random=self.unit_random,
         )
-        supervisor = Supervisor(child, inbox, state, s.timing.kill_grace_s, self.clock)
+        supervisor = Supervisor(
+            child, inbox, state, s.timing.kill_grace_s, self.clock, watchdog
+        )
         with job_control_ignored():
             renewer.start()
             try:
@@ -230,9 +243,11 @@ class Run:
             except BaseException:
                 log.exception("the supervisor failed; killing the command")
                 supervisor.kill_everything()
+                self._disarm(watchdog)
                 self._finish(renewer, lease)
                 child.close()
                 return EXIT_INTERNAL
+        self._disarm(watchdog)
         self._finish(renewer, lease)
         child.close()
         state.close()
@@ -252,6 +267,12 @@ class Run:
             extra={"event": "child_exit", "status": exit_status(outcome.returncode)},
         )
         return exit_status(outcome.returncode)
+
+    def _disarm(self, watchdog: Watchdog | None) -> None:
+        """The group is gone: tell the watchdog, which then exits."""
+        if watchdog is not None:
+            watchdog.disarm()
+            watchdog.close()
 
     def _finish(self, renewer: Renewer, lease: Lease) -> None:
         """Stop renewing and release; the child's group is already gone."""

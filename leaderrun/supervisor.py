@@ -26,6 +26,7 @@ from typing import Protocol
 from leaderrun.clock import boottime
 from leaderrun.errors import CommandNotExecutableError, CommandNotFoundError
 from leaderrun.lease import SUPERVISOR_TICK_S
+from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
 log = logging.getLogger("leaderrun")
 
@@ -310,6 +311,7 @@ class Supervisor:
         lease: the lease state, published by the renewal thread.
         kill_grace_s: SIGTERM to SIGKILL, when leaderrun stops the child.
         clock: CLOCK_BOOTTIME, or a fake in tests.
+        watchdog: a started watchdog to keep fed with the deadline, if any.
     """
 
     def __init__(
@@ -319,12 +321,14 @@ class Supervisor:
         lease: LeaseWatch,
         kill_grace_s: float,
         clock: Callable[[], float] = boottime,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.child = child
         self.inbox = inbox
         self.lease = lease
         self.kill_grace_s = kill_grace_s
         self.clock = clock
+        self.watchdog = watchdog
         self._escalations = 0
         self._killed = False
 
@@ -343,6 +347,12 @@ class Supervisor:
             # died (the watchdog may have killed it while we were stopped).
             deadline_s, lost = self.lease.snapshot()
             now_s = self.clock()
+            if self.watchdog is not None:
+                if now_s >= self.watchdog.fed_deadline_s:
+                    # We were stopped past the deadline the watchdog knew: it
+                    # has stopped the command, whatever renewed meanwhile.
+                    lost = lost or "leaderrun was paused past its kill deadline"
+                self.watchdog.feed(deadline_s + WATCHDOG_LATE_S)
             if lost is not None or now_s >= deadline_s:
                 reason = lost or "no renewal succeeded before the kill deadline"
                 self.stop(reason)
@@ -383,6 +393,9 @@ class Supervisor:
         """
         self.lease.freeze()
         log.error("stopping the command: %s", reason)
+        if self.watchdog is not None:
+            # Should we be stopped during the grace, the watchdog sends the SIGKILL.
+            self.watchdog.stopping(self.clock() + self.kill_grace_s + WATCHDOG_LATE_S)
         self.child.signal_group(signal.SIGTERM)
         self.child.signal_adopted(signal.SIGTERM)
         self._wait_gone(self.clock() + self.kill_grace_s)
