@@ -77,3 +77,9 @@ class CancelledError(LeaderrunError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class NotLeaderError(LeaderrunError):
+    """This process is not the leader; the function did not run."""
+
+    exit_code = EXIT_BUSY

@@ -139,6 +139,7 @@ class Renewer:
         self.renewals = 0
         self._slot = _Slot(session)
         self._last_sent_s = t_sent_s
+        self._next_s: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._main, name="leaderrun-renewer", daemon=True
@@ -155,7 +156,8 @@ class Renewer:
     def stop(self, timeout_s: float) -> LeaseSession | None:
         """Stop renewing; hand back the idle session if the thread ended in time."""
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:  # never started: nothing to join
+            self._thread.join(timeout_s)
         if self._thread.is_alive() or self._slot.abandoned:
             return None
         session, self._slot.session = self._slot.session, None
@@ -170,38 +172,56 @@ class Renewer:
             raise
 
     def _loop(self) -> None:
-        delay_s = renewal_delay_s(self.timing, self.unit_random())
-        while not self._stop.wait(max(0.0, self._last_sent_s + delay_s - self.clock())):
-            t_sent_s = self.clock()
-            deadline_s, _ = self.state.snapshot()
-            if t_sent_s >= deadline_s:
-                # Woken past the deadline (leaderrun was stopped, or the machine
-                # slept): the child must be stopped before anything else, so do
-                # not renew first (lease-safety F2, F15).
-                self.state.lose("the kill deadline passed before the next renewal")
+        while not self._stop.wait(max(0.0, self.next_renewal_s() - self.clock())):
+            if self.renew_once() is False:
                 return
-            outcome = self.attempt()
-            if outcome is True:
-                if self.state.extend(t_sent_s, self.clock(), self.timing):
-                    self.renewals += 1
-                    self._last_sent_s = t_sent_s
-                    delay_s = renewal_delay_s(self.timing, self.unit_random())
-                    log.debug(
-                        "renewed %s (token %s)", self.lease.lock, self.lease.token
-                    )
-                else:
-                    log.warning("a renewal reply came after the kill deadline; ignored")
-                    delay_s = 0.0
-            elif outcome is False:
-                self.state.lose(
-                    "the lease was taken over or released by an operator "
-                    f"(token {self.lease.token} is no longer current)"
-                )
-                return
-            else:
-                # Back off a little, then retry until the deadline decides.
-                self._last_sent_s = self.clock()
-                delay_s = RETRY_AFTER_FAILURE_S
+
+    def next_renewal_s(self) -> float:
+        """The instant (on ``clock``) at which the next renewal is due."""
+        if self._next_s is None:
+            delay_s = renewal_delay_s(self.timing, self.unit_random())
+            self._next_s = self._last_sent_s + delay_s
+        return self._next_s
+
+    def renew_once(self) -> bool | None:
+        """One renewal, its outcome published to ``state``; schedules the next one.
+
+        The renewal thread calls this in a loop; a caller that never started the
+        thread (a test on a fake clock) may call it directly when it is due.
+        Returns True (renewed in time), False (lost, reported to ``state``) or
+        None (failed or late; retried soon, and the deadline decides). Past the
+        deadline it sends nothing and reports the loss.
+        """
+        t_sent_s = self.clock()
+        deadline_s, _ = self.state.snapshot()
+        if t_sent_s >= deadline_s:
+            # Woken past the deadline (leaderrun was stopped, or the machine
+            # slept): the child must be stopped before anything else, so do not
+            # renew first (lease-safety F2, F15).
+            self.state.lose("the kill deadline passed before the next renewal")
+            return False
+        outcome = self.attempt()
+        if outcome is True:
+            if self.state.extend(t_sent_s, self.clock(), self.timing):
+                self.renewals += 1
+                self._last_sent_s = t_sent_s
+                delay_s = renewal_delay_s(self.timing, self.unit_random())
+                self._next_s = t_sent_s + delay_s
+                log.debug("renewed %s (token %s)", self.lease.lock, self.lease.token)
+                return True
+            log.warning("a renewal reply came after the kill deadline; ignored")
+            self._next_s = self._last_sent_s
+            return None
+        if outcome is False:
+            self.state.lose(
+                "the lease was taken over or released by an operator "
+                f"(token {self.lease.token} is no longer current)"
+            )
+            return False
+        # Back off a little, then retry until the deadline decides.
+        self._last_sent_s = self.clock()
+        self._next_s = self._last_sent_s + RETRY_AFTER_FAILURE_S
+        return None
 
     def attempt(self) -> bool | None:
         """One renewal within the attempt budget: True, False (lost), None (failed)."""

@@ -10,6 +10,7 @@ and every value is a bound parameter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, LiteralString
 
 import psycopg
@@ -105,6 +106,10 @@ UPDATE {table}
  WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s"""
 
 
+ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
+"""Opens a new psycopg connection; given to a store instead of a DSN."""
+
+
 def _statement(template: LiteralString, schema: str) -> sql.Composed:
     return sql.SQL(template).format(table=sql.Identifier(schema, TABLE))
 
@@ -118,6 +123,9 @@ class PostgresLeaseStore:
         attempt_budget_s: how long one attempt may take; sets the TCP timeouts
             so a dead peer frees a blocked socket read in about that time.
         create: create the table on first use if it is missing.
+        connection_factory: opens each connection instead of ``dsn`` (which then
+            only names the server in messages). Every connection it returns is
+            switched to autocommit without prepared statements (DESIGN rule 9).
     """
 
     def __init__(
@@ -127,8 +135,10 @@ class PostgresLeaseStore:
         *,
         attempt_budget_s: float = 5.0,
         create: bool = True,
+        connection_factory: ConnectionFactory | None = None,
     ) -> None:
         self.schema = schema
+        self._factory = connection_factory
         self.create = create
         self._secrets = dsn_secrets(dsn)
         try:
@@ -162,6 +172,8 @@ class PostgresLeaseStore:
     def describe(self) -> str:
         """``user@host:port/dbname`` as far as the DSN says; never a password."""
         p = self._params
+        if self._factory is not None and not p:
+            return "the connection factory's database"
         where = p.get("host") or p.get("hostaddr") or "(libpq default host)"
         port = f":{p['port']}" if p.get("port") else ""
         user = f"{p['user']}@" if p.get("user") else ""
@@ -175,9 +187,16 @@ class PostgresLeaseStore:
             DatabaseUnavailableError: the server cannot be reached or refused us.
         """
         try:
-            conn = psycopg.connect(
-                self._conninfo, autocommit=True, prepare_threshold=None
-            )
+            if self._factory is None:
+                conn = psycopg.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=None
+                )
+            else:
+                conn = self._factory()
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.autocommit = True
+                conn.prepare_threshold = None
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
                 f"cannot connect to {self.describe()}: {self._clean(exc)}"

@@ -6,6 +6,10 @@ acquire takes a free or expired lock and bumps its fencing token, renewal is a
 compare-and-swap on holder and token, release keeps the row. Its "database
 time" is the clock it is given, so a test moves a lease to its expiry by
 advancing the clock.
+
+:func:`make_elector` puts the two together: a :class:`~leaderrun.LeaderElector`
+that is never started, driven by calling its ``poll()``, to unit-test code
+decorated with ``@leader_only`` (see ``docs/library.md``).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
+from leaderrun.elector import LeaderElector
 from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId
-from leaderrun.store import AcquireResult, Claim, key_collision
+from leaderrun.store import AcquireResult, Claim, LeaseStore, key_collision
 
 
 class FakeClock:
@@ -189,3 +195,39 @@ class InMemorySession:
     def close(self) -> None:
         """Mark the session closed."""
         self.closed = True
+
+
+def make_elector(
+    lock_id: str | int = "test",
+    *,
+    store: LeaseStore | None = None,
+    clock: Callable[[], float] | None = None,
+    poll: bool = True,
+    **kwargs: Any,
+) -> LeaderElector:
+    """An elector on a fake clock and an in-memory store, driven by ``poll()``.
+
+    Its thread is never started: nothing happens unless the test calls
+    ``elector.poll()`` (one campaign step: acquire, renew when due, or end a
+    lost term) or moves the clock. With ``poll=True`` (the default) it has
+    polled once, so it leads if the lock was free. Jitter is zero, so every
+    delay is exact. Other keyword arguments go to :class:`LeaderElector`.
+
+    Args:
+        lock_id: the lock.
+        store: share one store between electors to make them compete; default
+            a new one on ``clock``.
+        clock: default the store's clock, or a new :class:`FakeClock`.
+        poll: poll once before returning.
+        **kwargs: more :class:`LeaderElector` arguments (timings, callbacks).
+    """
+    store_clock: Callable[[], float] | None = getattr(store, "clock", None)
+    chosen: Callable[[], float] = clock or store_clock or FakeClock()
+    if store is None:
+        store = InMemoryLeaseStore(chosen)
+    kwargs.setdefault("unit_random", lambda: 0.0)
+    kwargs.setdefault("host", "test")
+    elector = LeaderElector(lock_id, store=store, clock=chosen, **kwargs)
+    if poll:
+        elector.poll()
+    return elector

@@ -20,6 +20,8 @@ from typing import IO
 
 import pytest
 
+from tests.helpers.processes import pid_gone
+
 CHILD = str(Path(__file__).parent.parent / "helpers" / "child.py")
 """The handshake child: ``ready <pid>``, then one line per signal."""
 
@@ -87,15 +89,6 @@ def wait_for_line(stream, needle: str, timeout_s: float = READ_TIMEOUT_S) -> lis
         if needle in line:
             return lines
     pytest.fail(f"{needle!r} not seen; got {lines!r}")
-
-
-def pid_gone(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie counts as gone: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_gone(pid: int, timeout_s: float) -> float:

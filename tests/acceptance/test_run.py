@@ -14,12 +14,12 @@ import pytest
 from tests.acceptance.conftest import (
     FAST,
     child,
-    pid_gone,
     read_rest,
     readline,
     wait_for_line,
     wait_gone,
 )
+from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 

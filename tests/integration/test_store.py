@@ -451,11 +451,10 @@ def test_a_connection_left_in_a_transaction_is_caught(session, pg_admin, schema,
 # --- schema and privileges ------------------------------------------------------------
 
 
-def test_a_missing_schema_says_what_to_do(pg_dsn, lock):
-    """A schema that does not exist is SchemaMissingError naming it and the fix."""
-    missing = new_name("lr_missing")
-    store = PostgresLeaseStore(pg_dsn, missing)
-    expected = f"schema {missing!r} does not exist; create it or pass another --schema"
+def assert_acquire_and_init_refused(
+    store: PostgresLeaseStore, lock: LockId, expected: str
+) -> None:
+    """Both acquire and init fail with SchemaMissingError saying ``expected``."""
     session = store.connect()
     try:
         with pytest.raises(SchemaMissingError) as raised:
@@ -466,6 +465,14 @@ def test_a_missing_schema_says_what_to_do(pg_dsn, lock):
     with pytest.raises(SchemaMissingError) as raised:
         store.init()
     assert raised.value.message == expected
+
+
+def test_a_missing_schema_says_what_to_do(pg_dsn, lock):
+    """A schema that does not exist is SchemaMissingError naming it and the fix."""
+    missing = new_name("lr_missing")
+    store = PostgresLeaseStore(pg_dsn, missing)
+    expected = f"schema {missing!r} does not exist; create it or pass another --schema"
+    assert_acquire_and_init_refused(store, lock, expected)
 
 
 @pytest.fixture
@@ -502,16 +509,7 @@ def test_a_role_that_may_not_create_the_table_is_told_what_to_run(
         f"table {fresh_schema}.{TABLE} does not exist and this role may not create "
         "it; ask a DBA to run the SQL that `leaderrun init --print-sql` prints"
     )
-    session = store.connect()
-    try:
-        with pytest.raises(SchemaMissingError) as raised:
-            session.acquire(lock, claim(1), LEASE_S)
-        assert raised.value.message == expected
-    finally:
-        session.close()
-    with pytest.raises(SchemaMissingError) as raised:
-        store.init()
-    assert raised.value.message == expected
+    assert_acquire_and_init_refused(store, lock, expected)
 
 
 # --- secrets --------------------------------------------------------------------------

@@ -19,6 +19,9 @@ CORE_MODULES = [
     "leaderrun.heartbeat",
     "leaderrun.errors",
     "leaderrun.redact",
+    "leaderrun.elector",
+    "leaderrun.decorators",
+    "leaderrun.testing",
 ]
 
 _PROBE = """

@@ -44,6 +44,7 @@ from leaderrun.supervisor import (
     exit_status,
     resolve_command,
 )
+from tests.helpers.processes import pid_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = str(ROOT / "tests" / "helpers" / "child.py")
@@ -103,15 +104,6 @@ def handshake_child(*args: str) -> list[str]:
 def readable(fd: int, timeout_s: float) -> bool:
     """Whether ``fd`` becomes readable within ``timeout_s``."""
     return bool(select.select([fd], [], [], timeout_s)[0])
-
-
-def pid_gone(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie counts as gone: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 T = TypeVar("T")

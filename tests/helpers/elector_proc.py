@@ -1,0 +1,50 @@
+"""A replica for the multi-process elector tests: samples is_leader() and reports.
+
+Usage: python -m tests.helpers.elector_proc DSN LOCK LEASE_S
+
+Prints ``ready`` once campaigning, then ``lead TOKEN T0 T1`` for every sample
+that found it leading (T0 and T1 on CLOCK_BOOTTIME, taken just before and just
+after asking), ``elected TOKEN`` and ``lost REASON`` from the callbacks. On
+SIGTERM it stops the elector (which releases) and prints ``stopped``.
+"""
+
+import signal
+import sys
+import threading
+
+from leaderrun import LeaderElector
+from leaderrun.clock import boottime
+
+SAMPLE_S = 0.02
+
+
+def main() -> int:
+    dsn, lock, lease_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+
+    def say(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    elector = LeaderElector(
+        lock,
+        dsn=dsn,
+        lease_s=lease_s,
+        on_elected=lambda token: say(f"elected {token}"),
+        on_lost=lambda reason: say(f"lost {reason}"),
+    )
+    with elector:
+        say("ready")
+        while not done.wait(SAMPLE_S):
+            t0 = boottime()
+            token = elector.token
+            t1 = boottime()
+            if token is not None:
+                say(f"lead {token} {t0:.6f} {t1:.6f}")
+    say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
