@@ -137,6 +137,8 @@ def _become_watchdog(read_fd: int, owner_pid: int, kill_grace_s: float) -> None:
                 continue
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(signum, signal.SIG_DFL)
+        # A reader of stderr that went away must not kill the watchdog.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.setsid()
         if os.fork() != 0:
             os._exit(0)  # the intermediate; the watchdog is reparented
