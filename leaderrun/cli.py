@@ -15,23 +15,33 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.main import get_command
 
-from leaderrun import __version__
+from leaderrun import __version__, admin
 from leaderrun.config import (
     DEFAULT_SCHEMA,
+    MAX_IDENTIFIER_BYTES,
     RawRunOptions,
     check_schema,
+    lock_from,
     resolve_dsn,
     run_settings,
 )
-from leaderrun.errors import EXIT_INTERNAL, EXIT_USAGE, BusyError, LeaderrunError
+from leaderrun.errors import (
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    BusyError,
+    ConfigError,
+    LeaderrunError,
+)
+from leaderrun.lease import parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets, redact
+from leaderrun.store import OperatorStore
 
-SUBCOMMANDS = ("run", "init")
+SUBCOMMANDS = ("run", "status", "release", "init")
 """Every subcommand; any other first argument is the bare form of ``run``."""
 
 _TOP_LEVEL_FLAGS = (
@@ -70,8 +80,9 @@ DsnOption = Annotated[
     typer.Option(
         "--dsn",
         envvar="LEADERRUN_DSN",
-        help="libpq connection string or URI; falls back to DATABASE_URL, then to "
-        "libpq's PG* variables and service files. Keep passwords in PGPASSFILE.",
+        help="libpq connection string or URI; falls back to the file "
+        "LEADERRUN_DSN_FILE names (mode 0600), DATABASE_URL, then libpq's PG* "
+        "variables and service files. Keep passwords in PGPASSFILE or that file.",
         show_default=False,
     ),
 ]
@@ -329,10 +340,151 @@ def run(
     raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
 
 
+def _lock_option(help_text: str) -> Any:
+    return typer.Option(
+        "--lock-id", envvar="LEADERRUN_LOCK_ID", help=help_text, show_default=False
+    )
+
+
+@app.command("status")
+def status(
+    lock_id: Annotated[
+        str | None,
+        _lock_option("Show only this lock; exit 0 if it is held, 3 if it is free."),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON document (times in ISO 8601 UTC, durations in seconds); "
+            "see leaderrun(1) for its shape.",
+        ),
+    ] = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Show who holds each lock, its fencing token and when its lease ends."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    lock = None if lock_id is None else parse_lock_id(lock_id)
+    from leaderrun.postgres import PostgresLeaseStore
+
+    store: OperatorStore = PostgresLeaseStore(
+        dsn_value, check_schema(schema), create=False
+    )
+    snapshot = store.snapshot(lock)
+    found = admin.statuses(snapshot, lock)
+    if as_json:
+        typer.echo(json.dumps(admin.status_document(found, snapshot.db_now), indent=2))
+    elif sys.stdout.isatty():
+        _rich_status(found)
+    else:
+        typer.echo(
+            admin.plain_table(admin.COLUMNS, [admin.status_cells(s) for s in found]),
+            nl=False,
+        )
+    raise typer.Exit(admin.status_exit_code(found, lock))
+
+
+_STATE_STYLES = {"held": "bold green", "revoked": "yellow", "expired": "yellow"}
+
+
+def _rich_status(found: Sequence[admin.LockStatus]) -> None:
+    """A table for people: the 64-bit key is left to --json and piped output."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    if not found:
+        console.print("no locks yet", style="dim")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    shown = [i for i, column in enumerate(admin.COLUMNS) if column != "KEY"]
+    for i in shown:
+        column = admin.COLUMNS[i]
+        # Free text and the date-and-time may wrap (at spaces); short values never.
+        wraps = column in ("LOCK", "HOLDER", "COMMAND", "ACQUIRED (UTC)")
+        table.add_column(column, no_wrap=not wraps)
+    for lock_status in found:
+        cells = admin.status_cells(lock_status)
+        state = cells[admin.COLUMNS.index("STATE")]
+        row = [escape(cells[i]) for i in shown]
+        row[shown.index(admin.COLUMNS.index("STATE"))] = (
+            f"[{_STATE_STYLES.get(state, 'dim')}]{state}[/]"
+        )
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command("release")
+def release(
+    lock_id: Annotated[str | None, _lock_option("The lock to release.")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Revoke a live lease too: its holder stops the command at its next "
+            "renewal and exits 122; others may take the lock once the lease runs out.",
+        ),
+    ] = False,
+    token: Annotated[
+        int | None,
+        typer.Option(
+            "--token",
+            help="Only if the lease's fencing token is still this one (as status "
+            "showed it); otherwise exit 75 and change nothing.",
+            show_default=False,
+        ),
+    ] = None,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Free a lock whose lease expired; with --force, revoke a live one."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    lock = lock_from(lock_id, env)
+    from leaderrun.postgres import PostgresLeaseStore
+
+    store: OperatorStore = PostgresLeaseStore(
+        dsn_value, check_schema(schema), create=False
+    )
+    result = store.release(lock, force=force, token=token)
+    report = admin.release_report(result, lock, token)
+    if report.exit_code == 0:
+        typer.echo(report.message)
+        raise typer.Exit(0)
+    _fail(report.message, report.exit_code)
+
+
 @app.command("init")
 def init(
     dsn: DsnOption = None,
     schema: SchemaOption = DEFAULT_SCHEMA,
+    print_sql: Annotated[
+        bool,
+        typer.Option(
+            "--print-sql",
+            help="Print the SQL instead of running it: the table, and the GRANTs "
+            "for a role that may run, show and release but not create.",
+        ),
+    ] = False,
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role",
+            envvar="LEADERRUN_ROLE",
+            help="The role the printed GRANTs are for (with --print-sql).",
+        ),
+    ] = "leaderrun",
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
     log_format: LogFormatOption = LogFormat.text,
@@ -341,10 +493,18 @@ def init(
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value)
-    from leaderrun.postgres import TABLE, PostgresLeaseStore
+    from leaderrun.postgres import TABLE, PostgresLeaseStore, setup_sql
 
-    PostgresLeaseStore(dsn_value, check_schema(schema)).init()
-    typer.echo(f"{schema}.{TABLE} is ready")
+    if print_sql:
+        if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
+            raise ConfigError(
+                f"--role {role!r} must be a PostgreSQL role name of 1 to "
+                f"{MAX_IDENTIFIER_BYTES} bytes"
+            )
+        typer.echo(setup_sql(check_schema(schema), role), nl=False)
+        return
+    created = PostgresLeaseStore(dsn_value, check_schema(schema)).init()
+    typer.echo(f"{schema}.{TABLE} {'created' if created else 'already exists'}")
 
 
 def _route(args: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Settings: flags and environment in, one frozen object out.
 
-Pure: the environment is passed in as a mapping, so nothing below the command
-line reads ``os.environ``. Precedence for each option is: the flag, its
+Pure but for one file: the environment is passed in as a mapping, so nothing
+below the command line reads ``os.environ``; the file ``LEADERRUN_DSN_FILE``
+names is read here. Precedence for each option is: the flag, its
 ``LEADERRUN_*`` twin (both resolved by the command line), the seed library's
 ``LE_*`` alias (milliseconds), then the default.
 """
@@ -13,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from leaderrun.dsnfile import DSN_FILE_ENV, read_dsn_file
 from leaderrun.errors import ConfigError
 from leaderrun.lease import LockId, Timing, make_timing, parse_lock_id
 
@@ -109,11 +111,18 @@ def resolve_dsn(
 ) -> tuple[str, str]:
     """The connection string and where it came from.
 
-    ``--dsn``/``LEADERRUN_DSN`` first, then ``DATABASE_URL``; otherwise the empty
-    string, with which libpq reads its own ``PG*`` variables and service files.
+    ``--dsn``/``LEADERRUN_DSN`` first, then the file ``LEADERRUN_DSN_FILE`` names,
+    then ``DATABASE_URL``; otherwise the empty string, with which libpq reads its
+    own ``PG*`` variables, password file and service files.
+
+    Raises:
+        ConfigError: ``LEADERRUN_DSN_FILE`` is set but unusable.
     """
     if dsn:
         return dsn, label
+    if env.get(DSN_FILE_ENV):
+        path = env[DSN_FILE_ENV]
+        return read_dsn_file(path), f"{DSN_FILE_ENV} ({path})"
     if env.get("DATABASE_URL"):
         return env["DATABASE_URL"], "DATABASE_URL"
     return "", "the libpq environment (PGHOST, PGSERVICE, ...)"

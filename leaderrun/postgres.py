@@ -27,7 +27,16 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
-from leaderrun.store import AcquireResult, Claim, key_collision
+from leaderrun.store import (
+    REVOKED_HOLDER,
+    AcquireResult,
+    Claim,
+    LeaseRecord,
+    LeaseSnapshot,
+    ReleaseAction,
+    ReleaseResult,
+    key_collision,
+)
 
 log = logging.getLogger("leaderrun")
 
@@ -39,6 +48,15 @@ MAX_COMMAND_CHARS = 1000
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
 """libpq connect_timeout in seconds (psycopg: 2 at least), unless the DSN sets it."""
+
+UNSAFE_SYNCHRONOUS_COMMIT = frozenset({"off"})
+"""``synchronous_commit`` values under which an acknowledged lease may vanish.
+
+With ``off`` a crash loses the last commits the server already acknowledged:
+an acquire (so its fencing token is handed out twice) or a renewal (so another
+node takes the lock while this one still runs). ``local`` is crash-safe on one
+server; what it means with standbys is in the README ("Production").
+"""
 
 _DDL: LiteralString = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -109,6 +127,87 @@ UPDATE {table}
 ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
 """Opens a new psycopg connection; given to a store instead of a DSN."""
 
+# --- the operators' statements: status, release, and the SQL a DBA runs ---
+
+# One statement, so every row and now() come from one snapshot. The LEFT JOIN
+# from a one-row relation returns now() even when there is no row at all.
+_SNAPSHOT: LiteralString = """
+SELECT now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
+       l.renewed_at, l.expires_at, l.host, l.pid, l.command
+  FROM (SELECT) AS one
+  LEFT JOIN {table} AS l ON %(key)s::bigint IS NULL OR l.lock_key = %(key)s
+ ORDER BY l.lock_name NULLS LAST, l.lock_key"""
+
+# One conditional UPDATE decides, so an operator can never free a lease that
+# was renewed or taken a moment ago: in READ COMMITTED a row changed under us
+# is re-checked on its newest version. An expired lease is cleared (holder NULL,
+# so the lock shows as free). With force, a live lease is revoked: the holder
+# becomes a marker no holder can match, so the holder's next renewal (a
+# compare-and-swap on holder and token) fails and it stops its child; its
+# expires_at is kept, so nobody takes the lock before the old holder has had to
+# stop its child by its own deadline. The token is never touched: the next
+# acquirer gets token + 1.
+_OPERATOR_RELEASE: LiteralString = """
+UPDATE {table} AS l
+   SET holder = CASE WHEN l.expires_at <= now() THEN NULL ELSE %(revoked)s END
+ WHERE l.lock_key = %(key)s AND l.holder IS NOT NULL
+   AND (%(token)s::bigint IS NULL OR l.token = %(token)s)
+   AND (l.expires_at <= now() OR (%(force)s AND l.holder <> %(revoked)s))
+RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
+          l.renewed_at, l.expires_at, l.host, l.pid, l.command"""
+
+_EXISTS: LiteralString = "SELECT to_regclass(%(table)s) IS NOT NULL"
+
+OPERATOR_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
+"""What a role that runs, shows and releases leases needs on the table.
+
+INSERT ... ON CONFLICT DO UPDATE needs INSERT and UPDATE; reading the row
+needs SELECT. No DELETE: rows are never deleted, and a role that could delete
+one could restart a lock's fencing tokens at 1.
+"""
+
+DEFAULT_GRANT_ROLE = "leaderrun"
+"""The role ``init --print-sql`` grants to unless ``--role`` names another."""
+
+
+def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
+    """The SQL a DBA runs once: the table, its comment, and a least-privileged role.
+
+    The role gets USAGE on the schema and SELECT, INSERT, UPDATE on the table: it
+    can run, show and release leases, but not create or drop the table, nor
+    delete rows. Needs no connection: identifiers are quoted here.
+    """
+    table = sql.Identifier(schema, TABLE)
+    grantee = sql.Identifier(role)
+    privileges = sql.SQL(", ").join(sql.SQL(p) for p in OPERATOR_PRIVILEGES)
+    statements = [
+        sql.SQL(_DDL.strip()).format(table=table),
+        sql.SQL(_COMMENT.strip()).format(table=table),
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+            sql.Identifier(schema), grantee
+        ),
+        sql.SQL("GRANT {} ON {} TO {}").format(privileges, table, grantee),
+    ]
+    text = [statement.as_string() + ";" for statement in statements]
+    return (
+        f"-- leaderrun {schema}.{TABLE}: run once as a role that may create tables "
+        f"in {schema}; safe to repeat.\n"
+        + "\n".join(text[:2])
+        + f"\n-- The role {role} may run, show and release leases, but not create "
+        "the table or delete rows\n-- (a deleted row would restart the lock's "
+        "fencing tokens).\n" + "\n".join(text[2:]) + "\n"
+    )
+
+
+def missing_table_hint(schema: str, role: str | None) -> str:
+    """What to run when the lease table is missing and this role cannot create it."""
+    role_flag = f" --role {role}" if role else ""
+    return (
+        f"run `leaderrun init --schema {schema}` as a role that may create tables "
+        f"in {schema}, or have a DBA run the SQL that `leaderrun init --schema "
+        f"{schema} --print-sql{role_flag}` prints"
+    )
+
 
 def _statement(template: LiteralString, schema: str) -> sql.Composed:
     return sql.SQL(template).format(table=sql.Identifier(schema, TABLE))
@@ -168,6 +267,8 @@ class PostgresLeaseStore:
         self._acquire = _statement(_ACQUIRE, schema)
         self._renew = _statement(_RENEW, schema)
         self._release = _statement(_RELEASE, schema)
+        self._snapshot = _statement(_SNAPSHOT, schema)
+        self._operator_release = _statement(_OPERATOR_RELEASE, schema)
 
     def describe(self) -> str:
         """``user@host:port/dbname`` as far as the DSN says; never a password."""
@@ -201,6 +302,11 @@ class PostgresLeaseStore:
             raise DatabaseUnavailableError(
                 f"cannot connect to {self.describe()}: {self._clean(exc)}"
             ) from None
+        try:
+            self._check_settings(conn)
+        except BaseException:
+            conn.close()
+            raise
         log.debug(
             "connected to %s (backend pid %s, server %s)",
             self.describe(),
@@ -209,8 +315,36 @@ class PostgresLeaseStore:
         )
         return PostgresSession(self, conn)
 
-    def init(self) -> None:
+    def _check_settings(self, conn: psycopg.Connection[Any]) -> None:
+        """Refuse a session whose commits the server may forget after a crash.
+
+        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
+        would stay on whichever server connection ran it.
+        """
+        try:
+            row = conn.execute(
+                "SELECT current_setting('synchronous_commit')"
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise DatabaseUnavailableError(
+                f"cannot use {self.describe()}: {self._clean(exc)}"
+            ) from None
+        value = str(row[0]) if row else ""
+        if value in UNSAFE_SYNCHRONOUS_COMMIT:
+            raise DatabaseUnavailableError(
+                f"synchronous_commit is {value!r} for {conn.info.user} on "
+                f"{self.describe()}: a crash could forget a lease the server "
+                "already granted; have a DBA run ALTER ROLE "
+                f"{sql.Identifier(conn.info.user).as_string()} "
+                "SET synchronous_commit = on"
+            )
+
+    def init(self) -> bool:
         """Create the lease table if it is missing (idempotent).
+
+        Returns True if it was created, False if it was there already. An
+        existing table is left alone, so a role without CREATE (or that does not
+        own it) can run ``init`` against it too.
 
         Raises:
             SchemaMissingError: the schema is missing or the role may not create.
@@ -218,7 +352,42 @@ class PostgresLeaseStore:
         """
         session = self.connect()
         try:
+            if session.table_exists():
+                return False
             session.ensure_table()
+            return True
+        finally:
+            session.close()
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s, and the database's ``now()``.
+
+        Never creates the table.
+
+        Raises:
+            SchemaMissingError: the table (or schema) does not exist.
+            DatabaseUnavailableError: the database cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.snapshot(lock)
+        finally:
+            session.close()
+
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
+
+        With ``token``, only a lease with that fencing token is touched.
+
+        Raises:
+            SchemaMissingError: the table (or schema) does not exist.
+            DatabaseUnavailableError: the database cannot be used.
+        """
+        session = self.connect()
+        try:
+            return session.operator_release(lock, force=force, token=token)
         finally:
             session.close()
 
@@ -289,6 +458,62 @@ class PostgresSession:
         """End our lease now, keeping the row; False if it was no longer ours."""
         return self._execute(self._store._release, _lease_params(lease)) == 1
 
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Rows of the lease table (all, or ``lock``'s) with the database's now()."""
+        key = None if lock is None else lock.key
+        with self._errors():
+            rows = self._conn.execute(self._store._snapshot, {"key": key}).fetchall()
+        self._check_idle()
+        records = tuple(_record(row[1:]) for row in rows if row[1] is not None)
+        return LeaseSnapshot(db_now=rows[0][0], records=records)
+
+    def operator_release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """One conditional UPDATE; when it changes nothing, say why from a snapshot."""
+        params = {
+            "key": lock.key,
+            "force": force,
+            "revoked": REVOKED_HOLDER,
+            "token": token,
+        }
+        # A lease that runs out between the UPDATE and the snapshot is freed
+        # on the next round; three rounds cannot all lose such a race.
+        for _ in range(3):
+            row = self._fetch(self._store._operator_release, params)
+            if row is not None:
+                record = _record(row[1:])
+                action = (
+                    ReleaseAction.freed
+                    if record.holder is None
+                    else ReleaseAction.revoked
+                )
+                return ReleaseResult(action, record, row[0])
+            snapshot = self.snapshot(lock)
+            if not snapshot.records:
+                return ReleaseResult(ReleaseAction.unknown, None, snapshot.db_now)
+            record = snapshot.records[0]
+            if token is not None and record.token != token:
+                action = ReleaseAction.changed_hands
+            elif record.holder is None:
+                action = ReleaseAction.free
+            elif record.expires_at <= snapshot.db_now:
+                continue
+            elif record.holder == REVOKED_HOLDER:
+                action = ReleaseAction.already_revoked
+            else:
+                action = ReleaseAction.refused
+            return ReleaseResult(action, record, snapshot.db_now)
+        raise DatabaseUnavailableError(
+            f"could not release {lock}: its row kept changing; try again"
+        )
+
+    def table_exists(self) -> bool:
+        """Whether the lease table exists (whatever this role may do with it)."""
+        table = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
+        row = self._fetch(sql.SQL(_EXISTS).format(), {"table": table})
+        return bool(row and row[0])
+
     def ensure_table(self) -> None:
         """``CREATE TABLE IF NOT EXISTS`` the lease table, tolerating a racing twin.
 
@@ -311,7 +536,7 @@ class PostgresSession:
         except e.InsufficientPrivilege:
             raise SchemaMissingError(
                 f"table {table} does not exist and this role may not create it; "
-                "ask a DBA to run the SQL that `leaderrun init --print-sql` prints"
+                + missing_table_hint(self._store.schema, self._conn.info.user)
             ) from None
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
@@ -349,14 +574,49 @@ class PostgresSession:
             raise LeaderrunError(f"lease connection left in state {status.name}")
 
     def _errors(self) -> _StatementErrors:
-        return _StatementErrors(self._store)
+        return _StatementErrors(self._store, self._conn)
+
+    def missing_grants(self) -> str:
+        """The GRANT statements this role lacks on the lease table (best effort)."""
+        schema, role = self._store.schema, self._conn.info.user
+        table = sql.Identifier(schema, TABLE).as_string()
+        grantee = sql.Identifier(role).as_string()
+        try:
+            row = self._conn.execute(
+                # By oid from the catalog: without USAGE on the schema the table
+                # could not be named, yet its grants still count.
+                "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
+                "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
+                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
+                "AND NOT has_table_privilege(c.oid, p))",
+                {
+                    "schema": schema,
+                    "table": TABLE,
+                    "privileges": list(OPERATOR_PRIVILEGES),
+                },
+            ).fetchone()
+        except psycopg.Error:
+            log.debug("cannot tell which grants are missing", exc_info=True)
+            row = None
+        grants = []
+        if row is None or not row[0]:
+            schema_id = sql.Identifier(schema).as_string()
+            grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
+        if row is None or row[1]:
+            missing = ", ".join(row[1] if row else OPERATOR_PRIVILEGES)
+            grants.append(f"GRANT {missing} ON {table} TO {grantee}")
+        return "; ".join(grants)
 
 
 class _StatementErrors:
     """Maps driver errors of one statement to leaderrun's errors."""
 
-    def __init__(self, store: PostgresLeaseStore) -> None:
+    def __init__(
+        self, store: PostgresLeaseStore, conn: psycopg.Connection[Any]
+    ) -> None:
         self._store = store
+        self._conn = conn
 
     def __enter__(self) -> None:
         return None
@@ -366,23 +626,42 @@ class _StatementErrors:
             return
         table = f"{self._store.schema}.{TABLE}"
         if isinstance(exc, e.UndefinedTable):
-            raise SchemaMissingError(f"table {table} does not exist") from None
+            raise SchemaMissingError(
+                f"table {table} does not exist; "
+                + missing_table_hint(self._store.schema, None)
+            ) from None
         if isinstance(exc, e.InvalidSchemaName):
             raise SchemaMissingError(
                 f"schema {self._store.schema!r} does not exist; create it or pass "
                 "another --schema"
             ) from None
         if isinstance(exc, e.InsufficientPrivilege):
+            grants = PostgresSession(self._store, self._conn).missing_grants()
             raise DatabaseUnavailableError(
-                f"this role lacks privileges on {table}: "
-                f"{self._store._clean(exc)}; `leaderrun init --print-sql` prints "
-                "the GRANTs it needs"
+                f"role {self._conn.info.user} lacks privileges on {table} "
+                f"({self._store._clean(exc)}); have the table's owner run: {grants}"
             ) from None
         # Everything else (a lost connection, a read-only standby after a
         # failover, a statement or lock timeout) is worth retrying elsewhere.
         raise DatabaseUnavailableError(
             f"statement on {self._store.describe()} failed: {self._store._clean(exc)}"
         ) from None
+
+
+def _record(row: tuple[Any, ...]) -> LeaseRecord:
+    key, name, holder, token, acquired, renewed, expires, host, pid, command = row
+    return LeaseRecord(
+        key=key,
+        name=name,
+        holder=holder,
+        token=token,
+        acquired_at=acquired,
+        renewed_at=renewed,
+        expires_at=expires,
+        host=host,
+        pid=pid,
+        command=command,
+    )
 
 
 def _lease_params(lease: Lease) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import os
 import random
 import secrets
 import shlex
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -145,8 +146,16 @@ class Run:
             give_up_s = math.inf
         else:
             give_up_s = started_s + s.wait_timeout_s
-        session = self.store.connect()  # unreachable at the start: exit 69 at once
         failures = 0
+        try:
+            session = self.store.connect()
+        except DatabaseUnavailableError as exc:
+            # Unreachable at the start: exit 69 at once, unless told to wait. A
+            # waiter started mid-failover (every host down or a standby) retries.
+            if not s.wait or self.clock() >= give_up_s:
+                raise
+            session = self._reconnect(inbox, exc, failures, give_up_s)
+            failures += 1
         while True:
             self._cancel_on(inbox.take(), session, None)
             t_sent_s = self.clock()
@@ -275,8 +284,32 @@ class Run:
             watchdog.close()
 
     def _finish(self, renewer: Renewer, lease: Lease) -> None:
-        """Stop renewing and release; the child's group is already gone."""
-        session = renewer.stop(self.settings.timing.attempt_budget_s)
+        """Stop renewing and release; the child's group is already gone.
+
+        Bounded: a release can hang where a renewal would have been abandoned
+        (a commit waiting for a synchronous standby that is gone). Then it is
+        left behind, and the lease expires on its own.
+        """
+        budget_s = self.settings.timing.attempt_budget_s
+        session = renewer.stop(budget_s)
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                self._connect_and_release(session, lease)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="leaderrun-release", daemon=True).start()
+        # A fresh connection may take one budget, the statement another.
+        if not done.wait(2 * budget_s):
+            log.warning(
+                "the release took longer than %.3gs; leaving it (the lease will "
+                "expire)",
+                2 * budget_s,
+            )
+
+    def _connect_and_release(self, session: LeaseSession | None, lease: Lease) -> None:
         if session is None:
             try:
                 session = self.store.connect()

@@ -8,6 +8,8 @@ only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Protocol
 
 from leaderrun.errors import ConfigError
@@ -91,4 +93,89 @@ class LeaseStore(Protocol):
 
     def describe(self) -> str:
         """Where the store is, for messages; never includes a password."""
+        ...
+
+
+# --- the operators' view: status and release (``leaderrun.admin`` renders it) ---
+
+REVOKED_HOLDER = "(revoked)"
+"""The holder of a lease ended by ``release --force`` until it runs out.
+
+It can never be a real holder (those are ``host:pid:nonce``), so the old
+holder's next renewal, a compare-and-swap on holder and token, finds nothing,
+and no contender may take the lock before the revoked lease's ``expires_at``:
+by then the old holder has stopped its child, renewal or no renewal.
+"""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """One row of the lease table, with the database's ``now()`` when it was read."""
+
+    key: int
+    name: str | None
+    holder: str | None
+    token: int
+    acquired_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+    host: str | None
+    pid: int | None
+    command: str | None
+
+
+@dataclass(frozen=True)
+class LeaseSnapshot:
+    """Rows of the lease table and the database's ``now()``, read in one statement."""
+
+    db_now: datetime
+    records: tuple[LeaseRecord, ...]
+
+
+class ReleaseAction(StrEnum):
+    """What ``release`` did, decided by one conditional UPDATE."""
+
+    freed = "freed"
+    """An expired lease (or a revoked one that ran out) was cleared."""
+    revoked = "revoked"
+    """A live lease was revoked (``--force``); free once it runs out."""
+    refused = "refused"
+    """A live lease, and no ``--force``: nothing changed."""
+    already_revoked = "already_revoked"
+    """The lease was revoked before and has not run out yet."""
+    changed_hands = "changed_hands"
+    """The lease's fencing token is not the one given: a new holder; unchanged."""
+    free = "free"
+    """The lock was already free: nothing to do."""
+    unknown = "unknown"
+    """The lock has no row: it was never taken."""
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """The outcome of ``release``: what was done, and the row as it was before."""
+
+    action: ReleaseAction
+    record: LeaseRecord | None
+    db_now: datetime
+
+
+class OperatorStore(Protocol):
+    """What ``status`` and ``release`` need; never creates the table.
+
+    Methods raise :class:`leaderrun.errors.DatabaseUnavailableError` (or
+    :class:`leaderrun.errors.SchemaMissingError`) when the database cannot be used.
+    """
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s (none if it was never taken)."""
+        ...
+
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free an expired lease; with ``force``, revoke a live one too.
+
+        With ``token``, only a lease with that fencing token is touched.
+        """
         ...

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from leaderrun.errors import (
@@ -505,9 +505,12 @@ def test_a_role_that_may_not_create_the_table_is_told_what_to_run(
 ):
     """Without CREATE on the schema, the error names the table and the SQL to run."""
     store = PostgresLeaseStore(role_dsn, fresh_schema)
+    role = conninfo_to_dict(role_dsn)["user"]
     expected = (
         f"table {fresh_schema}.{TABLE} does not exist and this role may not create "
-        "it; ask a DBA to run the SQL that `leaderrun init --print-sql` prints"
+        f"it; run `leaderrun init --schema {fresh_schema}` as a role that may create "
+        f"tables in {fresh_schema}, or have a DBA run the SQL that `leaderrun init "
+        f"--schema {fresh_schema} --print-sql --role {role}` prints"
     )
     assert_acquire_and_init_refused(store, lock, expected)
 

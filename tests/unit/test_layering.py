@@ -22,6 +22,7 @@ CORE_MODULES = [
     "leaderrun.elector",
     "leaderrun.decorators",
     "leaderrun.testing",
+    "leaderrun.admin",
 ]
 
 _PROBE = """

@@ -1,0 +1,234 @@
+"""The operators' view without a database: states, JSON, text, release reports."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from leaderrun import admin
+from leaderrun.admin import LockState
+from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
+from leaderrun.lease import parse_lock_id
+from leaderrun.store import (
+    REVOKED_HOLDER,
+    LeaseRecord,
+    LeaseSnapshot,
+    ReleaseAction,
+    ReleaseResult,
+)
+
+# The database's clock, in a zone other than UTC: output must be UTC anyway.
+NOW = datetime(2026, 11, 27, 4, 40, 1, 250000, tzinfo=timezone(timedelta(hours=2)))
+LOCK = parse_lock_id("nightly-backup")
+
+
+def record(
+    holder: str | None = "db1:4242:abcd", expires_in_s: float = 20.0, **kw
+) -> LeaseRecord:
+    fields = {
+        "key": LOCK.key,
+        "name": LOCK.name,
+        "holder": holder,
+        "token": 7,
+        "acquired_at": NOW - timedelta(seconds=95),
+        "renewed_at": NOW - timedelta(seconds=2.5),
+        "expires_at": NOW + timedelta(seconds=expires_in_s),
+        "host": "db1",
+        "pid": 4242,
+        "command": "./backup.sh --full",
+    }
+    fields.update(kw)
+    return LeaseRecord(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("holder", "expires_in_s", "state"),
+    [
+        ("db1:4242:abcd", 0.001, LockState.held),
+        ("db1:4242:abcd", 0.0, LockState.expired),  # expires_at <= now(): as the SQL
+        ("db1:4242:abcd", -3.0, LockState.expired),
+        (REVOKED_HOLDER, 5.0, LockState.revoked),
+        (REVOKED_HOLDER, 0.0, LockState.expired),
+        (None, 5.0, LockState.free),
+        (None, -5.0, LockState.free),
+    ],
+)
+def test_state_follows_holder_and_database_time(holder, expires_in_s, state):
+    status = admin.lock_status(record(holder, expires_in_s), NOW)
+    assert status.state is state
+    assert status.taken == (state in (LockState.held, LockState.revoked))
+
+
+def test_durations_are_database_time():
+    status = admin.lock_status(record(expires_in_s=20.0), NOW)
+    assert (status.expires_in_s, status.renewed_ago_s) == (20.0, 2.5)
+    assert status.holder == "db1:4242:abcd"
+    assert admin.lock_status(record(REVOKED_HOLDER), NOW).holder is None
+
+
+def test_a_named_lock_without_a_row_is_free_and_exits_3():
+    found = admin.statuses(LeaseSnapshot(NOW, ()), LOCK)
+    assert [(s.lock, s.state, s.token) for s in found] == [
+        ("nightly-backup", LockState.free, None)
+    ]
+    assert admin.status_exit_code(found, LOCK) == EXIT_STATUS_FREE
+    assert admin.statuses(LeaseSnapshot(NOW, ()), None) == []
+
+
+@pytest.mark.parametrize(
+    ("holder", "expires_in_s", "code"),
+    [
+        ("h:1:n", 5.0, 0),
+        (REVOKED_HOLDER, 5.0, 0),
+        ("h:1:n", -1.0, EXIT_STATUS_FREE),
+        (None, 5.0, EXIT_STATUS_FREE),
+    ],
+)
+def test_status_exit_code_for_a_named_lock(holder, expires_in_s, code):
+    found = admin.statuses(LeaseSnapshot(NOW, (record(holder, expires_in_s),)), LOCK)
+    assert admin.status_exit_code(found, LOCK) == code
+    # Without --lock-id, listing succeeds whatever the states.
+    assert admin.status_exit_code(found, None) == 0
+
+
+def test_json_document_shape_is_stable():
+    found = admin.statuses(LeaseSnapshot(NOW, (record(),)), None)
+    document = json.loads(json.dumps(admin.status_document(found, NOW)))
+    assert document == {
+        "version": 1,
+        "database_time": "2026-11-27T02:40:01.250Z",
+        "locks": [
+            {
+                "lock": "nightly-backup",
+                "name": "nightly-backup",
+                "key": str(LOCK.key),
+                "state": "held",
+                "holder": "db1:4242:abcd",
+                "host": "db1",
+                "pid": 4242,
+                "token": 7,
+                "acquired_at": "2026-11-27T02:38:26.250Z",
+                "renewed_at": "2026-11-27T02:39:58.750Z",
+                "expires_at": "2026-11-27T02:40:21.250Z",
+                "expires_in_s": 20.0,
+                "renewed_ago_s": 2.5,
+                "command": "./backup.sh --full",
+            }
+        ],
+    }
+
+
+def test_an_integer_lock_is_shown_by_its_key():
+    rec = record(key=-42, name=None)
+    status = admin.lock_status(rec, NOW)
+    assert (status.lock, status.name) == ("-42", None)
+
+
+def test_text_cells_for_each_state():
+    held = admin.status_cells(admin.lock_status(record(), NOW))
+    assert held == (
+        "nightly-backup",
+        str(LOCK.key),
+        "held",
+        "db1 pid 4242",
+        "7",
+        "2026-11-27 02:38:26",
+        "in 20.0s",
+        "2.5s ago",
+        "./backup.sh --full",
+    )
+    expired = admin.status_cells(admin.lock_status(record(expires_in_s=-125), NOW))
+    assert expired[2:8] == (
+        "expired",
+        "db1 pid 4242",
+        "7",
+        "2026-11-27 02:38:26",
+        "2m05s ago",
+        "2.5s ago",
+    )
+    free = admin.status_cells(admin.lock_status(record(None), NOW))
+    # A free lock keeps its last token, time and command, with no holder.
+    assert free[2:] == (
+        "free",
+        "-",
+        "7",
+        "2026-11-27 02:38:26",
+        "-",
+        "-",
+        "./backup.sh --full",
+    )
+    never = admin.status_cells(admin.never_taken(LOCK))
+    assert never[2:] == ("free", "-", "-", "-", "-", "-", "-")
+
+
+def test_a_multi_line_command_stays_on_one_row():
+    cells = admin.status_cells(admin.lock_status(record(command="a\nb\tc"), NOW))
+    assert cells[-1] == "a b c"
+
+
+def test_plain_table_aligns_columns_and_strips_trailing_space():
+    text = admin.plain_table(("A", "LONGER"), [("wide cell", "x"), ("b", "")])
+    assert text == "A          LONGER\nwide cell  x\nb\n"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.04, "0.0s"),
+        (12.34, "12.3s"),
+        (-3.0, "3.0s"),
+        (59.9, "59.9s"),
+        (60, "1m00s"),
+        (245, "4m05s"),
+        (3600 * 2 + 180, "2h03m"),
+        (86400 * 3 + 3600 * 4, "3d4h"),
+    ],
+)
+def test_human_duration(seconds, text):
+    assert admin.human_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("action", "holder", "expires_in_s", "code", "needle"),
+    [
+        (ReleaseAction.freed, None, -4.0, 0, "had expired 4.0s ago"),
+        (ReleaseAction.revoked, REVOKED_HOLDER, 20.0, 0, "exits 122"),
+        (ReleaseAction.already_revoked, REVOKED_HOLDER, 9.0, 0, "free in 9.0s"),
+        (ReleaseAction.free, None, -1.0, EXIT_STATUS_FREE, "already free"),
+        (ReleaseAction.refused, "db1:4242:abcd", 20.0, EXIT_BUSY, "Use --force"),
+    ],
+)
+def test_release_report(action, holder, expires_in_s, code, needle):
+    result = ReleaseResult(action, record(holder, expires_in_s), NOW)
+    report = admin.release_report(result, LOCK)
+    assert report.exit_code == code
+    assert needle in report.message
+    assert "\n" not in report.message
+    if action is not ReleaseAction.free:
+        assert "db1 (pid 4242)" in report.message
+
+
+def test_release_report_when_the_token_changed():
+    result = ReleaseResult(ReleaseAction.changed_hands, record(), NOW)
+    report = admin.release_report(result, LOCK, token=6)
+    assert report.exit_code == EXIT_BUSY
+    assert report.message.startswith(
+        "nightly-backup has fencing token 7 now, not 6: it changed hands since"
+    )
+
+
+def test_release_of_a_lock_never_taken():
+    report = admin.release_report(ReleaseResult(ReleaseAction.unknown, None, NOW), LOCK)
+    assert (report.exit_code, report.message) == (
+        EXIT_STATUS_FREE,
+        "nightly-backup has never been taken; nothing to release",
+    )
+
+
+def test_iso_utc():
+    assert admin.iso_utc(None) is None
+    assert admin.iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == (
+        "2026-01-02T03:04:05.000Z"
+    )
