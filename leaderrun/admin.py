@@ -10,13 +10,14 @@ the rows (a rich table on a terminal, :func:`plain_table` when piped, or
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import LockId
+from leaderrun.runs import RunRecord
 from leaderrun.store import (
     REVOKED_HOLDER,
     LeaseRecord,
@@ -37,6 +38,10 @@ COLUMNS = (
     "ACQUIRED (UTC)",
     "EXPIRES",
     "RENEWED",
+    "LAST RUN (UTC)",
+    "RAN ON",
+    "OUTCOME",
+    "TOOK",
     "COMMAND",
 )
 """The columns of the ``status`` table, in order."""
@@ -78,6 +83,8 @@ class LockStatus:
     """Seconds until the lease runs out; negative once it has."""
     renewed_ago_s: float | None
     command: str | None
+    last_run: RunRecord | None = None
+    """The newest run in the history (``leader_run``), if any was recorded."""
 
     @property
     def taken(self) -> bool:
@@ -134,12 +141,20 @@ def never_taken(lock: LockId) -> LockStatus:
     )
 
 
-def statuses(snapshot: LeaseSnapshot, lock: LockId | None) -> list[LockStatus]:
-    """One status per lock; a named lock without a row is shown as free."""
+def statuses(
+    snapshot: LeaseSnapshot,
+    lock: LockId | None,
+    last_runs: Sequence[RunRecord] = (),
+) -> list[LockStatus]:
+    """One status per lock; a named lock without a row is shown as free.
+
+    ``last_runs`` (the newest run of each lock) are attached by lock key.
+    """
     found = [lock_status(r, snapshot.db_now) for r in snapshot.records]
     if lock is not None and not found:
-        return [never_taken(lock)]
-    return found
+        found = [never_taken(lock)]
+    runs = {run.lock_key: run for run in last_runs}
+    return [replace(s, last_run=runs.get(s.key)) for s in found]
 
 
 def status_exit_code(found: Sequence[LockStatus], lock: LockId | None) -> int:
@@ -190,9 +205,26 @@ def status_document(found: Sequence[LockStatus], db_now: datetime) -> dict[str, 
                 "expires_in_s": _seconds(s.expires_in_s),
                 "renewed_ago_s": _seconds(s.renewed_ago_s),
                 "command": s.command,
+                "last_run": _last_run_document(s.last_run),
             }
             for s in found
         ],
+    }
+
+
+def _last_run_document(run: RunRecord | None) -> dict[str, Any] | None:
+    """``last_run`` of ``status --json``: when, where, how it ended, how long."""
+    if run is None:
+        return None
+    return {
+        "token": run.token,
+        "host": run.host,
+        "pid": run.pid,
+        "started_at": iso_utc(run.started_at),
+        "finished_at": iso_utc(run.finished_at),
+        "duration_s": _seconds(run.duration_s),
+        "exit_status": run.exit_status,
+        "outcome": run.outcome,
     }
 
 
@@ -228,6 +260,17 @@ def status_cells(s: LockStatus) -> tuple[str, ...]:
     acquired = dash
     if s.acquired_at is not None:
         acquired = s.acquired_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    run = s.last_run
+    last_run = (
+        (dash, dash, dash, dash)
+        if run is None
+        else (
+            run.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            run.host or dash,
+            run.outcome,
+            human_duration(run.duration_s),
+        )
+    )
     return (
         s.lock,
         str(s.key),
@@ -237,6 +280,7 @@ def status_cells(s: LockStatus) -> tuple[str, ...]:
         acquired,
         expires,
         renewed,
+        *last_run,
         " ".join((s.command or dash).split()),  # one line, whatever the command
     )
 

@@ -39,9 +39,10 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets, redact
+from leaderrun.runs import history_lines
 from leaderrun.store import OperatorStore
 
-SUBCOMMANDS = ("run", "status", "release", "init")
+SUBCOMMANDS = ("run", "status", "release", "init", "history")
 """Every subcommand; any other first argument is the bare form of ``run``."""
 
 _TOP_LEVEL_FLAGS = (
@@ -290,6 +291,65 @@ def run(
             show_default=False,
         ),
     ] = None,
+    min_hold: Annotated[
+        str | None,
+        typer.Option(
+            "--min-hold",
+            envvar="LEADERRUN_MIN_HOLD",
+            help="Keep the lock taken until this long after it was acquired (in "
+            "database time), even if the command ended sooner, so a late node "
+            "skips. [default: 0]",
+            show_default=False,
+        ),
+    ] = None,
+    once_per: Annotated[
+        str | None,
+        typer.Option(
+            "--once-per",
+            envvar="LEADERRUN_ONCE_PER",
+            help="Start at most once per window of database time (1h, 1d), "
+            "windows aligned to the Unix epoch in UTC; later nodes exit 75.",
+            show_default=False,
+        ),
+    ] = None,
+    once_per_offset: Annotated[
+        str | None,
+        typer.Option(
+            "--once-per-offset",
+            envvar="LEADERRUN_ONCE_PER_OFFSET",
+            help="Shift the --once-per windows (--once-per 1d --once-per-offset 2h: "
+            "from 02:00 UTC). [default: 0]",
+            show_default=False,
+        ),
+    ] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed/--no-retry-failed",
+            envvar="LEADERRUN_RETRY_FAILED",
+            help="With --once-per, let a window whose run failed, timed out, was "
+            "killed or lost run again.",
+        ),
+    ] = False,
+    max_runtime: Annotated[
+        str | None,
+        typer.Option(
+            "--max-runtime",
+            envvar="LEADERRUN_MAX_RUNTIME",
+            help="Stop the command's group after this long (SIGTERM, --kill-grace, "
+            "SIGKILL) and exit 124. [default: none]",
+            show_default=False,
+        ),
+    ] = None,
+    history_keep: Annotated[
+        int | None,
+        typer.Option(
+            "--history-keep",
+            envvar="LEADERRUN_HISTORY_KEEP",
+            help="Runs of this lock kept in the leader_run table. [default: 100]",
+            show_default=False,
+        ),
+    ] = None,
     watchdog: Annotated[
         bool,
         typer.Option(
@@ -317,6 +377,12 @@ def run(
         wait=wait,
         wait_timeout=wait_timeout,
         busy_exit_code=busy_exit_code,
+        min_hold=min_hold,
+        once_per=once_per,
+        once_per_offset=once_per_offset,
+        retry_failed=retry_failed,
+        max_runtime=max_runtime,
+        history_keep=history_keep,
         watchdog=watchdog,
         labels=_labels(
             ctx,
@@ -326,6 +392,11 @@ def run(
                 "jitter",
                 "kill_grace",
                 "wait_timeout",
+                "min_hold",
+                "once_per",
+                "once_per_offset",
+                "max_runtime",
+                "history_keep",
             ),
         ),
     )
@@ -377,7 +448,7 @@ def status(
         dsn_value, check_schema(schema), create=False
     )
     snapshot = store.snapshot(lock)
-    found = admin.statuses(snapshot, lock)
+    found = admin.statuses(snapshot, lock, store.last_runs())
     if as_json:
         typer.echo(json.dumps(admin.status_document(found, snapshot.db_now), indent=2))
     elif sys.stdout.isatty():
@@ -408,7 +479,13 @@ def _rich_status(found: Sequence[admin.LockStatus]) -> None:
     for i in shown:
         column = admin.COLUMNS[i]
         # Free text and the date-and-time may wrap (at spaces); short values never.
-        wraps = column in ("LOCK", "HOLDER", "COMMAND", "ACQUIRED (UTC)")
+        wraps = column in (
+            "LOCK",
+            "HOLDER",
+            "COMMAND",
+            "ACQUIRED (UTC)",
+            "LAST RUN (UTC)",
+        )
         table.add_column(column, no_wrap=not wraps)
     for lock_status in found:
         cells = admin.status_cells(lock_status)
@@ -505,6 +582,52 @@ def init(
         return
     created = PostgresLeaseStore(dsn_value, check_schema(schema)).init()
     typer.echo(f"{schema}.{TABLE} {'created' if created else 'already exists'}")
+
+
+@app.command("history")
+def history(
+    lock_id: Annotated[
+        str | None,
+        typer.Option(
+            "--lock-id",
+            envvar="LEADERRUN_LOCK_ID",
+            help="Only this lock's runs. [default: every lock]",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", help="Show at most this many runs.")
+    ] = 20,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="A JSON array: lock, token, holder, host, pid, command, window, "
+            "started_at, finished_at (ISO 8601 UTC), duration_s, exit_status, "
+            "outcome.",
+        ),
+    ] = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Show recent runs, newest first: where, when, how long, and how each ended."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    if limit < 1:
+        raise ConfigError(f"--limit {limit} must be at least 1")
+    lock = None if lock_id is None else parse_lock_id(lock_id)
+    from leaderrun.postgres import PostgresLeaseStore
+
+    runs = PostgresLeaseStore(dsn_value, check_schema(schema)).history(lock, limit)
+    if as_json:
+        typer.echo(json.dumps([run.to_json() for run in runs], indent=2))
+        return
+    for line in history_lines(runs):
+        typer.echo(line)
 
 
 def _route(args: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from leaderrun.dsnfile import DSN_FILE_ENV, read_dsn_file
 from leaderrun.errors import ConfigError
 from leaderrun.lease import LockId, Timing, make_timing, parse_lock_id
+from leaderrun.runs import DEFAULT_HISTORY_KEEP, OncePer
 
 DEFAULT_SCHEMA = "public"
 """The schema of the lease table when ``--schema`` is not given."""
@@ -80,6 +81,12 @@ class RawRunOptions:
     wait: bool = False
     wait_timeout: str | None = None
     busy_exit_code: int | None = None
+    min_hold: str | None = None
+    once_per: str | None = None
+    once_per_offset: str | None = None
+    retry_failed: bool = False
+    max_runtime: str | None = None
+    history_keep: int | None = None
     watchdog: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     """How to name an option in messages when it came from elsewhere than its flag."""
@@ -102,6 +109,14 @@ class RunSettings:
     wait_timeout_s: float | None
     busy_exit_code: int
     command: tuple[str, ...]
+    min_hold_s: float = 0.0
+    """``--min-hold``: the lease stays taken this long after acquiring it."""
+    once_per: OncePer | None = None
+    """``--once-per``: at most one start per window of database time."""
+    max_runtime_s: float | None = None
+    """``--max-runtime``: stop the command after this long and exit 124."""
+    history_keep: int = DEFAULT_HISTORY_KEEP
+    """``--history-keep``: runs of the lock kept in ``leader_run``."""
     watchdog: bool = True
     """Run the watchdog process that stops the child if leaderrun is paused."""
 
@@ -226,6 +241,7 @@ def run_settings(
             options.wait_timeout, option=options.label("wait_timeout", "--wait-timeout")
         )
     dsn, source = resolve_dsn(options.dsn, env, options.label("dsn", "--dsn"))
+    min_hold_s, once_per, max_runtime_s, history_keep = guards_from(options)
     return RunSettings(
         lock=lock_from(options.lock_id, env, options.label("lock_id", "--lock-id")),
         dsn=dsn,
@@ -239,5 +255,58 @@ def run_settings(
         wait_timeout_s=wait_timeout_s,
         busy_exit_code=busy,
         command=command,
+        min_hold_s=min_hold_s,
+        once_per=once_per,
+        max_runtime_s=max_runtime_s,
+        history_keep=history_keep,
         watchdog=options.watchdog,
     )
+
+
+def guards_from(
+    options: RawRunOptions,
+) -> tuple[float, OncePer | None, float | None, int]:
+    """The cron guards: ``--min-hold``, ``--once-per``, ``--max-runtime``, history.
+
+    Returns ``(min_hold_s, once_per, max_runtime_s, history_keep)``.
+
+    Raises:
+        ConfigError: the first invalid value, named with what to do instead.
+    """
+
+    def seconds(name: str, flag: str) -> float | None:
+        text: str | None = getattr(options, name)
+        if text is None:
+            return None
+        return parse_duration(text, option=options.label(name, flag))
+
+    min_hold_s = seconds("min_hold", "--min-hold")
+    period_s = seconds("once_per", "--once-per")
+    offset_s = seconds("once_per_offset", "--once-per-offset")
+    max_runtime_s = seconds("max_runtime", "--max-runtime")
+    once_per = None
+    if period_s is not None:
+        label = options.label("once_per", "--once-per")
+        if period_s <= 0:
+            raise ConfigError(f"{label} must be longer than zero, e.g. 1h or 1d")
+        offset_s = 0.0 if offset_s is None else offset_s
+        if offset_s >= period_s:
+            offset_label = options.label("once_per_offset", "--once-per-offset")
+            raise ConfigError(
+                f"{offset_label} {options.once_per_offset!r} must be shorter than "
+                f"{label} {options.once_per!r}; e.g. --once-per 1d "
+                "--once-per-offset 2h for windows starting at 02:00 UTC"
+            )
+        once_per = OncePer(period_s, offset_s, options.retry_failed)
+    elif offset_s is not None or options.retry_failed:
+        flag = "--retry-failed" if offset_s is None else "--once-per-offset"
+        raise ConfigError(f"{flag} needs --once-per, e.g. --once-per 1d")
+    if max_runtime_s is not None and max_runtime_s <= 0:
+        label = options.label("max_runtime", "--max-runtime")
+        raise ConfigError(f"{label} must be longer than zero, e.g. 30m")
+    keep = options.history_keep
+    keep = DEFAULT_HISTORY_KEEP if keep is None else keep
+    if keep < 1:
+        label = options.label("history_keep", "--history-keep")
+        raise ConfigError(f"{label} {keep} must be at least 1")
+    return (0.0 if min_hold_s is None else min_hold_s), once_per, max_runtime_s, keep

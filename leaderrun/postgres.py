@@ -9,6 +9,7 @@ and every value is a bound parameter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, LiteralString
@@ -27,6 +28,7 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
+from leaderrun.runs import OncePer, RunEnd, RunRecord
 from leaderrun.store import (
     REVOKED_HOLDER,
     AcquireResult,
@@ -42,6 +44,9 @@ log = logging.getLogger("leaderrun")
 
 TABLE = "leader_lease"
 """The lease table's name (the seed's)."""
+
+RUN_TABLE = "leader_run"
+"""The run history table's name."""
 
 MAX_COMMAND_CHARS = 1000
 """The command shown in ``status`` is cut to this many characters."""
@@ -76,34 +81,89 @@ _COMMENT: LiteralString = """
 COMMENT ON TABLE {table} IS
 'leaderrun leases. Never delete rows: the fencing token must keep increasing.'"""
 
+# The start of the --once-per window containing {at}: the SQL twin of
+# leaderrun.runs.window_start_s, NULL without --once-per (period_s NULL).
+_WINDOW: LiteralString = """to_timestamp(
+    floor((extract(epoch FROM {at})::float8 - %(offset_s)s::float8)
+          / %(period_s)s::float8)
+    * %(period_s)s::float8 + %(offset_s)s::float8)"""
+
 # One statement: take the lock when it is free (holder NULL) or expired in the
 # server's time, bumping the token in the same row; otherwise report the holder.
 # In READ COMMITTED the ON CONFLICT path locks the row and re-checks the WHERE on
 # its latest version, so of N racing contenders exactly one wins. The second
 # branch reads the pre-statement snapshot: good enough to know how long to sleep.
+#
+# With --once-per (period_s not NULL), the window of the server's now() is
+# computed here too, and a row whose window_start is that window refuses in the
+# same WHERE (unless retry_failed and the window's run did not end ok), so no
+# client clock decides whether a window ran. With history (keep not NULL), the
+# same statement records the run, closes runs whose holder died as 'lost' (their
+# last renewal is the last sign of life, read from the pre-statement snapshot),
+# and prunes the lock's history to the newest `keep` tokens.
 _ACQUIRE: LiteralString = """
-WITH attempt AS (
+WITH w AS (
+    SELECT {window} AS window_start
+), prev AS (
+    SELECT token, renewed_at FROM {table} WHERE lock_key = %(key)s
+), attempt AS (
     INSERT INTO {table} AS l
         (lock_key, lock_name, holder, token, acquired_at, renewed_at, expires_at,
-         host, pid, command)
+         host, pid, command, window_start, window_ok)
     VALUES (%(key)s, %(name)s, %(holder)s, 1, now(), now(),
-            now() + make_interval(secs => %(lease_s)s), %(host)s, %(pid)s, %(command)s)
+            now() + make_interval(secs => %(lease_s)s), %(host)s, %(pid)s, %(command)s,
+            (SELECT window_start FROM w), NULL)
     ON CONFLICT (lock_key) DO UPDATE
         SET lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder,
             token = l.token + 1, acquired_at = now(), renewed_at = now(),
             expires_at = EXCLUDED.expires_at, host = EXCLUDED.host,
-            pid = EXCLUDED.pid, command = EXCLUDED.command
+            pid = EXCLUDED.pid, command = EXCLUDED.command,
+            window_start = coalesce(EXCLUDED.window_start, l.window_start),
+            window_ok = CASE WHEN EXCLUDED.window_start IS NULL THEN l.window_ok END
         WHERE (l.holder IS NULL OR l.expires_at <= now())
           AND l.lock_name IS NOT DISTINCT FROM EXCLUDED.lock_name
+          AND NOT coalesce(
+                l.window_start = EXCLUDED.window_start
+                AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false)
     RETURNING l.token
+), lost AS (
+    UPDATE {runs} AS r
+       SET outcome = 'lost',
+           finished_at = coalesce(
+               (SELECT p.renewed_at FROM prev p WHERE p.token = r.token), now())
+     WHERE %(keep)s::integer IS NOT NULL
+       AND r.lock_key = %(key)s AND r.finished_at IS NULL
+       AND r.token < (SELECT token FROM attempt)
+       AND r.token > (SELECT token FROM attempt) - %(keep)s::integer
+), started AS (
+    INSERT INTO {runs} AS r
+        (lock_key, lock_name, token, holder, host, pid, command, window_start,
+         started_at)
+    SELECT %(key)s, %(name)s, a.token, %(holder)s, %(host)s, %(pid)s, %(command)s,
+           w.window_start, now()
+      FROM attempt a, w
+     WHERE %(keep)s::integer IS NOT NULL
+    -- Only if the lease table was emptied by hand and tokens restarted.
+    ON CONFLICT (lock_key, token) DO UPDATE
+        SET lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder,
+            host = EXCLUDED.host, pid = EXCLUDED.pid, command = EXCLUDED.command,
+            window_start = EXCLUDED.window_start, started_at = EXCLUDED.started_at,
+            finished_at = NULL, exit_status = NULL, outcome = NULL
+), pruned AS (
+    DELETE FROM {runs} AS r
+     WHERE r.lock_key = %(key)s
+       AND r.token <= (SELECT token FROM attempt) - %(keep)s::integer
 )
-SELECT true, token, NULL::text, NULL::text, NULL::integer, NULL::float8, %(name)s
-  FROM attempt
+SELECT true, a.token, NULL::text, NULL::text, NULL::integer, NULL::float8,
+       %(name)s, w.window_start, false
+  FROM attempt a, w
 UNION ALL
-SELECT false, token, holder, host, pid,
-       extract(epoch FROM expires_at - now())::float8, lock_name
-  FROM {table}
- WHERE lock_key = %(key)s AND NOT EXISTS (SELECT FROM attempt)"""
+SELECT false, l.token, l.holder, l.host, l.pid,
+       extract(epoch FROM l.expires_at - now())::float8, l.lock_name, w.window_start,
+       coalesce(l.window_start = w.window_start
+                AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false)
+  FROM {table} l, w
+ WHERE l.lock_key = %(key)s AND NOT EXISTS (SELECT FROM attempt)"""
 
 # A compare-and-swap on (holder, token): every takeover bumps the token, so a
 # match proves nobody acquired in between, and a stale renewal matches nothing.
@@ -117,11 +177,101 @@ UPDATE {table}
  WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
    AND expires_at > now()"""
 
-# Release keeps the row, and so the token, for the life of the table.
+# Release keeps the row, and so the token, for the life of the table. With a
+# run's end it also closes the run (overriding a 'lost' that another node guessed:
+# the holder knows better how it ended, though a release that comes late, after a
+# partition, keeps the guessed finish, the last renewal, rather than its own
+# now()) and, for --min-hold, keeps the lease taken by the same
+# holder until acquired_at + min_hold in the server's time, so a late node finds
+# it held without the holder staying alive. window_ok records, for
+# --retry-failed, whether the window's run ended well.
 _RELEASE: LiteralString = """
+WITH finished AS (
+    UPDATE {runs}
+       SET finished_at = coalesce(finished_at, now()),
+           exit_status = %(exit_status)s::integer,
+           outcome = %(outcome)s::text
+     WHERE %(outcome)s::text IS NOT NULL
+       AND lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
+       AND (finished_at IS NULL OR outcome = 'lost')
+)
 UPDATE {table}
-   SET holder = NULL, expires_at = now()
+   SET holder = CASE
+           WHEN acquired_at + make_interval(secs => %(min_hold_s)s) > now()
+           THEN holder END,
+       expires_at = greatest(now(),
+                             acquired_at + make_interval(secs => %(min_hold_s)s)),
+       window_ok = coalesce(%(window_ok)s::boolean, window_ok)
  WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s"""
+
+# The columns --once-per needs, added to a lease table made by an older version.
+_LEASE_COLUMNS: LiteralString = """
+ALTER TABLE {table}
+    ADD COLUMN IF NOT EXISTS window_start timestamptz,
+    ADD COLUMN IF NOT EXISTS window_ok    boolean"""
+
+_RUN_DDL: LiteralString = """
+CREATE TABLE IF NOT EXISTS {runs} (
+    lock_key     bigint      NOT NULL,
+    lock_name    text,
+    token        bigint      NOT NULL,
+    holder       text        NOT NULL,
+    host         text,
+    pid          integer,
+    command      text,
+    window_start timestamptz,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz,
+    exit_status  integer,
+    outcome      text CHECK (outcome IN ('ok', 'failed', 'killed', 'timeout', 'lost')),
+    PRIMARY KEY (lock_key, token)
+)"""
+
+_RUN_COMMENT: LiteralString = """
+COMMENT ON TABLE {runs} IS
+'leaderrun run history: one row per run, pruned per lock by leaderrun itself.'"""
+
+# A run with no outcome is 'running' while its lease (same token) is live, and
+# otherwise lost: its holder died and nobody has taken the lock since.
+_RUN_COLUMNS: LiteralString = """
+SELECT r.lock_key, r.lock_name, r.token, r.holder, r.host, r.pid, r.command,
+       r.window_start, r.started_at, r.finished_at, r.exit_status,
+       coalesce(r.outcome,
+                CASE WHEN l.token = r.token AND l.holder IS NOT NULL
+                          AND l.expires_at > now()
+                     THEN 'running' ELSE 'lost' END),
+       extract(epoch FROM coalesce(
+           r.finished_at,
+           CASE WHEN l.token = r.token THEN least(l.renewed_at, now()) END,
+           now()) - r.started_at)::float8
+  FROM {runs} r LEFT JOIN {table} l ON l.lock_key = r.lock_key"""
+
+_HISTORY: LiteralString = (
+    _RUN_COLUMNS
+    + """
+ WHERE %(key)s::bigint IS NULL OR r.lock_key = %(key)s::bigint
+ ORDER BY r.started_at DESC, r.lock_key, r.token DESC
+ LIMIT %(limit)s"""
+)
+
+_LAST_RUNS: LiteralString = (
+    """
+SELECT DISTINCT ON (lock_key) * FROM ("""
+    + _RUN_COLUMNS
+    + """
+) AS runs
+ ORDER BY lock_key, token DESC"""
+)
+
+
+_SCHEMA: tuple[LiteralString, ...] = (
+    _DDL,
+    _COMMENT,
+    _LEASE_COLUMNS,
+    _RUN_DDL,
+    _RUN_COMMENT,
+)
+"""Every DDL statement, in order; each is idempotent."""
 
 
 ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
@@ -158,6 +308,12 @@ RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
 
 _EXISTS: LiteralString = "SELECT to_regclass(%(table)s) IS NOT NULL"
 
+_COMPLETE: LiteralString = """
+SELECT to_regclass(%(runs)s) IS NOT NULL
+   AND (SELECT count(*) FROM pg_attribute
+         WHERE attrelid = to_regclass(%(lease)s)
+           AND attname IN ('window_start', 'window_ok') AND NOT attisdropped) = 2"""
+
 OPERATOR_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
 """What a role that runs, shows and releases leases needs on the table.
 
@@ -166,6 +322,9 @@ needs SELECT. No DELETE: rows are never deleted, and a role that could delete
 one could restart a lock's fencing tokens at 1.
 """
 
+RUN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+"""What the same role needs on the run history: the acquire statement prunes it."""
+
 DEFAULT_GRANT_ROLE = "leaderrun"
 """The role ``init --print-sql`` grants to unless ``--role`` names another."""
 
@@ -173,29 +332,36 @@ DEFAULT_GRANT_ROLE = "leaderrun"
 def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
     """The SQL a DBA runs once: the table, its comment, and a least-privileged role.
 
-    The role gets USAGE on the schema and SELECT, INSERT, UPDATE on the table: it
-    can run, show and release leases, but not create or drop the table, nor
-    delete rows. Needs no connection: identifiers are quoted here.
+    The role gets USAGE on the schema and SELECT, INSERT, UPDATE on the lease
+    table: it can run, show and release leases, but not create or drop the
+    table, nor delete leases. On the run history it also gets DELETE, which
+    the acquire statement needs to prune it. Needs no connection: identifiers
+    are quoted here.
     """
     table = sql.Identifier(schema, TABLE)
     grantee = sql.Identifier(role)
     privileges = sql.SQL(", ").join(sql.SQL(p) for p in OPERATOR_PRIVILEGES)
+    runs = sql.Identifier(schema, RUN_TABLE)
+    run_privileges = sql.SQL(", ").join(sql.SQL(p) for p in RUN_PRIVILEGES)
     statements = [
-        sql.SQL(_DDL.strip()).format(table=table),
-        sql.SQL(_COMMENT.strip()).format(table=table),
+        *(sql.SQL(ddl.strip()).format(table=table, runs=runs) for ddl in _SCHEMA),
         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
             sql.Identifier(schema), grantee
         ),
         sql.SQL("GRANT {} ON {} TO {}").format(privileges, table, grantee),
+        sql.SQL("GRANT {} ON {} TO {}").format(run_privileges, runs, grantee),
     ]
     text = [statement.as_string() + ";" for statement in statements]
+    ddl_count = len(_SCHEMA)
     return (
-        f"-- leaderrun {schema}.{TABLE}: run once as a role that may create tables "
-        f"in {schema}; safe to repeat.\n"
-        + "\n".join(text[:2])
+        f"-- leaderrun {schema}.{TABLE} and {schema}.{RUN_TABLE}: run once as a "
+        f"role that may create tables in {schema}; safe to repeat.\n"
+        + "\n".join(text[:ddl_count])
         + f"\n-- The role {role} may run, show and release leases, but not create "
         "the table or delete rows\n-- (a deleted row would restart the lock's "
-        "fencing tokens).\n" + "\n".join(text[2:]) + "\n"
+        "fencing tokens). It prunes its run history itself.\n"
+        + "\n".join(text[ddl_count:])
+        + "\n"
     )
 
 
@@ -210,7 +376,20 @@ def missing_table_hint(schema: str, role: str | None) -> str:
 
 
 def _statement(template: LiteralString, schema: str) -> sql.Composed:
-    return sql.SQL(template).format(table=sql.Identifier(schema, TABLE))
+    return sql.SQL(template).format(
+        table=sql.Identifier(schema, TABLE),
+        runs=sql.Identifier(schema, RUN_TABLE),
+        window=window_sql(sql.SQL("now()")),
+    )
+
+
+def window_sql(at: sql.Composable) -> sql.Composed:
+    """The SQL expression of the ``--once-per`` window containing ``at``.
+
+    Takes the parameters ``period_s`` and ``offset_s``; the acquire statement
+    uses it with ``now()``, and tests with other instants.
+    """
+    return sql.SQL(_WINDOW).format(at=at)
 
 
 class PostgresLeaseStore:
@@ -352,10 +531,13 @@ class PostgresLeaseStore:
         """
         session = self.connect()
         try:
-            if session.table_exists():
+            if session.schema_complete():
                 return False
+            existed = session.table_exists()
+            # Also upgrades a lease table of an older version: the run history
+            # and the --once-per columns.
             session.ensure_table()
-            return True
+            return not existed
         finally:
             session.close()
 
@@ -391,6 +573,33 @@ class PostgresLeaseStore:
         finally:
             session.close()
 
+    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
+        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first.
+
+        A database where no run was ever recorded has no ``leader_run`` table
+        yet: that is an empty history, not an error.
+
+        Raises:
+            DatabaseUnavailableError: the server cannot be reached or used.
+        """
+        session = self.connect()
+        try:
+            return session.history(lock, limit)
+        finally:
+            session.close()
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock, for ``status``; see :meth:`history`.
+
+        Raises:
+            DatabaseUnavailableError: the server cannot be reached or used.
+        """
+        session = self.connect()
+        try:
+            return session.last_runs()
+        finally:
+            session.close()
+
     def _clean(self, exc: BaseException) -> str:
         """The first line of a driver error, with the password masked."""
         text = (
@@ -408,8 +617,20 @@ class PostgresSession:
         self._store = store
         self._conn = conn
 
-    def acquire(self, lock: LockId, claim: Claim, lease_s: float) -> AcquireResult:
+    def acquire(
+        self,
+        lock: LockId,
+        claim: Claim,
+        lease_s: float,
+        *,
+        once_per: OncePer | None = None,
+        history_keep: int | None = None,
+    ) -> AcquireResult:
         """Take the lock if free or expired; else describe its holder.
+
+        With ``once_per``, refuse when the server's current window already ran;
+        with ``history_keep``, record the run and prune the lock's history to
+        that many runs, in the same statement.
 
         Raises:
             ConfigError: the lock's key is taken by a lock of another name.
@@ -424,6 +645,10 @@ class PostgresSession:
             "host": claim.host,
             "pid": claim.pid,
             "command": claim.command[:MAX_COMMAND_CHARS],
+            "period_s": None if once_per is None else once_per.period_s,
+            "offset_s": 0.0 if once_per is None else once_per.offset_s,
+            "retry_failed": once_per is not None and once_per.retry_failed,
+            "keep": history_keep,
         }
         try:
             row = self._fetch(self._store._acquire, params)
@@ -436,9 +661,11 @@ class PostgresSession:
             # The row did not exist in our snapshot, yet another statement
             # inserted it first: someone just took the lock.
             return AcquireResult(lease=None)
-        acquired, token, holder, host, pid, expires_in_s, name = row
+        acquired, token, holder, host, pid, expires_in_s, name, window, done = row
         if acquired:
-            return AcquireResult(lease=Lease(lock, claim.holder, int(token)))
+            return AcquireResult(
+                lease=Lease(lock, claim.holder, int(token)), window_start=window
+            )
         if name != lock.name:
             raise key_collision(lock, name)
         return AcquireResult(
@@ -447,6 +674,8 @@ class PostgresSession:
             holder_host=host,
             holder_pid=pid,
             expires_in_s=expires_in_s,
+            window_start=window,
+            window_done=bool(done),
         )
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
@@ -454,9 +683,51 @@ class PostgresSession:
         params = {**_lease_params(lease), "lease_s": lease_s}
         return self._execute(self._store._renew, params) == 1
 
-    def release(self, lease: Lease) -> bool:
-        """End our lease now, keeping the row; False if it was no longer ours."""
-        return self._execute(self._store._release, _lease_params(lease)) == 1
+    def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
+        """End our lease now, keeping the row; False if it was no longer ours.
+
+        With ``end``, close the run in the history (even when the lease is no
+        longer ours), hold the lease until ``acquired_at + end.min_hold_s``, and
+        record for ``--retry-failed`` whether a window's run ended well.
+        """
+        params = {
+            **_lease_params(lease),
+            "outcome": None if end is None else str(end.outcome),
+            "exit_status": None if end is None else end.exit_status,
+            "min_hold_s": 0.0 if end is None else end.min_hold_s,
+            "window_ok": None if end is None else end.window_ok,
+        }
+        return self._execute(self._store._release, params) == 1
+
+    def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
+        """The newest ``limit`` runs, of one lock or of all, newest first."""
+        params = {"key": None if lock is None else lock.key, "limit": limit}
+        return self._runs(_HISTORY, params)
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock that has one, by lock key."""
+        return self._runs(_LAST_RUNS, {})
+
+    def _runs(self, template: LiteralString, params: dict[str, Any]) -> list[RunRecord]:
+        try:
+            with self._errors():
+                rows = self._conn.execute(
+                    _statement(template, self._store.schema), params
+                ).fetchall()
+        except SchemaMissingError:
+            if self._table_exists(RUN_TABLE):
+                raise  # a missing column: an older table that init upgrades
+            return []  # nothing was ever recorded here
+        self._check_idle()
+        return [RunRecord(*row) for row in rows]
+
+    def _table_exists(self, name: str) -> bool:
+        with self._errors():
+            row = self._conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL",
+                (sql.Identifier(self._store.schema, name).as_string(self._conn),),
+            ).fetchone()
+        return bool(row and row[0])
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Rows of the lease table (all, or ``lock``'s) with the database's now()."""
@@ -514,6 +785,13 @@ class PostgresSession:
         row = self._fetch(sql.SQL(_EXISTS).format(), {"table": table})
         return bool(row and row[0])
 
+    def schema_complete(self) -> bool:
+        """Whether both tables exist, the lease table with its --once-per columns."""
+        lease = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
+        runs = sql.Identifier(self._store.schema, RUN_TABLE).as_string(self._conn)
+        row = self._fetch(sql.SQL(_COMPLETE).format(), {"lease": lease, "runs": runs})
+        return bool(row and row[0])
+
     def ensure_table(self) -> None:
         """``CREATE TABLE IF NOT EXISTS`` the lease table, tolerating a racing twin.
 
@@ -522,12 +800,18 @@ class PostgresSession:
         """
         table = f"{self._store.schema}.{TABLE}"
         try:
-            self._conn.execute(_statement(_DDL, self._store.schema))
-            self._conn.execute(_statement(_COMMENT, self._store.schema))
-        except (e.UniqueViolation, e.DuplicateTable, e.DuplicateObject):
-            # Two first users raced CREATE TABLE IF NOT EXISTS; the other won. The
-            # loser fails on the table's row type (42710) or its catalog row (23505).
-            pass
+            for template in _SCHEMA:
+                # Two first users raced CREATE TABLE IF NOT EXISTS; the other won.
+                # The loser fails on the table's row type (42710) or its catalog
+                # row (23505). Each statement is its own transaction, so the next
+                # one still runs.
+                with contextlib.suppress(
+                    e.UniqueViolation,
+                    e.DuplicateTable,
+                    e.DuplicateObject,
+                    e.DuplicateColumn,
+                ):
+                    self._conn.execute(_statement(template, self._store.schema))
         except e.InvalidSchemaName:
             raise SchemaMissingError(
                 f"schema {self._store.schema!r} does not exist; create it or pass "
@@ -577,9 +861,8 @@ class PostgresSession:
         return _StatementErrors(self._store, self._conn)
 
     def missing_grants(self) -> str:
-        """The GRANT statements this role lacks on the lease table (best effort)."""
+        """The GRANT statements this role lacks on the two tables (best effort)."""
         schema, role = self._store.schema, self._conn.info.user
-        table = sql.Identifier(schema, TABLE).as_string()
         grantee = sql.Identifier(role).as_string()
         try:
             row = self._conn.execute(
@@ -589,11 +872,17 @@ class PostgresSession:
                 "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
                 "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
+                "AND NOT has_table_privilege(c.oid, p)), "
+                "ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p, "
+                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %(schema)s AND c.relname = %(runs)s "
                 "AND NOT has_table_privilege(c.oid, p))",
                 {
                     "schema": schema,
                     "table": TABLE,
                     "privileges": list(OPERATOR_PRIVILEGES),
+                    "runs": RUN_TABLE,
+                    "run_privileges": list(RUN_PRIVILEGES),
                 },
             ).fetchone()
         except psycopg.Error:
@@ -603,9 +892,14 @@ class PostgresSession:
         if row is None or not row[0]:
             schema_id = sql.Identifier(schema).as_string()
             grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
-        if row is None or row[1]:
-            missing = ", ".join(row[1] if row else OPERATOR_PRIVILEGES)
-            grants.append(f"GRANT {missing} ON {table} TO {grantee}")
+        for index, name, wanted in (
+            (1, TABLE, OPERATOR_PRIVILEGES),
+            (2, RUN_TABLE, RUN_PRIVILEGES),
+        ):
+            if row is None or row[index]:
+                missing = ", ".join(row[index] if row else wanted)
+                table = sql.Identifier(schema, name).as_string()
+                grants.append(f"GRANT {missing} ON {table} TO {grantee}")
         return "; ".join(grants)
 
 
@@ -628,6 +922,12 @@ class _StatementErrors:
         if isinstance(exc, e.UndefinedTable):
             raise SchemaMissingError(
                 f"table {table} does not exist; "
+                + missing_table_hint(self._store.schema, None)
+            ) from None
+        if isinstance(exc, e.UndefinedColumn):
+            # A table made by an older leaderrun; init adds the new columns.
+            raise SchemaMissingError(
+                f"table {table} lacks columns this version needs; "
                 + missing_table_hint(self._store.schema, None)
             ) from None
         if isinstance(exc, e.InvalidSchemaName):

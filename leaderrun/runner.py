@@ -20,12 +20,14 @@ import shlex
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from leaderrun.clock import boottime
 from leaderrun.config import RunSettings
 from leaderrun.errors import (
     EXIT_INTERNAL,
     EXIT_LEASE_LOST,
+    EXIT_TIMEOUT,
     BusyError,
     CancelledError,
     DatabaseUnavailableError,
@@ -34,6 +36,7 @@ from leaderrun.errors import (
 )
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import Lease, kill_deadline, make_holder, retry_delay_s
+from leaderrun.runs import RunEnd, RunOutcome, classify, iso_utc
 from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
 from leaderrun.supervisor import (
     CANCELLING_SIGNALS,
@@ -60,10 +63,15 @@ class Acquired:
     lease: Lease
     t_sent_s: float
     session: LeaseSession
+    window_start: datetime | None = None
+    """With ``--once-per``: the start of the window this run belongs to."""
 
 
 def child_environment(
-    env: Mapping[str, str], lease: Lease, settings: RunSettings
+    env: Mapping[str, str],
+    lease: Lease,
+    settings: RunSettings,
+    window_start: datetime | None = None,
 ) -> dict[str, str]:
     """The child's environment: ours, less inherited ``LEADERRUN_*``, plus the lease.
 
@@ -79,6 +87,9 @@ def child_environment(
         LEADERRUN_HOLDER=lease.holder,
         LEADERRUN_LEASE_DURATION=f"{settings.timing.lease_s:g}",
     )
+    window = iso_utc(window_start)
+    if window is not None:
+        child["LEADERRUN_WINDOW"] = window
     return child
 
 
@@ -160,7 +171,13 @@ class Run:
             self._cancel_on(inbox.take(), session, None)
             t_sent_s = self.clock()
             try:
-                result = session.acquire(s.lock, self.claim, s.timing.lease_s)
+                result = session.acquire(
+                    s.lock,
+                    self.claim,
+                    s.timing.lease_s,
+                    once_per=s.once_per,
+                    history_keep=s.history_keep,
+                )
             except SchemaMissingError:
                 session.close()
                 raise
@@ -176,7 +193,7 @@ class Run:
                 raise
             failures = 0
             if result.lease is not None:
-                self._cancel_on(inbox.take(), session, result.lease)
+                self._cancel_on(inbox.take(), session, result.lease, self._unstarted)
                 elapsed_s = self.clock() - t_sent_s
                 if elapsed_s < s.timing.kill_deadline_s:
                     log.info(
@@ -185,14 +202,18 @@ class Run:
                         result.lease.token,
                         extra={"event": "acquired", "token": result.lease.token},
                     )
-                    return Acquired(result.lease, t_sent_s, session)
+                    return Acquired(
+                        result.lease, t_sent_s, session, result.window_start
+                    )
                 # Rule 7: the reply came so late that the child could not be
                 # stopped in time; do not start it.
                 log.warning(
                     "the acquire took %.3gs, past the kill deadline; not starting",
                     elapsed_s,
                 )
-                self._release(session, result.lease)
+                # The lease was unusable: the run is closed as lost.
+                unused = self._end(RunOutcome.lost, None, started=False)
+                self._release(session, result.lease, unused)
                 if not s.wait:
                     session.close()
                     raise DatabaseUnavailableError(
@@ -200,6 +221,10 @@ class Run:
                         " than the kill deadline allows; use a longer --lease-duration"
                     )
                 continue
+            if result.window_done:
+                # Waiting cannot help: the window stays done until it ends.
+                session.close()
+                raise BusyError(self._window_message(result))
             now_s = self.clock()
             if now_s >= give_up_s:
                 session.close()
@@ -220,16 +245,21 @@ class Run:
             watchdog = Watchdog(s.timing.kill_grace_s, self.clock)
             watchdog.start()
         become_subreaper()
+        env = child_environment(self.env, lease, s, acquired.window_start)
         try:
-            child = Child(s.command, child_environment(self.env, lease, s))
-        except LeaderrunError:
+            child = Child(s.command, env)
+        except LeaderrunError as exc:
             if watchdog is not None:
                 watchdog.close()
-            self._release(acquired.session, lease)
+            end = self._end(RunOutcome.failed, exc.exit_code, started=False)
+            self._release(acquired.session, lease, end)
             acquired.session.close()
             raise
         if watchdog is not None:
             watchdog.arm(child.pgid)
+        runtime_deadline_s = (
+            None if s.max_runtime_s is None else self.clock() + s.max_runtime_s
+        )
         # Only now may another thread exist: the child was forked from the main
         # thread, so its parent-death signal is tied to this thread's life.
         renewer = Renewer(
@@ -243,7 +273,13 @@ class Run:
             unit_random=self.unit_random,
         )
         supervisor = Supervisor(
-            child, inbox, state, s.timing.kill_grace_s, self.clock, watchdog
+            child,
+            inbox,
+            state,
+            s.timing.kill_grace_s,
+            self.clock,
+            runtime_deadline_s=runtime_deadline_s,
+            watchdog=watchdog,
         )
         with job_control_ignored():
             renewer.start()
@@ -253,13 +289,26 @@ class Run:
                 log.exception("the supervisor failed; killing the command")
                 supervisor.kill_everything()
                 self._disarm(watchdog)
-                self._finish(renewer, lease)
+                self._finish(renewer, lease, self._end(RunOutcome.killed, None))
                 child.close()
                 return EXIT_INTERNAL
         self._disarm(watchdog)
-        self._finish(renewer, lease)
+        status = None if outcome.returncode is None else exit_status(outcome.returncode)
+        run_outcome = classify(
+            outcome.returncode,
+            timed_out=outcome.timed_out,
+            lease_lost=outcome.stopped_because is not None,
+        )
+        self._finish(renewer, lease, self._end(run_outcome, status))
         child.close()
         state.close()
+        if outcome.timed_out:
+            log.error(
+                "the command ran longer than --max-runtime %gs and was stopped",
+                s.max_runtime_s,
+                extra={"event": "timeout"},
+            )
+            return EXIT_TIMEOUT
         if outcome.stopped_because is not None:
             log.error(
                 "lease on %s lost: %s; the command was stopped",
@@ -283,7 +332,28 @@ class Run:
             watchdog.disarm()
             watchdog.close()
 
-    def _finish(self, renewer: Renewer, lease: Lease) -> None:
+    def _end(
+        self, outcome: RunOutcome, status: int | None, *, started: bool = True
+    ) -> RunEnd:
+        """How this run ended, for the release that closes it.
+
+        ``--min-hold`` applies only to a command that started: a lease taken
+        but never used is freed at once.
+        """
+        s = self.settings
+        return RunEnd(
+            outcome,
+            status,
+            min_hold_s=s.min_hold_s if started else 0.0,
+            in_window=s.once_per is not None,
+        )
+
+    @property
+    def _unstarted(self) -> RunEnd:
+        """The end of a run cancelled by a signal before its command started."""
+        return self._end(RunOutcome.killed, None, started=False)
+
+    def _finish(self, renewer: Renewer, lease: Lease, end: RunEnd) -> None:
         """Stop renewing and release; the child's group is already gone.
 
         Bounded: a release can hang where a renewal would have been abandoned
@@ -296,7 +366,7 @@ class Run:
 
         def work() -> None:
             try:
-                self._connect_and_release(session, lease)
+                self._connect_and_release(session, lease, end)
             finally:
                 done.set()
 
@@ -309,7 +379,9 @@ class Run:
                 2 * budget_s,
             )
 
-    def _connect_and_release(self, session: LeaseSession | None, lease: Lease) -> None:
+    def _connect_and_release(
+        self, session: LeaseSession | None, lease: Lease, end: RunEnd
+    ) -> None:
         if session is None:
             try:
                 session = self.store.connect()
@@ -318,12 +390,14 @@ class Run:
                     "could not release (the lease will expire): %s", exc.message
                 )
                 return
-        self._release(session, lease)
+        self._release(session, lease, end)
         session.close()
 
-    def _release(self, session: LeaseSession, lease: Lease) -> None:
+    def _release(
+        self, session: LeaseSession, lease: Lease, end: RunEnd | None = None
+    ) -> None:
         try:
-            if session.release(lease):
+            if session.release(lease, end):
                 log.info("released %s", lease.lock, extra={"event": "released"})
             else:
                 log.info("%s was no longer ours to release", lease.lock)
@@ -331,14 +405,18 @@ class Run:
             log.warning("could not release (the lease will expire): %s", exc.message)
 
     def _cancel_on(
-        self, signals: list[int], session: LeaseSession, lease: Lease | None
+        self,
+        signals: list[int],
+        session: LeaseSession,
+        lease: Lease | None,
+        end: RunEnd | None = None,
     ) -> None:
         """Cancel cleanly if a cancelling signal arrived: release, close, raise."""
         cancelling = [n for n in signals if n in CANCELLING_SIGNALS]
         if not cancelling:
             return
         if lease is not None:
-            self._release(session, lease)
+            self._release(session, lease, end)
         session.close()
         raise CancelledError(
             cancelling[0],
@@ -381,6 +459,14 @@ class Run:
             )
         waited = " after waiting" if s.wait else ""
         return f"{s.lock} is held by {who}{left}; not running the command{waited}"
+
+    def _window_message(self, result: AcquireResult) -> str:
+        window = iso_utc(result.window_start) or "the current window"
+        where = "" if result.holder_host is None else f" on {result.holder_host}"
+        return (
+            f"{self.settings.lock} already ran{where} in the --once-per window "
+            f"starting {window}; not running the command"
+        )
 
 
 def run_command(

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from leaderrun.errors import ConfigError
 from leaderrun.lease import Lease, LockId
+from leaderrun.runs import OncePer, RunEnd, RunRecord
 
 
 def key_collision(lock: LockId, other_name: str | None) -> ConfigError:
@@ -53,6 +54,10 @@ class AcquireResult:
     holder_pid: int | None = None
     expires_in_s: float | None = None
     """Seconds until the current holder's lease ends, in database time."""
+    window_start: datetime | None = None
+    """With ``once_per``: the current window's start, in database time."""
+    window_done: bool = False
+    """With ``once_per``: refused because the current window already ran."""
 
 
 class LeaseSession(Protocol):
@@ -63,16 +68,34 @@ class LeaseSession(Protocol):
     the lease, and the caller may retry on a fresh session.
     """
 
-    def acquire(self, lock: LockId, claim: Claim, lease_s: float) -> AcquireResult:
-        """Take the lock if it is free or expired, bumping the fencing token."""
+    def acquire(
+        self,
+        lock: LockId,
+        claim: Claim,
+        lease_s: float,
+        *,
+        once_per: OncePer | None = None,
+        history_keep: int | None = None,
+    ) -> AcquireResult:
+        """Take the lock if it is free or expired, bumping the fencing token.
+
+        With ``once_per``, also refuse when the current window (of database
+        time) already had a start. With ``history_keep``, record the run in the
+        history, close the runs of holders that died as ``lost``, and keep at
+        most that many runs of the lock; all in the same statement.
+        """
         ...
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease; False means it is definitely lost (taken or ended)."""
         ...
 
-    def release(self, lease: Lease) -> bool:
-        """End our lease now; False means it was no longer ours."""
+    def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
+        """End our lease now; False means it was no longer ours.
+
+        With ``end``, also close the run in the history, and keep the lease
+        taken until ``acquired_at + end.min_hold_s`` in database time.
+        """
         ...
 
     def close(self) -> None:
@@ -169,6 +192,10 @@ class OperatorStore(Protocol):
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Every lock's row, or only ``lock``'s (none if it was never taken)."""
+        ...
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest recorded run of every lock (none where nothing was run)."""
         ...
 
     def release(

@@ -299,7 +299,10 @@ class Outcome:
     """The command's exit status (negative: killed by that signal), if it exited."""
 
     stopped_because: str | None = None
-    """Why leaderrun stopped the command, or None if it ended by itself."""
+    """Why leaderrun stopped the command for its lease, or None if it did not."""
+
+    timed_out: bool = False
+    """leaderrun stopped the command because ``--max-runtime`` passed."""
 
 
 class Supervisor:
@@ -311,6 +314,8 @@ class Supervisor:
         lease: the lease state, published by the renewal thread.
         kill_grace_s: SIGTERM to SIGKILL, when leaderrun stops the child.
         clock: CLOCK_BOOTTIME, or a fake in tests.
+        runtime_deadline_s: when ``--max-runtime`` runs out, on ``clock``; the
+            group is then stopped as for a lost lease, and the outcome says so.
         watchdog: a started watchdog to keep fed with the deadline, if any.
     """
 
@@ -321,6 +326,7 @@ class Supervisor:
         lease: LeaseWatch,
         kill_grace_s: float,
         clock: Callable[[], float] = boottime,
+        runtime_deadline_s: float | None = None,
         watchdog: Watchdog | None = None,
     ) -> None:
         self.child = child
@@ -328,6 +334,7 @@ class Supervisor:
         self.lease = lease
         self.kill_grace_s = kill_grace_s
         self.clock = clock
+        self.runtime_deadline_s = runtime_deadline_s
         self.watchdog = watchdog
         self._escalations = 0
         self._killed = False
@@ -361,6 +368,12 @@ class Supervisor:
             if self.child.reap() is not None:
                 self.finish_group()
                 return Outcome(self.child.returncode)
+            runtime_end_s = self.runtime_deadline_s
+            if runtime_end_s is not None and now_s >= runtime_end_s:
+                self.stop("--max-runtime passed")
+                return Outcome(self.child.returncode, timed_out=True)
+            if runtime_end_s is not None:
+                deadline_s = min(deadline_s, runtime_end_s)
             # poll() counts CLOCK_MONOTONIC, which stops during suspend, so wake
             # at least every tick and re-read CLOCK_BOOTTIME.
             timeout_s = min(SUPERVISOR_TICK_S, max(0.0, deadline_s - now_s))

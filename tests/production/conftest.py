@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from leaderrun.postgres import OPERATOR_PRIVILEGES
+from leaderrun.postgres import OPERATOR_PRIVILEGES, RUN_PRIVILEGES
 from tests.acceptance.conftest import Leaderrun
 from tests.pg import ClusterError, PgCluster, _no_postgres
 from tests.production.cluster import PgBouncer, ReplicatedPair, pgbouncer_binary
@@ -129,9 +129,11 @@ class Operator:
     def grants(self) -> list[str]:
         """Exactly the grants the README and ``init --print-sql`` give an operator."""
         table = f'"{self.schema}".leader_lease'
+        runs = f'"{self.schema}".leader_run'
         return [
             f'GRANT USAGE ON SCHEMA "{self.schema}" TO {{role}}',
             f"GRANT {', '.join(OPERATOR_PRIVILEGES)} ON {table} TO {{role}}",
+            f"GRANT {', '.join(RUN_PRIVILEGES)} ON {runs} TO {{role}}",
         ]
 
     def role(self, grants: list[str] | None = None, **settings: str) -> str:

@@ -55,6 +55,7 @@ def test_a_missing_grant_is_named(operator, lock_name, revoked, expected):
         grants = [
             grants[0],
             grants[1].replace("SELECT, INSERT, UPDATE", ", ".join(kept)),
+            *grants[2:],  # the run history's
         ]
     role = operator.role(grants=grants)
     result = operator.leaderrun(role, lock_name).run("--", "echo", "ran")
@@ -64,3 +65,17 @@ def test_a_missing_grant_is_named(operator, lock_name, revoked, expected):
     assert expected.format(schema=operator.schema, role=role) in result.stderr
     if revoked == "USAGE":  # the table grants are there: only USAGE is asked for
         assert 'ON "' + operator.schema + '"."leader_lease"' not in result.stderr
+        assert 'ON "' + operator.schema + '"."leader_run"' not in result.stderr
+
+
+def test_a_missing_history_grant_is_named(operator, lock_name):
+    """Without the run history's grants: exit 69, naming exactly those."""
+    role = operator.role(grants=operator.grants()[:2])
+    result = operator.leaderrun(role, lock_name).run("--", "echo", "ran")
+    assert (result.returncode, result.stdout) == (69, "")
+    expected = (
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{operator.schema}"."leader_run" '
+        f'TO "{role}"'
+    )
+    assert expected in result.stderr
+    assert '"leader_lease" TO' not in result.stderr

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 from psycopg import sql
 
-from leaderrun.postgres import OPERATOR_PRIVILEGES
+from leaderrun.postgres import OPERATOR_PRIVILEGES, RUN_PRIVILEGES
 from tests.pg import LOOPBACK, PgCluster
 
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]
@@ -57,6 +57,7 @@ def scram_role(pg_cluster: PgCluster, pg_admin) -> Iterator[str]:
         for grant in (
             "GRANT USAGE ON SCHEMA public TO {}",
             f"GRANT {', '.join(OPERATOR_PRIVILEGES)} ON public.leader_lease TO {{}}",
+            f"GRANT {', '.join(RUN_PRIVILEGES)} ON public.leader_run TO {{}}",
         ):
             conn.execute(sql.SQL(grant).format(sql.Identifier(role)))
         text = hba.read_text()

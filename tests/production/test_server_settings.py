@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.acceptance.conftest import read_rest, readline
+from tests.acceptance.conftest import read_rest, readline, wait_for_line
 
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]
 
@@ -30,6 +30,8 @@ def test_idle_session_timeout_closes_the_connection_and_leaderrun_reconnects(
         holder = runner.start(
             "--lease-duration", "12s", "-v", "--", "sh", "-c", "sleep 7; echo done"
         )
+        # The holder must win the start race, or it would be the one to skip.
+        seen = "".join(wait_for_line(holder.stderr, "acquired"))
         waiter = runner.start(
             "--lease-duration", "12s", "--wait", "--", "echo", "waited"
         )
@@ -39,7 +41,7 @@ def test_idle_session_timeout_closes_the_connection_and_leaderrun_reconnects(
             "done\n",
             "waited\n",
         )
-        stderr = read_rest(holder.stderr)
+        stderr = seen + read_rest(holder.stderr)
         # The server did close it, and every renewal found a fresh connection.
         assert "idle-session timeout" in stderr
         assert "lost" not in stderr

@@ -11,6 +11,7 @@ from leaderrun import admin
 from leaderrun.admin import LockState
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import parse_lock_id
+from leaderrun.runs import RunRecord
 from leaderrun.store import (
     REVOKED_HOLDER,
     LeaseRecord,
@@ -115,6 +116,7 @@ def test_json_document_shape_is_stable():
                 "expires_in_s": 20.0,
                 "renewed_ago_s": 2.5,
                 "command": "./backup.sh --full",
+                "last_run": None,
             }
         ],
     }
@@ -137,6 +139,10 @@ def test_text_cells_for_each_state():
         "2026-11-27 02:38:26",
         "in 20.0s",
         "2.5s ago",
+        "-",
+        "-",
+        "-",
+        "-",
         "./backup.sh --full",
     )
     expired = admin.status_cells(admin.lock_status(record(expires_in_s=-125), NOW))
@@ -157,10 +163,14 @@ def test_text_cells_for_each_state():
         "2026-11-27 02:38:26",
         "-",
         "-",
+        "-",
+        "-",
+        "-",
+        "-",
         "./backup.sh --full",
     )
     never = admin.status_cells(admin.never_taken(LOCK))
-    assert never[2:] == ("free", "-", "-", "-", "-", "-", "-")
+    assert never[2:] == ("free", *["-"] * 10)
 
 
 def test_a_multi_line_command_stays_on_one_row():
@@ -232,3 +242,52 @@ def test_iso_utc():
     assert admin.iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == (
         "2026-01-02T03:04:05.000Z"
     )
+
+
+# --- the last run, from the run history (issue 5) --------------------------------
+
+
+def last_run(**kw: object) -> RunRecord:
+    fields: dict[str, object] = {
+        "lock_key": LOCK.key,
+        "lock_name": LOCK.name,
+        "token": 6,
+        "holder": "db2:77:ef01",
+        "host": "db2",
+        "pid": 77,
+        "command": "./backup.sh --full",
+        "window_start": None,
+        "started_at": NOW - timedelta(hours=1),
+        "finished_at": NOW - timedelta(hours=1) + timedelta(seconds=125),
+        "exit_status": 0,
+        "outcome": "ok",
+        "duration_s": 125.0,
+    }
+    fields.update(kw)
+    return RunRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_status_shows_each_locks_last_run():
+    other = parse_lock_id("other")
+    snapshot = LeaseSnapshot(NOW, (record(None),))
+    found = admin.statuses(snapshot, None, [last_run(), last_run(lock_key=other.key)])
+    assert [s.last_run for s in found] == [last_run()]
+    cells = admin.status_cells(found[0])
+    at = admin.COLUMNS.index("LAST RUN (UTC)")
+    assert cells[at : at + 4] == ("2026-11-27 01:40:01", "db2", "ok", "2m05s")
+    [lock] = admin.status_document(found, NOW)["locks"]
+    assert lock["last_run"] == {
+        "token": 6,
+        "host": "db2",
+        "pid": 77,
+        "started_at": "2026-11-27T01:40:01.250Z",
+        "finished_at": "2026-11-27T01:42:06.250Z",
+        "duration_s": 125.0,
+        "exit_status": 0,
+        "outcome": "ok",
+    }
+
+
+def test_a_never_taken_lock_can_still_show_no_run():
+    found = admin.statuses(LeaseSnapshot(NOW, ()), LOCK, [])
+    assert found[0].last_run is None

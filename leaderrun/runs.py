@@ -1,0 +1,233 @@
+"""Cron-grade guards and run history, the pure part: windows and outcomes.
+
+Nothing here reads a clock or does I/O. The database computes the window of a
+``--once-per`` run with its own ``now()`` (``leaderrun.postgres`` mirrors
+:func:`window_start_s` in SQL); this module is the reference the SQL is tested
+against, the arithmetic of the in-memory store, and the classification of how a
+run ended.
+
+Windows are aligned to the Unix epoch in UTC: with ``--once-per 1d
+--once-per-offset 2h`` a window runs from 02:00 UTC to 02:00 UTC the next day.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+DEFAULT_HISTORY_KEEP = 100
+"""Rows of ``leader_run`` kept per lock when ``--history-keep`` is not given."""
+
+
+class RunOutcome(StrEnum):
+    """How a run ended, as recorded in ``leader_run.outcome``."""
+
+    ok = "ok"
+    """The command exited with status 0."""
+    failed = "failed"
+    """The command exited with a non-zero status (or could not be started)."""
+    killed = "killed"
+    """The command died of a signal that did not come from a leaderrun deadline."""
+    timeout = "timeout"
+    """``--max-runtime`` passed and leaderrun stopped the command (exit 124)."""
+    lost = "lost"
+    """The lease was lost while the command ran, or its holder died."""
+
+
+RUNNING = "running"
+"""What ``history`` shows for a run whose lease is still live."""
+
+
+@dataclass(frozen=True)
+class OncePer:
+    """``--once-per``: at most one start per window of database time.
+
+    Args:
+        period_s: the window length, in seconds.
+        offset_s: where windows start, after the multiples of ``period_s``
+            since the Unix epoch (``0 <= offset_s < period_s``).
+        retry_failed: whether a window whose run failed, timed out, was killed
+            or was lost may start again (off: at most one start, whatever
+            happened to it).
+    """
+
+    period_s: float
+    offset_s: float = 0.0
+    retry_failed: bool = False
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run ended, given to the release statement that closes it.
+
+    Args:
+        outcome: the classification (see :func:`classify`).
+        exit_status: leaderrun's view of the command's status (the code, or
+            128+N for signal N); None when the command never produced one.
+        min_hold_s: keep the lease taken until ``acquired_at + min_hold_s`` in
+            database time (``--min-hold``); 0 frees it at once.
+        in_window: the run was a ``--once-per`` window's run, so whether it
+            ended well decides ``--retry-failed``.
+    """
+
+    outcome: RunOutcome
+    exit_status: int | None
+    min_hold_s: float = 0.0
+    in_window: bool = False
+
+    @property
+    def window_ok(self) -> bool | None:
+        """For ``--retry-failed``: whether the window's run ended ok; None if none."""
+        return self.outcome is RunOutcome.ok if self.in_window else None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of ``leader_run``, as ``history`` and ``status`` show it.
+
+    Times are the database's, timezone-aware. ``outcome`` is one of
+    :class:`RunOutcome`'s values, or ``running`` while the lease is live; a run
+    with no outcome whose lease has ended is shown as ``lost`` even before the
+    next holder closes it.
+    """
+
+    lock_key: int
+    lock_name: str | None
+    token: int
+    holder: str
+    host: str | None
+    pid: int | None
+    command: str | None
+    window_start: datetime | None
+    started_at: datetime
+    finished_at: datetime | None
+    exit_status: int | None
+    outcome: str
+    duration_s: float
+    """From start to finish, or to the database's now() while running."""
+
+    @property
+    def lock(self) -> str:
+        """The lock's name, or its key when it has none."""
+        return self.lock_name if self.lock_name is not None else str(self.lock_key)
+
+    def to_json(self) -> dict[str, object]:
+        """The stable JSON shape of ``history --json``: ISO 8601 UTC, seconds."""
+        return {
+            "lock": self.lock,
+            # A string: a 64-bit key loses precision as a JavaScript number.
+            "lock_key": str(self.lock_key),
+            "token": self.token,
+            "holder": self.holder,
+            "host": self.host,
+            "pid": self.pid,
+            "command": self.command,
+            "window": iso_utc(self.window_start),
+            "started_at": iso_utc(self.started_at),
+            "finished_at": iso_utc(self.finished_at),
+            "duration_s": round(self.duration_s, 3),
+            "exit_status": self.exit_status,
+            "outcome": self.outcome,
+        }
+
+
+def window_start_s(now_s: float, period_s: float, offset_s: float = 0.0) -> float:
+    """The start of the window that contains ``now_s`` (seconds since the epoch).
+
+    Windows are ``[offset + k * period, offset + (k + 1) * period)`` for every
+    integer ``k``, so a window starts exactly at its own start and the previous
+    one ends there.
+
+    Raises:
+        ValueError: ``period_s`` is not positive, or ``offset_s`` is outside
+            ``[0, period_s)``.
+    """
+    if not (math.isfinite(period_s) and period_s > 0):
+        raise ValueError(f"a window must be positive, not {period_s!r}s")
+    if not 0 <= offset_s < period_s:
+        raise ValueError(f"offset {offset_s!r}s must be in [0, {period_s!r}s)")
+    return math.floor((now_s - offset_s) / period_s) * period_s + offset_s
+
+
+def classify(
+    returncode: int | None, *, timed_out: bool = False, lease_lost: bool = False
+) -> RunOutcome:
+    """The outcome of a run from how the supervisor saw it end.
+
+    Args:
+        returncode: the command's status as ``subprocess`` reports it (negative
+            for death by a signal), or None if it never exited on its own.
+        timed_out: leaderrun stopped it because ``--max-runtime`` passed.
+        lease_lost: leaderrun stopped it because the lease was lost.
+
+    A deadline that leaderrun enforced wins over the status it caused: a child
+    stopped at ``--max-runtime`` dies of SIGTERM, but its outcome is ``timeout``.
+    """
+    if lease_lost:
+        return RunOutcome.lost
+    if timed_out:
+        return RunOutcome.timeout
+    if returncode is None or returncode < 0:
+        return RunOutcome.killed
+    return RunOutcome.ok if returncode == 0 else RunOutcome.failed
+
+
+def iso_utc(at: datetime | None) -> str | None:
+    """``2026-11-27T02:00:00Z`` (microseconds when there are any), or None."""
+    if at is None:
+        return None
+    text = at.astimezone(UTC).replace(tzinfo=None).isoformat()
+    return f"{text}Z"
+
+
+def format_duration_s(seconds: float) -> str:
+    """A short human duration: ``0.42s``, ``12s``, ``3m05s``, ``2h10m``."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def history_lines(runs: Sequence[RunRecord]) -> list[str]:
+    """``history`` as plain aligned text: a header, then one line per run.
+
+    The window column appears only when some run had a ``--once-per`` window.
+    """
+    if not runs:
+        return ["no runs recorded"]
+    with_window = any(run.window_start is not None for run in runs)
+    header = ["STARTED (UTC)", "LOCK", "TOKEN", "HOST", "PID", "OUTCOME", "EXIT"]
+    header += ["DURATION", *(["WINDOW"] if with_window else []), "COMMAND"]
+    table = [header]
+    for run in runs:
+        row = [
+            run.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            run.lock,
+            str(run.token),
+            run.host or "-",
+            "-" if run.pid is None else str(run.pid),
+            run.outcome,
+            "-" if run.exit_status is None else str(run.exit_status),
+            format_duration_s(run.duration_s),
+        ]
+        if with_window:
+            row.append(iso_utc(run.window_start) or "-")
+        row.append(run.command or "")
+        table.append(row)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    right = {2, 4, 6, 7}  # numbers line up on the right
+    lines = []
+    for row in table:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return lines
