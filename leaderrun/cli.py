@@ -83,7 +83,8 @@ DsnOption = Annotated[
         envvar="LEADERRUN_DSN",
         help="libpq connection string or URI; falls back to the file "
         "LEADERRUN_DSN_FILE names (mode 0600), DATABASE_URL, then libpq's PG* "
-        "variables and service files. Keep passwords in PGPASSFILE or that file.",
+        "variables and service files. Keep passwords in PGPASSFILE or that file. "
+        "sqlite:///PATH uses a SQLite file instead, for the processes of one host.",
         show_default=False,
     ),
 ]
@@ -402,11 +403,14 @@ def run(
     )
     settings = run_settings(options, tuple(command or ()), env)
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.backends import open_store
     from leaderrun.runner import run_command
 
-    store = PostgresLeaseStore(
-        settings.dsn, settings.schema, attempt_budget_s=settings.timing.attempt_budget_s
+    store = open_store(
+        settings.dsn,
+        settings.schema,
+        env,
+        attempt_budget_s=settings.timing.attempt_budget_s,
     )
     raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
 
@@ -442,10 +446,10 @@ def status(
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value)
     lock = None if lock_id is None else parse_lock_id(lock_id)
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.backends import open_store
 
-    store: OperatorStore = PostgresLeaseStore(
-        dsn_value, check_schema(schema), create=False
+    store: OperatorStore = open_store(
+        dsn_value, check_schema(schema), env, create=False
     )
     snapshot = store.snapshot(lock)
     found = admin.statuses(snapshot, lock, store.last_runs())
@@ -529,10 +533,10 @@ def release(
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value)
     lock = lock_from(lock_id, env)
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.backends import open_store
 
-    store: OperatorStore = PostgresLeaseStore(
-        dsn_value, check_schema(schema), create=False
+    store: OperatorStore = open_store(
+        dsn_value, check_schema(schema), env, create=False
     )
     result = store.release(lock, force=force, token=token)
     report = admin.release_report(result, lock, token)
@@ -570,9 +574,16 @@ def init(
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value)
-    from leaderrun.postgres import TABLE, PostgresLeaseStore, setup_sql
+    from leaderrun.backends import is_sqlite, open_store, table_label
 
     if print_sql:
+        if is_sqlite(dsn_value):
+            from leaderrun.sqlite import setup_sql as sqlite_setup_sql
+
+            typer.echo(sqlite_setup_sql(), nl=False)
+            return
+        from leaderrun.postgres import setup_sql
+
         if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
             raise ConfigError(
                 f"--role {role!r} must be a PostgreSQL role name of 1 to "
@@ -580,8 +591,9 @@ def init(
             )
         typer.echo(setup_sql(check_schema(schema), role), nl=False)
         return
-    created = PostgresLeaseStore(dsn_value, check_schema(schema)).init()
-    typer.echo(f"{schema}.{TABLE} {'created' if created else 'already exists'}")
+    created = open_store(dsn_value, check_schema(schema), env).init()
+    label = table_label(dsn_value, schema)
+    typer.echo(f"{label} {'created' if created else 'already exists'}")
 
 
 @app.command("history")
@@ -620,9 +632,11 @@ def history(
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")
     lock = None if lock_id is None else parse_lock_id(lock_id)
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.backends import open_store
 
-    runs = PostgresLeaseStore(dsn_value, check_schema(schema)).history(lock, limit)
+    runs = open_store(dsn_value, check_schema(schema), env, create=False).history(
+        lock, limit
+    )
     if as_json:
         typer.echo(json.dumps([run.to_json() for run in runs], indent=2))
         return

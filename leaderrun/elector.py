@@ -147,9 +147,10 @@ class LeaderElector:
 
     Args:
         lock_id: an integer, or a name hashed to a 64-bit key (as ``--lock-id``).
-        dsn: a libpq connection string or URI; None falls back to
-            ``LEADERRUN_DSN``, then ``DATABASE_URL``, then libpq's ``PG*``
-            variables (as the command line does).
+        dsn: a libpq connection string or URI, or ``sqlite:///PATH`` for the
+            processes of one host; None falls back to ``LEADERRUN_DSN``, then
+            ``DATABASE_URL``, then libpq's ``PG*`` variables (as the command
+            line does), and with none of them it is refused.
         schema: the schema of the ``leader_lease`` table.
         connection_factory: opens psycopg connections instead of ``dsn``; each
             one is switched to autocommit without prepared statements.
@@ -203,19 +204,30 @@ class LeaderElector:
             lease_s, renew_interval_s, jitter_s, kill_grace_s
         )
         if store is None:
-            from leaderrun.postgres import PostgresLeaseStore  # psycopg: only now
-
             resolved_dsn, _ = resolve_dsn(
                 dsn or (env or os.environ).get("LEADERRUN_DSN"),
                 os.environ if env is None else env,
                 "dsn",
             )
-            store = PostgresLeaseStore(
-                "" if connection_factory is not None and dsn is None else resolved_dsn,
-                check_schema(schema),
-                attempt_budget_s=self.timing.attempt_budget_s,
-                connection_factory=connection_factory,
-            )
+            if connection_factory is None:
+                # The DSN picks PostgreSQL or SQLite, as on the command line.
+                from leaderrun.backends import open_store
+
+                store = open_store(
+                    resolved_dsn,
+                    check_schema(schema),
+                    os.environ if env is None else env,
+                    attempt_budget_s=self.timing.attempt_budget_s,
+                )
+            else:
+                from leaderrun.postgres import PostgresLeaseStore  # psycopg: now
+
+                store = PostgresLeaseStore(
+                    "" if dsn is None else resolved_dsn,
+                    check_schema(schema),
+                    attempt_budget_s=self.timing.attempt_budget_s,
+                    connection_factory=connection_factory,
+                )
         self.store: LeaseStore = store
         self.on_elected = on_elected
         self.on_lost = on_lost

@@ -38,6 +38,7 @@ from leaderrun.store import (
     ReleaseAction,
     ReleaseResult,
     key_collision,
+    release_outcome,
 )
 
 log = logging.getLogger("leaderrun")
@@ -748,36 +749,18 @@ class PostgresSession:
             "revoked": REVOKED_HOLDER,
             "token": token,
         }
-        # A lease that runs out between the UPDATE and the snapshot is freed
-        # on the next round; three rounds cannot all lose such a race.
-        for _ in range(3):
+
+        def update() -> ReleaseResult | None:
             row = self._fetch(self._store._operator_release, params)
-            if row is not None:
-                record = _record(row[1:])
-                action = (
-                    ReleaseAction.freed
-                    if record.holder is None
-                    else ReleaseAction.revoked
-                )
-                return ReleaseResult(action, record, row[0])
-            snapshot = self.snapshot(lock)
-            if not snapshot.records:
-                return ReleaseResult(ReleaseAction.unknown, None, snapshot.db_now)
-            record = snapshot.records[0]
-            if token is not None and record.token != token:
-                action = ReleaseAction.changed_hands
-            elif record.holder is None:
-                action = ReleaseAction.free
-            elif record.expires_at <= snapshot.db_now:
-                continue
-            elif record.holder == REVOKED_HOLDER:
-                action = ReleaseAction.already_revoked
-            else:
-                action = ReleaseAction.refused
-            return ReleaseResult(action, record, snapshot.db_now)
-        raise DatabaseUnavailableError(
-            f"could not release {lock}: its row kept changing; try again"
-        )
+            if row is None:
+                return None
+            record = _record(row[1:])
+            action = (
+                ReleaseAction.freed if record.holder is None else ReleaseAction.revoked
+            )
+            return ReleaseResult(action, record, row[0])
+
+        return release_outcome(lock, token, update, lambda: self.snapshot(lock))
 
     def table_exists(self) -> bool:
         """Whether the lease table exists (whatever this role may do with it)."""

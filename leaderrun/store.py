@@ -7,12 +7,13 @@ only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-from leaderrun.errors import ConfigError
+from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId
 from leaderrun.runs import OncePer, RunEnd, RunRecord
 
@@ -206,3 +207,45 @@ class OperatorStore(Protocol):
         With ``token``, only a lease with that fencing token is touched.
         """
         ...
+
+
+def release_outcome(
+    lock: LockId,
+    token: int | None,
+    update: Callable[[], ReleaseResult | None],
+    snapshot: Callable[[], LeaseSnapshot],
+) -> ReleaseResult:
+    """An operator's release: one conditional UPDATE, else why it changed nothing.
+
+    The reason comes from a snapshot read just after. ``update`` runs the
+    store's UPDATE and returns its result, or None when no row matched;
+    ``snapshot`` reads ``lock``'s row. Shared by every store so that each one
+    decides alike.
+
+    Raises:
+        DatabaseUnavailableError: the row kept changing under us.
+    """
+    # A lease that runs out between the UPDATE and the snapshot is freed on
+    # the next round; three rounds cannot all lose such a race.
+    for _ in range(3):
+        done = update()
+        if done is not None:
+            return done
+        seen = snapshot()
+        if not seen.records:
+            return ReleaseResult(ReleaseAction.unknown, None, seen.db_now)
+        record = seen.records[0]
+        if token is not None and record.token != token:
+            action = ReleaseAction.changed_hands
+        elif record.holder is None:
+            action = ReleaseAction.free
+        elif record.expires_at <= seen.db_now:
+            continue
+        elif record.holder == REVOKED_HOLDER:
+            action = ReleaseAction.already_revoked
+        else:
+            action = ReleaseAction.refused
+        return ReleaseResult(action, record, seen.db_now)
+    raise DatabaseUnavailableError(
+        f"could not release {lock}: its row kept changing; try again"
+    )

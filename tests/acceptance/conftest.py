@@ -2,6 +2,12 @@
 
 Every process a test starts is killed at teardown, whatever happened, so a
 failing test cannot leave a child holding a lock for the next one.
+
+A test that uses ``leaderrun`` (or ``store_kind``) runs once per lease store:
+``[postgres]`` on the session's PostgreSQL, ``[sqlite]`` on a SQLite file of its
+own. ``@pytest.mark.stores("postgres")`` keeps a test to the stores it names,
+for faults that only one of them has. ``lease_admin`` reads and tampers with
+the lease row on either store, as an operator would.
 """
 
 from __future__ import annotations
@@ -10,15 +16,19 @@ import contextlib
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from tests.helpers.processes import pid_gone
 
@@ -182,9 +192,145 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+STORES = ("postgres", "sqlite")
+"""Every lease store the behavioural tests run against."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that needs a store once per store (those its mark allows)."""
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("stores")
+    kinds = marker.args if marker is not None else STORES
+    unknown = set(kinds) - set(STORES)
+    if unknown:
+        raise pytest.UsageError(f"unknown stores {sorted(unknown)}; use {STORES}")
+    metafunc.parametrize(
+        "store_kind",
+        [
+            # Only the PostgreSQL run needs the server: mark it, so that
+            # -m "not pg" still runs the SQLite half.
+            pytest.param(kind, marks=pytest.mark.pg if kind == "postgres" else ())
+            for kind in kinds
+        ],
+    )
+
+
 @pytest.fixture
-def leaderrun(pg_dsn: str, lock_name: str) -> Iterator[Leaderrun]:
-    """A factory of leaderrun processes on this test's own lock."""
-    runner = Leaderrun(pg_dsn, lock_name)
+def store_dsn(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The DSN of this test's store: the session's PostgreSQL, or a fresh file."""
+    if store_kind == "postgres":
+        dsn: str = request.getfixturevalue("pg_dsn")
+        return dsn
+    return f"sqlite://{tmp_path}/leases.db"
+
+
+@pytest.fixture
+def leaderrun(store_dsn: str, lock_name: str) -> Iterator[Leaderrun]:
+    """A factory of leaderrun processes on this test's own lock and store."""
+    runner = Leaderrun(store_dsn, lock_name)
     yield runner
     runner.kill_all()
+
+
+class LeaseAdmin:
+    """An operator's SQL on the lease row, spelled for the store under test."""
+
+    def __init__(
+        self,
+        store_kind: str,
+        store_dsn: str,
+        pg_admin: Callable[[], psycopg.Connection[TupleRow]] | None,
+    ) -> None:
+        self.store_kind = store_kind
+        self.store_dsn = store_dsn
+        self.pg_admin = pg_admin
+
+    def sqlite(self) -> sqlite3.Connection:
+        """An autocommit connection to the SQLite file (sqlite only)."""
+        path = self.store_dsn.removeprefix("sqlite://")
+        return sqlite3.connect(path, isolation_level=None, timeout=READ_TIMEOUT_S)
+
+    def row(self, lock: str) -> tuple[str | None, int, bool]:
+        """(holder, token, whether the lease has ended) of the lock's row."""
+        if self.pg_admin is not None:
+            with self.pg_admin() as conn:
+                found = conn.execute(
+                    "SELECT holder, token, expires_at <= now() FROM leader_lease"
+                    " WHERE lock_name = %s",
+                    (lock,),
+                ).fetchone()
+        else:
+            with contextlib.closing(self.sqlite()) as conn:
+                found = conn.execute(
+                    "SELECT holder, token,"
+                    " expires_at <= (julianday('now') - 2440587.5) * 86400.0"
+                    " FROM leader_lease WHERE lock_name = ?",
+                    (lock,),
+                ).fetchone()
+        assert found is not None, f"no row for {lock}"
+        holder, token, ended = found
+        return holder, token, bool(ended)
+
+    def expires_at(self, lock: str) -> datetime:
+        """When the lock's lease ends, in UTC, as the store has it."""
+        if self.pg_admin is not None:
+            with self.pg_admin() as conn:
+                found = conn.execute(
+                    "SELECT expires_at FROM leader_lease WHERE lock_name = %s",
+                    (lock,),
+                ).fetchone()
+            assert found is not None
+            expires_at: datetime = found[0]
+            return expires_at
+        with contextlib.closing(self.sqlite()) as conn:
+            (unix_s,) = conn.execute(
+                "SELECT expires_at FROM leader_lease WHERE lock_name = ?", (lock,)
+            ).fetchone()
+        return datetime.fromtimestamp(unix_s, UTC)
+
+    def runs_recorded(self, lock: str) -> int:
+        """How many rows the run history keeps for the lock."""
+        if self.pg_admin is not None:
+            with self.pg_admin() as conn:
+                found = conn.execute(
+                    "SELECT count(*) FROM leader_run WHERE lock_name = %s", (lock,)
+                ).fetchone()
+        else:
+            with contextlib.closing(self.sqlite()) as conn:
+                found = conn.execute(
+                    "SELECT count(*) FROM leader_run WHERE lock_name = ?", (lock,)
+                ).fetchone()
+        assert found is not None
+        return int(found[0])
+
+    def take_over(self, lock: str) -> datetime:
+        """Give the lock to 'thief' with a new token; the expiry it had, in UTC."""
+        if self.pg_admin is not None:
+            with self.pg_admin() as conn:
+                found = conn.execute(
+                    "UPDATE leader_lease SET holder = 'thief', token = token + 1"
+                    " WHERE lock_name = %s RETURNING expires_at",
+                    (lock,),
+                ).fetchone()
+            assert found is not None
+            expires_at: datetime = found[0]
+            return expires_at
+        with contextlib.closing(self.sqlite()) as conn:
+            # fetchall: the UPDATE commits only once RETURNING is read to the end.
+            rows = conn.execute(
+                "UPDATE leader_lease SET holder = 'thief', token = token + 1"
+                " WHERE lock_name = ? RETURNING expires_at",
+                (lock,),
+            ).fetchall()
+        assert len(rows) == 1
+        return datetime.fromtimestamp(rows[0][0], UTC)
+
+
+@pytest.fixture
+def lease_admin(
+    store_kind: str, store_dsn: str, request: pytest.FixtureRequest
+) -> LeaseAdmin:
+    """Reads and changes the lease row of the store under test."""
+    pg_admin = request.getfixturevalue("pg_admin") if store_kind == "postgres" else None
+    return LeaseAdmin(store_kind, store_dsn, pg_admin)

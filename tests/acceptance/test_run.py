@@ -1,4 +1,7 @@
-"""``leaderrun run`` end to end: real processes, real signals, a real PostgreSQL."""
+"""``leaderrun run`` end to end: real processes, real signals, real stores.
+
+Every test that uses the ``leaderrun`` fixture runs on PostgreSQL and on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from tests.acceptance.conftest import (
 )
 from tests.helpers.processes import pid_gone
 
-pytestmark = [pytest.mark.pg, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 
 def test_runs_the_command_and_exits_with_its_status(leaderrun):
@@ -168,9 +171,11 @@ def test_busy_exit_code_can_be_overridden(leaderrun):
     assert leaderrun.run("--", "true").returncode == 75
 
 
-def test_child_environment(leaderrun, pg_dsn):
+def test_child_environment(leaderrun, store_kind):
     """The child gets the lease in its environment, and no inherited LEADERRUN_*."""
-    secret_dsn = f"{pg_dsn} password=sekrit-in-dsn"
+    # A libpq DSN can carry a password; a SQLite one has none to hide.
+    secret = " password=sekrit-in-dsn" if store_kind == "postgres" else ""
+    secret_dsn = f"{leaderrun.dsn}{secret}"
     proc = subprocess.run(
         [sys.executable, "-m", "leaderrun", "--lock-id", leaderrun.lock, "--", "env"],
         capture_output=True,
@@ -197,20 +202,14 @@ def test_child_environment(leaderrun, pg_dsn):
     assert "sekrit-in-dsn" not in proc.stdout + proc.stderr
 
 
-def test_release_frees_the_lock_and_tokens_increase(leaderrun, pg_admin):
+def test_release_frees_the_lock_and_tokens_increase(leaderrun, lease_admin):
     """After a run the row stays with no holder; each run gets a larger token."""
     tokens = []
     for _ in range(3):
         out = leaderrun.run("--", "sh", "-c", "echo $LEADERRUN_FENCING_TOKEN").stdout
         tokens.append(int(out))
     assert tokens == [1, 2, 3]
-    with pg_admin() as conn:
-        row = conn.execute(
-            "SELECT holder, token, expires_at <= now() FROM leader_lease"
-            " WHERE lock_name = %s",
-            (leaderrun.lock,),
-        ).fetchone()
-    assert row == (None, 3, True)
+    assert lease_admin.row(leaderrun.lock) == (None, 3, True)
 
 
 def test_signals_are_forwarded_to_the_whole_group(leaderrun):
@@ -293,16 +292,11 @@ def test_kill_9_kills_the_child_and_a_waiter_takes_over(leaderrun, tmp_path):
 
 
 @pytest.mark.timing
-def test_lease_taken_by_an_admin_stops_the_child_with_122(leaderrun, pg_admin):
+def test_lease_taken_by_an_admin_stops_the_child_with_122(leaderrun, lease_admin):
     """An admin UPDATE that takes the lease: the child is stopped, exit 122, in time."""
     proc = leaderrun.start(*FAST, "--", *child("--grandchild"))
     pids = [int(readline(proc.stdout).split()[1]) for _ in range(2)]
-    with pg_admin() as conn:
-        expires_at = conn.execute(
-            "UPDATE leader_lease SET holder = 'thief', token = token + 1"
-            " WHERE lock_name = %s RETURNING expires_at",
-            (leaderrun.lock,),
-        ).fetchone()[0]
+    expires_at = lease_admin.take_over(leaderrun.lock)
     assert proc.wait(timeout=15) == 122
     stopped_at = datetime.now(UTC)
     assert all(pid_gone(pid) for pid in pids)
@@ -312,6 +306,7 @@ def test_lease_taken_by_an_admin_stops_the_child_with_122(leaderrun, pg_admin):
 
 
 @pytest.mark.timing
+@pytest.mark.stores("postgres")  # SQLite's equivalent: test_sqlite.py
 def test_frozen_database_still_gets_the_child_killed_on_time(
     leaderrun, pg_admin, pg_cluster
 ):

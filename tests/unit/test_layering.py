@@ -23,6 +23,8 @@ CORE_MODULES = [
     "leaderrun.decorators",
     "leaderrun.testing",
     "leaderrun.admin",
+    "leaderrun.backends",
+    "leaderrun.sqlite",
 ]
 
 _PROBE = """

@@ -1,0 +1,150 @@
+"""Which store a DSN names: PostgreSQL for a fleet, SQLite for one host.
+
+``--dsn sqlite:///var/lib/leaderrun/leases.db`` picks the embedded store; any
+other DSN (a ``postgresql://`` URI or ``key=value`` pairs) is PostgreSQL's. With
+no DSN at all, PostgreSQL is still chosen when libpq's own variables name a
+server (``PGHOST``, ``PGSERVICE``, ...); otherwise leaderrun refuses rather than
+guess: a silent default could put two nodes on two different databases.
+
+The store modules are imported only once chosen, so a SQLite run never loads
+psycopg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from leaderrun.config import DEFAULT_SCHEMA
+from leaderrun.errors import ConfigError
+from leaderrun.lease import LockId
+from leaderrun.runs import RunRecord
+from leaderrun.store import LeaseStore, OperatorStore
+
+SQLITE_SCHEME = "sqlite"
+"""The URI scheme of the embedded store: ``sqlite:///absolute/path.db``."""
+
+LIBPQ_TARGET_VARIABLES = (
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGSERVICE",
+)
+"""libpq variables that say which server to use; any of them is a configuration.
+
+``PGPASSWORD`` or ``PGPASSFILE`` alone is not: they say how to log in, not where.
+"""
+
+NO_DSN_MESSAGE = (
+    "no database given: pass --dsn postgresql://HOST/DB to share a lock across "
+    "a fleet, or --dsn sqlite:///PATH/leases.db for the processes of one host "
+    "(or set LEADERRUN_DSN, LEADERRUN_DSN_FILE, DATABASE_URL or libpq's "
+    "PGHOST/PGSERVICE)"
+)
+"""The refusal when nothing names a database."""
+
+
+class ManagedStore(LeaseStore, OperatorStore, Protocol):
+    """A lease store that also serves the operators and can create its table."""
+
+    def init(self) -> bool:
+        """Create the lease table if it is missing; True if it was created."""
+        ...
+
+    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
+        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first."""
+        ...
+
+
+def is_sqlite(dsn: str) -> bool:
+    """Whether the DSN names the embedded store (``sqlite:...``)."""
+    return dsn.strip().lower().startswith(SQLITE_SCHEME + ":")
+
+
+def sqlite_path(dsn: str, label: str = "--dsn") -> Path:
+    """The absolute file path of a ``sqlite:///path`` DSN.
+
+    ``sqlite:///var/lib/x.db`` (a file URI's form) and ``sqlite:////var/lib/x.db``
+    (SQLAlchemy's absolute form) name the same file.
+
+    Raises:
+        ConfigError: a relative path, a host, parameters, or no file name.
+    """
+    parts = urlsplit(dsn.strip())
+    example = "e.g. sqlite:///var/lib/leaderrun/leases.db"
+    if parts.netloc:
+        raise ConfigError(
+            f"{label} {dsn!r} names a host; a SQLite file is local: use three "
+            f"slashes and an absolute path, {example}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{label} {dsn!r} takes no parameters; use only {example}")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        # cron starts jobs in $HOME, a shell wherever it is: a relative path could
+        # give two entries two files, and both would run.
+        raise ConfigError(
+            f"{label} {dsn!r} must give an absolute path, so that every process "
+            f"finds the same file whatever its working directory; {example}"
+        )
+    if path.endswith("/") or "\x00" in path:
+        raise ConfigError(f"{label} {dsn!r} must name a file; {example}")
+    return Path("/" + path.lstrip("/"))
+
+
+def configured(dsn: str, env: Mapping[str, str]) -> bool:
+    """Whether a database is named: a DSN, or libpq variables that name a server."""
+    return bool(dsn.strip()) or any(env.get(name) for name in LIBPQ_TARGET_VARIABLES)
+
+
+def open_store(
+    dsn: str,
+    schema: str,
+    env: Mapping[str, str],
+    *,
+    attempt_budget_s: float = 5.0,
+    create: bool = True,
+) -> ManagedStore:
+    """The store the DSN names, ready to connect.
+
+    Args:
+        dsn: the resolved DSN (``config.resolve_dsn``); empty means libpq's
+            environment, which must then name a server.
+        schema: the PostgreSQL schema; SQLite has none, so only the default.
+        env: leaderrun's environment, to see libpq's variables.
+        attempt_budget_s: how long one statement may take (TCP timeouts for
+            PostgreSQL, the lock wait for SQLite).
+        create: create the table on first use if it is missing.
+
+    Raises:
+        ConfigError: no database named, or a bad DSN for the chosen store.
+    """
+    if not configured(dsn, env):
+        raise ConfigError(NO_DSN_MESSAGE)
+    if is_sqlite(dsn):
+        path = sqlite_path(dsn)
+        if schema != DEFAULT_SCHEMA:
+            raise ConfigError(
+                f"--schema {schema!r} is for PostgreSQL; a SQLite file has one "
+                "leader_lease table (drop --schema, or use another file)"
+            )
+        from leaderrun.sqlite import SqliteLeaseStore
+
+        return SqliteLeaseStore(path, busy_s=attempt_budget_s, create=create)
+    # psycopg costs ~100 ms to import: only a PostgreSQL run pays for it.
+    from leaderrun.postgres import PostgresLeaseStore
+
+    return PostgresLeaseStore(
+        dsn, schema, attempt_budget_s=attempt_budget_s, create=create
+    )
+
+
+def table_label(dsn: str, schema: str) -> str:
+    """The lease table as ``leaderrun init`` names it."""
+    if is_sqlite(dsn):
+        return f"leader_lease in {sqlite_path(dsn)}"
+    return f"{schema}.leader_lease"
