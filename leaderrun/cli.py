@@ -353,6 +353,15 @@ def run(
             show_default=False,
         ),
     ] = None,
+    watchdog: Annotated[
+        bool,
+        typer.Option(
+            "--watchdog/--no-watchdog",
+            envvar="LEADERRUN_WATCHDOG",
+            help="Run a watchdog process that stops the command at the deadline "
+            "if leaderrun itself is paused (SIGSTOP, swap storm).",
+        ),
+    ] = True,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
     log_format: LogFormatOption = LogFormat.text,
@@ -377,6 +386,7 @@ def run(
         retry_failed=retry_failed,
         max_runtime=max_runtime,
         history_keep=history_keep,
+        watchdog=watchdog,
         labels=_labels(
             ctx,
             (

@@ -87,6 +87,7 @@ class RawRunOptions:
     retry_failed: bool = False
     max_runtime: str | None = None
     history_keep: int | None = None
+    watchdog: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     """How to name an option in messages when it came from elsewhere than its flag."""
 
@@ -116,6 +117,8 @@ class RunSettings:
     """``--max-runtime``: stop the command after this long and exit 124."""
     history_keep: int = DEFAULT_HISTORY_KEEP
     """``--history-keep``: runs of the lock kept in ``leader_run``."""
+    watchdog: bool = True
+    """Run the watchdog process that stops the child if leaderrun is paused."""
 
 
 def resolve_dsn(
@@ -256,6 +259,7 @@ def run_settings(
         once_per=once_per,
         max_runtime_s=max_runtime_s,
         history_keep=history_keep,
+        watchdog=options.watchdog,
     )
 
 

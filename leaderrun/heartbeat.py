@@ -47,10 +47,15 @@ class LeaseState:
         """Record a renewal sent at ``t_sent_s`` that succeeded at ``now_s``.
 
         Returns False (and changes nothing) if the reply came too late to count,
-        or the kill has already begun.
+        the renewal was sent after the current deadline, or the kill has begun.
         """
         with self._lock:
             if self._frozen or self._lost is not None:
+                return False
+            if t_sent_s >= self._deadline_s:
+                # Sent after the deadline had passed (leaderrun was paused): the
+                # child should already be dying, and a renewal must not revive a
+                # lease that may have lapsed (rule 6, lease-safety F2).
                 return False
             if not reply_in_time(t_sent_s, now_s, timing):
                 return False
@@ -184,9 +189,17 @@ class Renewer:
         The renewal thread calls this in a loop; a caller that never started the
         thread (a test on a fake clock) may call it directly when it is due.
         Returns True (renewed in time), False (lost, reported to ``state``) or
-        None (failed or late; retried soon, and the deadline decides).
+        None (failed or late; retried soon, and the deadline decides). Past the
+        deadline it sends nothing and reports the loss.
         """
         t_sent_s = self.clock()
+        deadline_s, _ = self.state.snapshot()
+        if t_sent_s >= deadline_s:
+            # Woken past the deadline (leaderrun was stopped, or the machine
+            # slept): the child must be stopped before anything else, so do not
+            # renew first (lease-safety F2, F15).
+            self.state.lose("the kill deadline passed before the next renewal")
+            return False
         outcome = self.attempt()
         if outcome is True:
             if self.state.extend(t_sent_s, self.clock(), self.timing):

@@ -169,10 +169,15 @@ SELECT false, l.token, l.holder, l.host, l.pid,
 
 # A compare-and-swap on (holder, token): every takeover bumps the token, so a
 # match proves nobody acquired in between, and a stale renewal matches nothing.
+# An expired lease is not renewed either: a renewal held up (a frozen server, a
+# row lock) until after expiry comes too late for its holder, which has stopped
+# its child; reviving the row would only keep every contender out for one more
+# lease.
 _RENEW: LiteralString = """
 UPDATE {table}
    SET expires_at = now() + make_interval(secs => %(lease_s)s), renewed_at = now()
- WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s"""
+ WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
+   AND expires_at > now()"""
 
 # Release keeps the row, and so the token, for the life of the table. With a
 # run's end it also closes the run (overriding a 'lost' that another node guessed:

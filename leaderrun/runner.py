@@ -49,6 +49,7 @@ from leaderrun.supervisor import (
     job_control_ignored,
     resolve_command,
 )
+from leaderrun.watchdog import Watchdog
 
 log = logging.getLogger("leaderrun")
 
@@ -249,15 +250,25 @@ class Run:
         s = self.settings
         lease = acquired.lease
         state = LeaseState(kill_deadline(acquired.t_sent_s, s.timing))
+        watchdog = None
+        if s.watchdog:
+            # Forked before become_subreaper(), so it is not our child, and
+            # before any thread exists.
+            watchdog = Watchdog(s.timing.kill_grace_s, self.clock)
+            watchdog.start()
         become_subreaper()
         env = child_environment(self.env, lease, s, acquired.window_start)
         try:
             child = Child(s.command, env)
         except LeaderrunError as exc:
+            if watchdog is not None:
+                watchdog.close()
             end = self._end(RunOutcome.failed, exc.exit_code, started=False)
             self._release(acquired.session, lease, end)
             acquired.session.close()
             raise
+        if watchdog is not None:
+            watchdog.arm(child.pgid)
         runtime_deadline_s = (
             None if s.max_runtime_s is None else self.clock() + s.max_runtime_s
         )
@@ -280,6 +291,7 @@ class Run:
             s.timing.kill_grace_s,
             self.clock,
             runtime_deadline_s=runtime_deadline_s,
+            watchdog=watchdog,
         )
         with job_control_ignored():
             renewer.start()
@@ -288,9 +300,11 @@ class Run:
             except BaseException:
                 log.exception("the supervisor failed; killing the command")
                 supervisor.kill_everything()
+                self._disarm(watchdog)
                 self._finish(renewer, lease, self._end(RunOutcome.killed, None))
                 child.close()
                 return EXIT_INTERNAL
+        self._disarm(watchdog)
         status = None if outcome.returncode is None else exit_status(outcome.returncode)
         run_outcome = classify(
             outcome.returncode,
@@ -323,6 +337,12 @@ class Run:
             extra={"event": "child_exit", "status": exit_status(outcome.returncode)},
         )
         return exit_status(outcome.returncode)
+
+    def _disarm(self, watchdog: Watchdog | None) -> None:
+        """The group is gone: tell the watchdog, which then exits."""
+        if watchdog is not None:
+            watchdog.disarm()
+            watchdog.close()
 
     def _end(
         self, outcome: RunOutcome, status: int | None, *, started: bool = True

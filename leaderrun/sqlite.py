@@ -263,12 +263,14 @@ _LAST_RUNS = (
  ORDER BY r.lock_key"""
 )
 
-# A compare-and-swap on (holder, token), as in PostgreSQL.
+# A compare-and-swap on (holder, token), as in PostgreSQL; and, as there, an
+# expired lease is not revived by a renewal that comes too late to count.
 _RENEW = """
 UPDATE leader_lease
    SET expires_at = (julianday('now') - 2440587.5) * 86400.0 + :lease_s,
        renewed_at = (julianday('now') - 2440587.5) * 86400.0
- WHERE lock_key = :key AND holder = :holder AND token = :token"""
+ WHERE lock_key = :key AND holder = :holder AND token = :token
+   AND expires_at > (julianday('now') - 2440587.5) * 86400.0"""
 
 # Release keeps the row, and so the token, for the life of the file.
 _RELEASE = """

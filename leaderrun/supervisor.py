@@ -26,6 +26,7 @@ from typing import Protocol
 from leaderrun.clock import boottime
 from leaderrun.errors import CommandNotExecutableError, CommandNotFoundError
 from leaderrun.lease import SUPERVISOR_TICK_S
+from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
 log = logging.getLogger("leaderrun")
 
@@ -315,6 +316,7 @@ class Supervisor:
         clock: CLOCK_BOOTTIME, or a fake in tests.
         runtime_deadline_s: when ``--max-runtime`` runs out, on ``clock``; the
             group is then stopped as for a lost lease, and the outcome says so.
+        watchdog: a started watchdog to keep fed with the deadline, if any.
     """
 
     def __init__(
@@ -325,6 +327,7 @@ class Supervisor:
         kill_grace_s: float,
         clock: Callable[[], float] = boottime,
         runtime_deadline_s: float | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.child = child
         self.inbox = inbox
@@ -332,6 +335,7 @@ class Supervisor:
         self.kill_grace_s = kill_grace_s
         self.clock = clock
         self.runtime_deadline_s = runtime_deadline_s
+        self.watchdog = watchdog
         self._escalations = 0
         self._killed = False
 
@@ -345,16 +349,25 @@ class Supervisor:
         for fd in (self.inbox.fileno(), self.child.pidfd, self.lease.fileno()):
             poller.register(fd, select.POLLIN)
         while True:
-            self.forward_signals()
-            if self.child.reap() is not None:
-                self.finish_group()
-                return Outcome(self.child.returncode)
+            # The deadline comes first: after a pause (SIGSTOP, a swap storm)
+            # the child is stopped before anything else, even if it already
+            # died (the watchdog may have killed it while we were stopped).
             deadline_s, lost = self.lease.snapshot()
             now_s = self.clock()
+            if self.watchdog is not None:
+                if now_s >= self.watchdog.fed_deadline_s:
+                    # We were stopped past the deadline the watchdog knew: it
+                    # has stopped the command, whatever renewed meanwhile.
+                    lost = lost or "leaderrun was paused past its kill deadline"
+                self.watchdog.feed(deadline_s + WATCHDOG_LATE_S)
             if lost is not None or now_s >= deadline_s:
                 reason = lost or "no renewal succeeded before the kill deadline"
                 self.stop(reason)
                 return Outcome(self.child.returncode, stopped_because=reason)
+            self.forward_signals()
+            if self.child.reap() is not None:
+                self.finish_group()
+                return Outcome(self.child.returncode)
             runtime_end_s = self.runtime_deadline_s
             if runtime_end_s is not None and now_s >= runtime_end_s:
                 self.stop("--max-runtime passed")
@@ -393,6 +406,9 @@ class Supervisor:
         """
         self.lease.freeze()
         log.error("stopping the command: %s", reason)
+        if self.watchdog is not None:
+            # Should we be stopped during the grace, the watchdog sends the SIGKILL.
+            self.watchdog.stopping(self.clock() + self.kill_grace_s + WATCHDOG_LATE_S)
         self.child.signal_group(signal.SIGTERM)
         self.child.signal_adopted(signal.SIGTERM)
         self._wait_gone(self.clock() + self.kill_grace_s)

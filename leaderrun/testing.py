@@ -246,6 +246,8 @@ class InMemoryLeaseStore:
             if row is None or (row.holder, row.token) != (lease.holder, lease.token):
                 return False
             now_s = self.clock()
+            if row.expires_at_s <= now_s:  # as the SQL: an expired lease stays so
+                return False
             self.rows[lease.lock.key] = replace(
                 row, renewed_at_s=now_s, expires_at_s=now_s + lease_s
             )

@@ -236,6 +236,27 @@ def test_a_renewal_after_a_takeover_changes_nothing(session, db, lock):
     assert session.release(again) is False
 
 
+def test_a_renewal_after_expiry_does_not_revive_the_lease(session, store, db, lock):
+    """As in PostgreSQL: past expiry, the holder's renewal matches nothing, and a
+    contender takes the lock at once."""
+    lease = session.acquire(lock, claim(1), LEASE_S).lease
+    assert lease is not None
+    expire(db, lock)
+    assert session.renew(lease, LEASE_S) is False
+    with admin(db) as conn:
+        (expires_at,) = conn.execute(
+            "SELECT expires_at FROM leader_lease WHERE lock_key = ?", (lock.key,)
+        ).fetchone()
+    assert expires_at < time.time()
+    other = store.connect()
+    try:
+        assert other.acquire(lock, claim(2), LEASE_S).lease == Lease(
+            lock, claim(2).holder, 2
+        )
+    finally:
+        other.close()
+
+
 def test_release_keeps_the_row_and_the_token_keeps_growing(session, db, lock):
     """Release frees the lock but keeps the row; each holder gets the next token."""
     for n in range(1, 4):

@@ -324,6 +324,24 @@ def test_a_renewal_after_a_takeover_changes_nothing(
     assert (after["holder"], after["token"]) == (claim(taker).holder, fresh.token)
 
 
+def test_a_renewal_after_expiry_does_not_revive_the_lease(
+    store, session, open_session, pg_admin, schema, lock
+):
+    """Held up past expiry (nobody took over yet), a renewal matches 0 rows, and a
+    contender can take the lock at once instead of a whole lease later."""
+    lease = acquired(session.acquire(lock, claim(1), LEASE_S))
+    expire(pg_admin, schema, lock)
+    before = row_of(pg_admin, schema, lock)
+    assert not session.renew(lease, 600.0)
+    after = row_of(pg_admin, schema, lock)
+    assert before is not None
+    assert after is not None
+    kept = ("lock_name", "holder", "token", "expires_at")
+    assert [after[k] for k in kept] == [before[k] for k in kept]
+    fresh = acquired(open_session(store).acquire(lock, claim(2), LEASE_S))
+    assert fresh.token == lease.token + 1
+
+
 def test_release_keeps_the_row_and_the_token_keeps_growing(
     session, pg_admin, schema, lock
 ):

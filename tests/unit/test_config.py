@@ -97,6 +97,12 @@ def test_run_settings_defaults():
     )
 
 
+def test_watchdog_is_on_unless_turned_off():
+    """The watchdog is on by default; the option turns it off."""
+    assert settings(lock_id="x").watchdog is True
+    assert settings(lock_id="x", watchdog=False).watchdog is False
+
+
 def test_run_settings_without_command_is_an_error():
     """An empty command is refused with an example of where it goes."""
     assert config_error(run_settings, RawRunOptions(lock_id="7"), (), {}) == (

@@ -176,6 +176,14 @@ def test_a_reply_after_its_own_deadline_is_refused(state):
     assert state.snapshot() == (own_deadline_s, None)
 
 
+def test_a_renewal_sent_after_the_deadline_is_refused(state):
+    """Sent once the deadline had passed (leaderrun was paused), it cannot revive."""
+    deadline_s = kill_deadline(100.0, DEFAULT)
+    assert not state.extend(deadline_s, deadline_s + 0.1, DEFAULT)
+    assert not state.extend(deadline_s + 5.0, deadline_s + 5.1, DEFAULT)
+    assert state.snapshot() == (deadline_s, None)
+
+
 def test_extend_is_refused_after_freeze(state):
     """Once frozen, even a timely renewal is refused: the kill has begun."""
     state.freeze()
@@ -286,6 +294,20 @@ def test_the_thread_reports_a_takeover_and_ends(holders):
     assert "taken over" in lost
     assert "token 1" in lost
     wait_until(lambda: not holder.renewer.alive(), "the renewal thread ended")
+
+
+def test_woken_past_the_deadline_it_reports_a_loss_and_does_not_renew(holders):
+    """After a pause past the deadline, the thread stops the child first (F2, F15)."""
+    clock = FakeClock()
+    holder = holders(FAST, clock)
+    clock.advance(holder.first_deadline_s - clock() + 1.0)
+    holder.renewer.start()
+    assert readable(holder.state.fileno(), WAIT_S)
+    assert holder.state.snapshot()[1] == (
+        "the kill deadline passed before the next renewal"
+    )
+    wait_until(lambda: not holder.renewer.alive(), "the renewal thread ended")
+    assert holder.store.statements["renew"] == 0
 
 
 def test_a_crashing_store_is_a_failed_attempt_not_a_dead_thread(holders, caplog):

@@ -510,6 +510,21 @@ def test_a_loss_reported_by_the_watch_stops_the_command(setups):
     assert setup.sent() == ["freeze", "group SIGTERM"]
 
 
+def test_a_passed_deadline_wins_over_a_child_that_already_died(setups):
+    """Woken past the deadline, the run is a loss even if the child is already dead.
+
+    A watchdog may have killed it while leaderrun was stopped; its status must not
+    be passed off as the command's own.
+    """
+    setup = setups(sys.executable, "-c", "raise SystemExit(3)")
+    assert setup.lines.rest() == []  # EOF: the command has exited
+    setup.watch.deadline_s = boottime() - 1.0
+    outcome = setup.run()
+    assert outcome.stopped_because == "no renewal succeeded before the kill deadline"
+    assert outcome.returncode == 3
+    assert setup.sent()[0] == "freeze"
+
+
 # --- Supervisor, as a subreaper in a fresh interpreter -------------------------
 #
 # Each scenario below runs in a new interpreter that calls become_subreaper()

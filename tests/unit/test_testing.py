@@ -171,6 +171,15 @@ def test_a_stale_holder_can_neither_renew_nor_release(store, clock):
     assert store.rows[LOCK.key] == after_takeover
 
 
+def test_an_expired_lease_is_not_renewed(store, clock):
+    """A renewal that lands after expiry, even by the holder, changes nothing."""
+    lease = take(store)
+    clock.advance(LEASE_S)
+    before = store.rows[LOCK.key]
+    assert not store.connect().renew(lease, LEASE_S)
+    assert store.rows[LOCK.key] == before
+
+
 def test_renew_of_an_unknown_lock_is_refused(store):
     """Renewing a lock that has no row at all reports the lease as lost."""
     assert not store.connect().renew(Lease(LOCK, claim(1).holder, 1), LEASE_S)

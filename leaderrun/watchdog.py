@@ -1,0 +1,256 @@
+"""The watchdog: stops the child's group on time when leaderrun itself cannot.
+
+The supervisor enforces the kill deadline from leaderrun's main thread. If the
+whole leaderrun process is stopped (SIGSTOP, a debugger, a swap storm, a frozen
+cgroup), no thread of it runs, the lease expires in the database, another node
+takes over, and the old child runs on: the one gap a plain lease leaves
+(lease-safety F2).
+
+The watchdog is a second, tiny process that shares nothing with leaderrun but a
+pipe. The supervisor tells it the child's process group, then the kill deadline
+after every renewal; if a deadline passes without being moved, the watchdog does
+what the supervisor would have done: SIGTERM to the group and to every
+descendant of leaderrun, SIGKILL after the kill grace. It also SIGKILLs the
+group when the pipe closes without a disarm, i.e. when leaderrun died abruptly
+(``kill -9``): the parent-death signal reaches only the direct child, not the
+grandchildren in its group.
+
+It is forked (twice, so that it is not leaderrun's child and never shows up
+among the processes the supervisor reaps and waits for) from the main thread
+before any other thread exists, closes every inherited descriptor but its pipe
+and stderr, starts its own session so that terminal signals and a ``kill
+-STOP`` of leaderrun's group do not reach it, and exits as soon as the pipe
+closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import select
+import signal
+import struct
+from collections.abc import Callable
+
+from leaderrun.clock import boottime
+
+log = logging.getLogger("leaderrun")
+
+WATCHDOG_LATE_S = 0.1
+"""The watchdog acts this long after the deadline the supervisor itself acts on.
+
+A running supervisor has then already begun the stop and told the watchdog, so
+the child never gets SIGTERM twice. It is within the kill-confirm allowance K of
+the timing inequality, as the watchdog's SIGKILL lands at most this much later.
+"""
+
+WATCHDOG_TICK_S = 0.05
+"""The watchdog re-reads CLOCK_BOOTTIME this often (select counts monotonic time)."""
+
+_MESSAGE = struct.Struct("<B7xd")  # 16 bytes: atomic on a pipe (<= PIPE_BUF)
+_ARM, _DEADLINE, _STOPPING, _DISARM = 1, 2, 3, 4
+
+
+class Watchdog:
+    """The supervisor's end of the watchdog process.
+
+    Args:
+        kill_grace_s: SIGTERM to SIGKILL, as for the supervisor's own stop.
+        clock: CLOCK_BOOTTIME (the watchdog's own loop always uses the real one).
+    """
+
+    def __init__(
+        self, kill_grace_s: float, clock: Callable[[], float] = boottime
+    ) -> None:
+        self.kill_grace_s = kill_grace_s
+        self.clock = clock
+        self.fed_deadline_s = math.inf
+        self._write_fd = -1
+
+    def start(self) -> None:
+        """Fork the watchdog; call from the main thread while no other thread runs."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        owner_pid = os.getpid()
+        # No signal may run a Python handler of leaderrun's in the new process
+        # (it would write to leaderrun's wakeup pipe) before the handlers are reset.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:  # the intermediate process
+                os.close(write_fd)
+                _become_watchdog(read_fd, owner_pid, self.kill_grace_s)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(read_fd)
+        os.waitpid(pid, 0)  # the intermediate exits at once; the watchdog lives on
+        self._write_fd = write_fd
+
+    def arm(self, pgid: int) -> None:
+        """Watch the process group ``pgid`` (the child's)."""
+        self._send(_ARM, float(pgid))
+
+    def feed(self, deadline_s: float) -> None:
+        """Move the instant (CLOCK_BOOTTIME) at which the watchdog stops the group."""
+        if deadline_s != self.fed_deadline_s:
+            self.fed_deadline_s = deadline_s
+            self._send(_DEADLINE, deadline_s)
+
+    def stopping(self, kill_at_s: float) -> None:
+        """The supervisor sent SIGTERM: only SIGKILL at ``kill_at_s``, if it stalls."""
+        self._send(_STOPPING, kill_at_s)
+
+    def disarm(self) -> None:
+        """The group is gone: never signal it again."""
+        self._send(_DISARM, 0.0)
+        self.fed_deadline_s = math.inf
+
+    def close(self) -> None:
+        """Close the pipe; the watchdog exits when it reads the end."""
+        if self._write_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._write_fd)
+            self._write_fd = -1
+
+    def _send(self, kind: int, value: float) -> None:
+        if self._write_fd < 0:
+            return
+        try:
+            os.write(self._write_fd, _MESSAGE.pack(kind, value))
+        except OSError as exc:
+            # The watchdog is gone (killed by someone): the supervisor still
+            # enforces the deadline itself, only the paused case is uncovered.
+            log.warning("the watchdog is gone (%s); continuing without it", exc)
+            self.close()
+
+
+def _become_watchdog(read_fd: int, owner_pid: int, kill_grace_s: float) -> None:
+    """Runs in the forked process; never returns."""
+    status = 1
+    try:
+        gc.disable()  # no finalizer of an inherited object (a connection) may run
+        signal.set_wakeup_fd(-1)
+        for signum in signal.valid_signals():
+            if signum in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+        # A reader of stderr that went away must not kill the watchdog.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)  # the intermediate; the watchdog is reparented
+        _close_inherited(read_fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _watch(3, owner_pid, kill_grace_s)
+        status = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("the watchdog failed")
+    finally:
+        os._exit(status)
+
+
+def _close_inherited(read_fd: int) -> None:
+    """Keep stderr and the pipe (as fd 3), /dev/null on 0 and 1; close the rest."""
+    if read_fd != 3:
+        os.dup2(read_fd, 3)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+
+
+def _watch(fd: int, owner_pid: int, kill_grace_s: float) -> None:
+    pgid: int | None = None
+    term_at_s = math.inf  # SIGTERM, then SIGKILL after the grace
+    kill_at_s = math.inf  # SIGKILL only (the supervisor already sent SIGTERM)
+    buffer = b""
+    while True:
+        now_s = boottime()
+        if pgid is not None and now_s >= min(term_at_s, kill_at_s):
+            if now_s >= term_at_s:
+                log.error(
+                    "watchdog: leaderrun (pid %d) missed its kill deadline by %.3gs "
+                    "(stopped or paused?); stopping the command",
+                    owner_pid,
+                    now_s - term_at_s + WATCHDOG_LATE_S,
+                    extra={"event": "watchdog"},
+                )
+                _signal_all(pgid, owner_pid, signal.SIGTERM)
+                _wait_gone(pgid, owner_pid, now_s + kill_grace_s)
+            _signal_all(pgid, owner_pid, signal.SIGKILL)
+            term_at_s = kill_at_s = math.inf
+        wait_s = min(WATCHDOG_TICK_S, max(0.0, min(term_at_s, kill_at_s) - now_s))
+        if not select.select([fd], [], [], wait_s)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            if pgid is not None:
+                # leaderrun ended without disarming: it was killed. Its direct
+                # child died of the parent-death signal; the rest of the group
+                # did not.
+                _signal_all(pgid, None, signal.SIGKILL)
+            return
+        buffer += chunk
+        while len(buffer) >= _MESSAGE.size:
+            kind, value = _MESSAGE.unpack(buffer[: _MESSAGE.size])
+            buffer = buffer[_MESSAGE.size :]
+            if kind == _ARM:
+                pgid = int(value)
+            elif kind == _DEADLINE:
+                term_at_s = value
+            elif kind == _STOPPING:
+                term_at_s, kill_at_s = math.inf, value
+            elif kind == _DISARM:
+                pgid, term_at_s, kill_at_s = None, math.inf, math.inf
+
+
+def _signal_all(pgid: int, owner_pid: int | None, signum: int) -> None:
+    """Signal the group and every descendant of leaderrun (daemons included)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+    if owner_pid is None:
+        return
+    for pid in descendants(owner_pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _wait_gone(pgid: int, owner_pid: int, until_s: float) -> None:
+    """Wait until every descendant has exited (zombies count), or until ``until_s``."""
+    while boottime() < until_s:
+        if not any(_running(pid) for pid in descendants(owner_pid)):
+            return
+        select.select([], [], [], min(0.01, max(0.0, until_s - boottime())))
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (read from /proc), parents before children."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(p) for p in f.read().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            stack.extend(children)
+    return found
