@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from typing import NoReturn
 
 
@@ -36,6 +37,11 @@ def main() -> NoReturn:
         cli_main()
     except SystemExit as exc:  # cli.main() always ends this way
         status = exit_code(exc.code)
+    # As the interpreter would: let non-daemon threads (a release still under
+    # way) finish before leaving.
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     for stream in (sys.stdout, sys.stderr):
         # A closed pipe (`leaderrun --help | head -1`): nothing more can be said,
         # and the status matters more than the lost text.
