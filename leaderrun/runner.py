@@ -372,23 +372,30 @@ class Run:
         (a commit waiting for a synchronous standby that is gone). Then it is
         left behind, and the lease expires on its own.
         """
-        budget_s = self.settings.timing.attempt_budget_s
-        session = renewer.stop(budget_s)
+        session = renewer.stop(self.settings.timing.attempt_budget_s)
+        self._bounded(lambda: self._connect_and_release(session, lease, end))
+
+    def _bounded(self, release: Callable[[], None]) -> None:
+        """Run ``release`` in a daemon thread; wait two attempt budgets at most.
+
+        A fresh connection may take one budget, the statement another. A release
+        still hanging after that is left behind: the lease expires on its own.
+        """
+        limit_s = 2 * self.settings.timing.attempt_budget_s
         done = threading.Event()
 
         def work() -> None:
             try:
-                self._connect_and_release(session, lease, end)
+                release()
             finally:
                 done.set()
 
         threading.Thread(target=work, name="leaderrun-release", daemon=True).start()
-        # A fresh connection may take one budget, the statement another.
-        if not done.wait(2 * budget_s):
+        if not done.wait(limit_s):
             log.warning(
                 "the release took longer than %.3gs; leaving it (the lease will "
                 "expire)",
-                2 * budget_s,
+                limit_s,
             )
 
     def _connect_and_release(
@@ -427,9 +434,16 @@ class Run:
         cancelling = [n for n in signals if n in CANCELLING_SIGNALS]
         if not cancelling:
             return
-        if lease is not None:
-            self._release(session, lease, end)
-        session.close()
+        if lease is None:
+            session.close()
+        else:
+            # Bounded like the release at exit, so a cancel cannot hang on it;
+            # the session is closed by the thread that may still be using it.
+            def release_and_close() -> None:
+                self._release(session, lease, end)
+                session.close()
+
+            self._bounded(release_and_close)
         raise CancelledError(
             cancelling[0],
             "cancelled by a signal while waiting for the lock; nothing ran",
