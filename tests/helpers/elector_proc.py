@@ -8,6 +8,7 @@ after asking), ``elected TOKEN`` and ``lost REASON`` from the callbacks. On
 SIGTERM it stops the elector (which releases) and prints ``stopped``.
 """
 
+import faulthandler
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from leaderrun import LeaderElector
 from leaderrun.clock import boottime
 
 SAMPLE_S = 0.02
+STOP_DUMP_S = 20.0
 
 
 def main() -> int:
@@ -42,6 +44,10 @@ def main() -> int:
             t1 = boottime()
             if token is not None:
                 say(f"lead {token} {t0:.6f} {t1:.6f}")
+        # stop() should take at most a few attempt budgets; if it hangs, leave
+        # every thread's stack on stderr for the failing test's report.
+        faulthandler.dump_traceback_later(STOP_DUMP_S)
+    faulthandler.cancel_dump_traceback_later()
     say("stopped")
     return 0
 
