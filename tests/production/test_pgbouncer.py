@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, readline
+from tests.production.operations import status_release_history
 
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]
 
@@ -71,6 +72,11 @@ def test_three_contenders_through_pgbouncer_exactly_one_runs(through_bouncer):
     results = [(p.wait(timeout=60), read_rest(p.stdout)) for p in procs]
     assert sorted(code for code, _ in results) == [0, 75, 75, 75]
     assert [out for _, out in results].count("ran\n") == 1
+
+
+def test_status_release_and_history_through_pgbouncer(through_bouncer):
+    """The operators' commands work through transaction pooling too."""
+    status_release_history(through_bouncer, "public")
 
 
 def test_waiter_through_pgbouncer_runs_after_the_holder(through_bouncer):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.production.operations import status_release_history
+
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]
 
 
@@ -22,6 +24,15 @@ def test_a_role_with_only_the_operator_grants_runs_and_waits(operator, lock_name
             "--lease-duration", "4s", "--wait", "--", "sh", "-c", "sleep 1.5; echo ok"
         )
         assert (second.returncode, second.stdout, second.stderr) == (0, "ok\n", "")
+    finally:
+        runner.kill_all()
+
+
+def test_the_role_shows_releases_and_reads_history(operator, lock_name):
+    """status, release --force and history work with the grants alone."""
+    runner = operator.leaderrun(operator.role(), lock_name)
+    try:
+        status_release_history(runner, operator.schema)
     finally:
         runner.kill_all()
 
