@@ -329,8 +329,28 @@ def test_f21_renewal_delayed_past_a_takeover(harness, pg_admin):
         )
         takeover_s = boottime()
     assert holder.wait() == 122
-    assert lease_row(pg_admin, harness.lock) == ("intruder", first.token + 1)
-    assert "no longer ours to release" in holder.stderr()
+    # The holder's stale statements were queued behind the row lock; once they
+    # have run, the row must be exactly as the intruder left it.
+    with pg_admin() as conn:
+
+        def none_queued() -> bool:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            ).fetchone()
+            return row is not None and row[0] == 0
+
+        wait_until(none_queued, "the holder's queued statements ran")
+        row = conn.execute(
+            "SELECT holder, token, expires_at > clock_timestamp() + interval '50 min' "
+            "FROM leader_lease WHERE lock_name = %s",
+            (harness.lock,),
+        ).fetchone()
+    assert row == ("intruder", first.token + 1, True)
+    # The release at exit waits at most two attempt budgets for the row lock, so
+    # under load it may give up before the takeover commits; either way it
+    # changed nothing, and says which happened.
+    err = holder.stderr()
+    assert "no longer ours to release" in err or "the release took longer" in err, err
     ended = max(p.end_s for p in harness.timeline.snapshot() if p.token == first.token)
     assert ended < takeover_s
     harness.timeline.check()
