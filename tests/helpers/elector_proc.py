@@ -11,7 +11,7 @@ SIGTERM it stops the elector (which releases) and prints ``stopped``.
 import faulthandler
 import signal
 import sys
-import threading
+import time
 
 from leaderrun import LeaderElector
 from leaderrun.clock import boottime
@@ -22,8 +22,11 @@ STOP_DUMP_S = 20.0
 
 def main() -> int:
     dsn, lock, lease_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # A plain flag, not a threading.Event: the handler runs in the main thread
+    # between two bytecodes, possibly inside Event.wait() while it holds the
+    # Event's (non-reentrant) lock, and Event.set() there would deadlock.
+    stopping: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
 
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")
@@ -38,7 +41,8 @@ def main() -> int:
     )
     with elector:
         say("ready")
-        while not done.wait(SAMPLE_S):
+        while not stopping:
+            time.sleep(SAMPLE_S)
             t0 = boottime()
             token = elector.token
             t1 = boottime()
