@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from typer.main import get_command
@@ -40,7 +40,9 @@ from leaderrun.errors import (
 from leaderrun.lease import parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets, redact
 from leaderrun.runs import history_lines
-from leaderrun.store import OperatorStore
+
+if TYPE_CHECKING:
+    from leaderrun.backends import ManagedStore
 
 SUBCOMMANDS = ("run", "status", "release", "init", "history")
 """Every subcommand; any other first argument is the bare form of ``run``."""
@@ -168,6 +170,24 @@ def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat, dsn: str) -
         log.setLevel(logging.ERROR)
     else:
         log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
+
+
+def _start(
+    dsn: str | None, verbose: int, quiet: bool, log_format: LogFormat
+) -> tuple[dict[str, str], str]:
+    """The environment and the resolved DSN, with logging set up to redact it."""
+    env = dict(os.environ)
+    dsn_value, _ = resolve_dsn(dsn, env)
+    _setup_logging(verbose, quiet, log_format, dsn_value)
+    return env, dsn_value
+
+
+def _operator_store(dsn: str, schema: str, env: Mapping[str, str]) -> ManagedStore:
+    """The store for status, release and history, which never create the tables."""
+    # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
+    from leaderrun.backends import open_store
+
+    return open_store(dsn, check_schema(schema), env, create=False)
 
 
 def _labels(ctx: typer.Context, names: Sequence[str]) -> dict[str, str]:
@@ -367,8 +387,7 @@ def run(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Take the lock and run COMMAND while holding it; skip if another node has it."""
-    env = dict(os.environ)
-    _setup_logging(verbose, quiet, log_format, resolve_dsn(dsn, env)[0])
+    env, _ = _start(dsn, verbose, quiet, log_format)
     options = RawRunOptions(
         lock_id=lock_id,
         dsn=dsn,
@@ -444,15 +463,9 @@ def status(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Show who holds each lock, its fencing token and when its lease ends."""
-    env = dict(os.environ)
-    dsn_value, _ = resolve_dsn(dsn, env)
-    _setup_logging(verbose, quiet, log_format, dsn_value)
+    env, dsn_value = _start(dsn, verbose, quiet, log_format)
     lock = None if lock_id is None else parse_lock_id(lock_id)
-    from leaderrun.backends import open_store
-
-    store: OperatorStore = open_store(
-        dsn_value, check_schema(schema), env, create=False
-    )
+    store = _operator_store(dsn_value, schema, env)
     snapshot = store.snapshot(lock)
     found = admin.statuses(snapshot, lock, store.last_runs())
     if as_json:
@@ -531,15 +544,9 @@ def release(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Free a lock whose lease expired; with --force, revoke a live one."""
-    env = dict(os.environ)
-    dsn_value, _ = resolve_dsn(dsn, env)
-    _setup_logging(verbose, quiet, log_format, dsn_value)
+    env, dsn_value = _start(dsn, verbose, quiet, log_format)
     lock = lock_from(lock_id, env)
-    from leaderrun.backends import open_store
-
-    store: OperatorStore = open_store(
-        dsn_value, check_schema(schema), env, create=False
-    )
+    store = _operator_store(dsn_value, schema, env)
     result = store.release(lock, force=force, token=token)
     report = admin.release_report(result, lock, token)
     if report.exit_code == 0:
@@ -573,9 +580,7 @@ def init(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Create the leader_lease table if it does not exist (safe to repeat)."""
-    env = dict(os.environ)
-    dsn_value, _ = resolve_dsn(dsn, env)
-    _setup_logging(verbose, quiet, log_format, dsn_value)
+    env, dsn_value = _start(dsn, verbose, quiet, log_format)
     from leaderrun.backends import is_sqlite, open_store, table_label
 
     if print_sql:
@@ -628,17 +633,11 @@ def history(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Show recent runs, newest first: where, when, how long, and how each ended."""
-    env = dict(os.environ)
-    dsn_value, _ = resolve_dsn(dsn, env)
-    _setup_logging(verbose, quiet, log_format, dsn_value)
+    env, dsn_value = _start(dsn, verbose, quiet, log_format)
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")
     lock = None if lock_id is None else parse_lock_id(lock_id)
-    from leaderrun.backends import open_store
-
-    runs = open_store(dsn_value, check_schema(schema), env, create=False).history(
-        lock, limit
-    )
+    runs = _operator_store(dsn_value, schema, env).history(lock, limit)
     if as_json:
         typer.echo(json.dumps([run.to_json() for run in runs], indent=2))
         return
