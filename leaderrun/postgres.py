@@ -36,6 +36,7 @@ from leaderrun.store import (
     Claim,
     LeaseRecord,
     LeaseSnapshot,
+    OperatorQueries,
     ReleaseAction,
     ReleaseResult,
     key_collision,
@@ -416,7 +417,7 @@ def window_sql(at: sql.Composable) -> sql.Composed:
     return sql.SQL(_WINDOW).format(at=at)
 
 
-class PostgresLeaseStore:
+class PostgresLeaseStore(OperatorQueries):
     """Leases in ``<schema>.leader_lease`` of one PostgreSQL database.
 
     Args:
@@ -597,65 +598,6 @@ class PostgresLeaseStore:
             # and the --once-per columns.
             session.ensure_table()
             return not existed
-        finally:
-            session.close()
-
-    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
-        """Every lock's row, or only ``lock``'s, and the database's ``now()``.
-
-        Never creates the table.
-
-        Raises:
-            SchemaMissingError: the table (or schema) does not exist.
-            DatabaseUnavailableError: the database cannot be used.
-        """
-        session = self.connect()
-        try:
-            return session.snapshot(lock)
-        finally:
-            session.close()
-
-    def release(
-        self, lock: LockId, *, force: bool, token: int | None = None
-    ) -> ReleaseResult:
-        """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
-
-        With ``token``, only a lease with that fencing token is touched.
-
-        Raises:
-            SchemaMissingError: the table (or schema) does not exist.
-            DatabaseUnavailableError: the database cannot be used.
-        """
-        session = self.connect()
-        try:
-            return session.operator_release(lock, force=force, token=token)
-        finally:
-            session.close()
-
-    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
-        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first.
-
-        A database where no run was ever recorded has no ``leader_run`` table
-        yet: that is an empty history, not an error.
-
-        Raises:
-            DatabaseUnavailableError: the server cannot be reached or used.
-        """
-        session = self.connect()
-        try:
-            return session.history(lock, limit)
-        finally:
-            session.close()
-
-    def last_runs(self) -> list[RunRecord]:
-        """The newest run of every lock, for ``status``; see :meth:`history`.
-
-        Raises:
-            DatabaseUnavailableError: the server cannot be reached or used.
-        """
-        session = self.connect()
-        try:
-            return session.last_runs()
         finally:
             session.close()
 

@@ -49,6 +49,7 @@ from leaderrun.store import (
     Claim,
     LeaseRecord,
     LeaseSnapshot,
+    OperatorQueries,
     ReleaseAction,
     ReleaseResult,
     key_collision,
@@ -375,7 +376,7 @@ def network_fs_type(directory: Path) -> str | None:
     return None
 
 
-class SqliteLeaseStore:
+class SqliteLeaseStore(OperatorQueries):
     """Leases in the ``leader_lease`` table of one SQLite file, for one host.
 
     Args:
@@ -482,59 +483,6 @@ class SqliteLeaseStore:
                 return False
             session.ensure_table()
             return True
-        finally:
-            session.close()
-
-    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
-        """Every lock's row, or only ``lock``'s, and the host's now.
-
-        Never creates the file or the table.
-
-        Raises:
-            SchemaMissingError: no such file, or no table in it.
-            DatabaseUnavailableError: the file cannot be used.
-        """
-        session = self.connect()
-        try:
-            return session.snapshot(lock)
-        finally:
-            session.close()
-
-    def release(
-        self, lock: LockId, *, force: bool, token: int | None = None
-    ) -> ReleaseResult:
-        """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
-
-        With ``token``, only a lease with that fencing token is touched.
-
-        Raises:
-            SchemaMissingError: no such file, or no table in it.
-            DatabaseUnavailableError: the file cannot be used.
-        """
-        session = self.connect()
-        try:
-            return session.operator_release(lock, force=force, token=token)
-        finally:
-            session.close()
-
-    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
-        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first.
-
-        Raises:
-            SchemaMissingError: no such file.
-            DatabaseUnavailableError: the file cannot be used.
-        """
-        session = self.connect()
-        try:
-            return session.history(lock, limit)
-        finally:
-            session.close()
-
-    def last_runs(self) -> list[RunRecord]:
-        """The newest run of every lock, for ``status``."""
-        session = self.connect()
-        try:
-            return session.last_runs()
         finally:
             session.close()
 

@@ -7,6 +7,7 @@ only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -207,6 +208,75 @@ class OperatorStore(Protocol):
         With ``token``, only a lease with that fencing token is touched.
         """
         ...
+
+
+class OperatorSession(Protocol):
+    """The queries a session runs for the operators' commands."""
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s, and the store's now."""
+        ...
+
+    def operator_release(
+        self, lock: LockId, *, force: bool, token: int | None
+    ) -> ReleaseResult:
+        """An operator's release of ``lock``; see :meth:`OperatorStore.release`."""
+        ...
+
+    def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
+        """The newest ``limit`` runs, newest first."""
+        ...
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection."""
+        ...
+
+
+class OperatorQueries:
+    """:class:`OperatorStore`'s methods, each on a session of its own.
+
+    A store inherits them and provides ``connect()``. None of them creates a
+    table. Each raises :class:`leaderrun.errors.SchemaMissingError` when the
+    lease table (or the SQLite file) is missing, and
+    :class:`leaderrun.errors.DatabaseUnavailableError` when the store cannot be
+    used.
+    """
+
+    def connect(self) -> OperatorSession:
+        """A new session; the store's own."""
+        raise NotImplementedError
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s, and the store's now."""
+        with contextlib.closing(self.connect()) as session:
+            return session.snapshot(lock)
+
+    def release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """Free ``lock``'s lease if it expired; with ``force``, revoke a live one.
+
+        With ``token``, only a lease with that fencing token is touched.
+        """
+        with contextlib.closing(self.connect()) as session:
+            return session.operator_release(lock, force=force, token=token)
+
+    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
+        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first.
+
+        A store where no run was recorded yet has an empty history, not an error.
+        """
+        with contextlib.closing(self.connect()) as session:
+            return session.history(lock, limit)
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock, for ``status``."""
+        with contextlib.closing(self.connect()) as session:
+            return session.last_runs()
 
 
 def release_outcome(
