@@ -75,6 +75,11 @@ class LeaseState:
         with self._lock:
             self._frozen = True
 
+    def settled(self) -> bool:
+        """Whether no renewal can count any more: frozen, or lost."""
+        with self._lock:
+            return self._frozen or self._lost is not None
+
     def snapshot(self) -> tuple[float, str | None]:
         """The current kill deadline and the loss reason (None while held)."""
         with self._lock:
@@ -188,10 +193,15 @@ class Renewer:
 
         The renewal thread calls this in a loop; a caller that never started the
         thread (a test on a fake clock) may call it directly when it is due.
-        Returns True (renewed in time), False (lost, reported to ``state``) or
-        None (failed or late; retried soon, and the deadline decides). Past the
-        deadline it sends nothing and reports the loss.
+        Returns True (renewed in time), False (renewing is over: the lease was
+        lost, reported to ``state``, or the stop has begun) or None (failed or
+        late; retried soon, and the deadline decides). Past the deadline it
+        sends nothing and reports the loss.
         """
+        if self.state.settled():
+            # The supervisor is stopping the child (or the lease is lost): no
+            # later renewal can count (rule 6), so send none.
+            return False
         t_sent_s = self.clock()
         deadline_s, _ = self.state.snapshot()
         if t_sent_s >= deadline_s:
@@ -209,6 +219,8 @@ class Renewer:
                 self._next_s = t_sent_s + delay_s
                 log.debug("renewed %s (token %s)", self.lease.lock, self.lease.token)
                 return True
+            if self.state.settled():
+                return False  # frozen while this attempt was under way
             log.warning("a renewal reply came after the kill deadline; ignored")
             self._next_s = self._last_sent_s
             return None

@@ -310,6 +310,31 @@ def test_woken_past_the_deadline_it_reports_a_loss_and_does_not_renew(holders):
     assert holder.store.statements["renew"] == 0
 
 
+def test_once_the_stop_has_begun_the_thread_ends_and_renews_no_more(holders, caplog):
+    """A frozen state (the supervisor is stopping the child) ends the thread: no
+    further renewal could count, so none is sent, and none is retried in a loop
+    (it once spun through the whole kill grace, flooding stderr and the store)."""
+    caplog.set_level(logging.WARNING, logger="leaderrun")
+    holder = holders()
+    holder.renewer.start()
+    wait_until(lambda: holder.renewer.renewals >= 1, "a first renewal")
+    holder.state.freeze()
+    wait_until(lambda: not holder.renewer.alive(), "the renewal thread ended")
+    sent = holder.store.statements["renew"]
+    assert sent <= holder.renewer.renewals + 1  # at most the one already under way
+    assert not [r for r in caplog.records if "after the kill deadline" in r.message]
+    assert holder.state.snapshot()[1] is None  # a stop is not a loss
+    assert holder.renewer.stop(WAIT_S) is holder.session  # kept for the release
+
+
+def test_renew_once_sends_nothing_after_freeze(holders):
+    """Driven by hand (the elector's poll), a frozen state sends no statement."""
+    holder = holders()
+    holder.state.freeze()
+    assert holder.renewer.renew_once() is False
+    assert holder.store.statements["renew"] == 0
+
+
 def test_a_crashing_store_is_a_failed_attempt_not_a_dead_thread(holders, caplog):
     """RuntimeError from connect or renew is logged, retried, and renewals resume."""
     caplog.set_level(logging.WARNING, logger="leaderrun")
