@@ -258,8 +258,9 @@ class Run:
             watchdog.start()
         become_subreaper()
         env = child_environment(self.env, lease, s, acquired.window_start)
+        helper = None if watchdog is None else watchdog.pid
         try:
-            child = Child(s.command, env)
+            child = Child(s.command, env, () if helper is None else (helper,))
         except LeaderrunError as exc:
             if watchdog is not None:
                 watchdog.close()

@@ -17,7 +17,7 @@ import select
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -171,8 +171,17 @@ def become_subreaper() -> None:
 class Child:
     """The command, running as the leader of its own session and process group."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        helpers: Collection[int] = (),
+    ) -> None:
         """Start ``argv`` with ``env``, from the calling (main) thread.
+
+        ``helpers`` are leaderrun's own processes, never the command's: the
+        watchdog, which a leaderrun running as PID 1 (a container's
+        entrypoint) adopts like any orphan.
 
         Raises:
             CommandNotFoundError: exec found no such file (exit 127).
@@ -197,6 +206,7 @@ class Child:
             ) from None
         self.pid = self._process.pid
         self.pgid = self.pid
+        self._helpers = frozenset(helpers)
         self.pidfd = os.pidfd_open(self.pid)
         self.returncode: int | None = None
 
@@ -207,7 +217,7 @@ class Child:
         descendants (it is a subreaper); they are reaped here too so that no
         zombie keeps the process group alive.
         """
-        while self.returncode is None or _has_children():
+        while self.returncode is None or self._adopted():
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
@@ -239,7 +249,7 @@ class Child:
     def signal_adopted(self, signum: int) -> int:
         """Send ``signum`` to descendants that left the group and were adopted by us."""
         count = 0
-        for pid in _children():
+        for pid in self._adopted():
             # A process still in the group already got the group's signal.
             if pid != self.pid and _pgid(pid) != self.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -253,8 +263,12 @@ class Child:
         return (
             self.returncode is not None
             and not self.group_alive()
-            and not _has_children()
+            and not self._adopted()
         )
+
+    def _adopted(self) -> list[int]:
+        """Our children: the command and what we adopted, leaderrun's helpers not."""
+        return [pid for pid in _children() if pid not in self._helpers]
 
     def close(self) -> None:
         """Release the pidfd."""
@@ -285,10 +299,6 @@ def _children() -> list[int]:
         except OSError:
             continue
     return pids
-
-
-def _has_children() -> bool:
-    return bool(_children())
 
 
 @dataclass

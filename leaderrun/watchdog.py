@@ -68,11 +68,14 @@ class Watchdog:
         self.kill_grace_s = kill_grace_s
         self.clock = clock
         self.fed_deadline_s = math.inf
+        self.pid: int | None = None
+        """The watchdog's pid, once started."""
         self._write_fd = -1
 
     def start(self) -> None:
         """Fork the watchdog; call from the main thread while no other thread runs."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
         owner_pid = os.getpid()
         # No signal may run a Python handler of leaderrun's in the new process
         # (it would write to leaderrun's wakeup pipe) before the handlers are reset.
@@ -81,11 +84,16 @@ class Watchdog:
             pid = os.fork()
             if pid == 0:  # the intermediate process
                 os.close(write_fd)
-                _become_watchdog(read_fd, owner_pid, self.kill_grace_s)
+                os.close(pid_r)
+                _become_watchdog(read_fd, pid_w, owner_pid, self.kill_grace_s)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(read_fd)
+        os.close(pid_w)
         os.waitpid(pid, 0)  # the intermediate exits at once; the watchdog lives on
+        with os.fdopen(pid_r, "rb") as reply:
+            told = reply.read()
+        self.pid = int(told) if told else None
         self._write_fd = write_fd
 
     def arm(self, pgid: int) -> None:
@@ -126,8 +134,13 @@ class Watchdog:
             self.close()
 
 
-def _become_watchdog(read_fd: int, owner_pid: int, kill_grace_s: float) -> None:
-    """Runs in the forked process; never returns."""
+def _become_watchdog(
+    read_fd: int, pid_w: int, owner_pid: int, kill_grace_s: float
+) -> None:
+    """Runs in the forked process; never returns.
+
+    The intermediate writes the watchdog's pid to ``pid_w`` before it exits.
+    """
     status = 1
     try:
         gc.disable()  # no finalizer of an inherited object (a connection) may run
@@ -140,8 +153,11 @@ def _become_watchdog(read_fd: int, owner_pid: int, kill_grace_s: float) -> None:
         # A reader of stderr that went away must not kill the watchdog.
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.setsid()
-        if os.fork() != 0:
+        watchdog_pid = os.fork()
+        if watchdog_pid != 0:
+            os.write(pid_w, str(watchdog_pid).encode())
             os._exit(0)  # the intermediate; the watchdog is reparented
+        os.close(pid_w)
         _close_inherited(read_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         _watch(3, owner_pid, kill_grace_s)
@@ -214,7 +230,7 @@ def _signal_all(pgid: int, owner_pid: int | None, signum: int) -> None:
         os.killpg(pgid, signum)
     if owner_pid is None:
         return
-    for pid in descendants(owner_pid):
+    for pid in _others(owner_pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
 
@@ -222,7 +238,7 @@ def _signal_all(pgid: int, owner_pid: int | None, signum: int) -> None:
 def _wait_gone(pgid: int, owner_pid: int, until_s: float) -> None:
     """Wait until every descendant has exited (zombies count), or until ``until_s``."""
     while boottime() < until_s:
-        if not any(_running(pid) for pid in descendants(owner_pid)):
+        if not any(_running(pid) for pid in _others(owner_pid)):
             return
         select.select([], [], [], min(0.01, max(0.0, until_s - boottime())))
 
@@ -233,6 +249,16 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def _others(owner_pid: int) -> list[int]:
+    """Every descendant of leaderrun but the watchdog itself.
+
+    A leaderrun that is PID 1 (a container's entrypoint) adopts the orphaned
+    watchdog, which must not stop itself with the command.
+    """
+    me = os.getpid()
+    return [pid for pid in descendants(owner_pid) if pid != me]
 
 
 def descendants(pid: int) -> list[int]:
