@@ -15,7 +15,6 @@ multiple of the lease; the table is printed at the end of the session.
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import os
 import select
@@ -207,12 +206,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for f in FIGURES:
         multiple = "-" if f.failover_x_lease is None else f"{f.failover_x_lease:.2f}"
         terminalreporter.write_line(f"{f.scenario:44} {multiple:>14}  {f.outcome}")
-
-
-def faketime_library() -> str | None:
-    """libfaketime's preload library, if the Debian package is installed."""
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    return found[0] if found else None
 
 
 class Node:

@@ -27,7 +27,6 @@ from tests.faults.conftest import (
     Node,
     Proc,
     boottime,
-    faketime_library,
     record_figure,
     wait_until,
 )
@@ -414,21 +413,10 @@ def _runner_of(harness: Harness, proc: Proc) -> int:
 
 
 @pytest.mark.parametrize("offset", ["+1h", "-1h"])
-def test_f13_holder_clock_an_hour_off(harness, offset):
+def test_f13_holder_clock_an_hour_off(harness, faketime, offset):
     """libfaketime shifts the holder's wall clock by an hour: nothing changes. It
     renews for two leases, and when partitioned it stops its child as always."""
-    library = faketime_library()
-    if library is None:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail("libfaketime is missing; .ci/run installs package faketime")
-        pytest.skip("libfaketime is missing (Debian package faketime)")
-    env = {
-        "LD_PRELOAD": library,
-        "FAKETIME": offset,
-        # libfaketime 0.9.10 breaks clock_nanosleep when it also fakes the
-        # monotonic clocks; the wall clock is the one under test.
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
+    env = faketime(offset)
     holder, first = harness.holder("holder", env=env)
     contender = harness.node("contender")
     contender.wait_busy()
