@@ -491,21 +491,7 @@ class PostgresLeaseStore(OperatorQueries):
         Raises:
             DatabaseUnavailableError: the server cannot be reached or refused us.
         """
-        try:
-            if self._factory is None:
-                conn = psycopg.connect(
-                    self._conninfo, autocommit=True, prepare_threshold=None
-                )
-            else:
-                conn = self._factory()
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.rollback()
-                conn.autocommit = True
-                conn.prepare_threshold = None
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot connect to {self.describe()}: {self._clean(exc)}"
-            ) from None
+        conn = self._open("")
         try:
             self._check_settings(conn)
         except BaseException:
@@ -533,26 +519,39 @@ class PostgresLeaseStore(OperatorQueries):
             DatabaseUnavailableError: the connection could not be made.
         """
         channel = release_channel(self.schema, lock.key)
-        try:
-            if self._factory is None:
-                conn = psycopg.connect(
-                    self._conninfo, autocommit=True, prepare_threshold=None
-                )
-            else:
-                conn = self._factory()
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.rollback()
-                conn.autocommit = True
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot connect to {self.describe()} to listen: {self._clean(exc)}"
-            ) from None
+        conn = self._open(" to listen")
         try:
             conn.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(channel)))
         except psycopg.Error as exc:
             conn.close()
             raise ListenRefusedError(f"LISTEN refused: {self._clean(exc)}") from None
         return PostgresListener(conn, channel, self._clean)
+
+    def _open(self, purpose: str) -> psycopg.Connection[Any]:
+        """A connection in autocommit without prepared statements (rule 9).
+
+        From the DSN, or from the caller's factory, whose connection may come
+        back from a pool inside a transaction.
+
+        Raises:
+            DatabaseUnavailableError: the server cannot be reached or refused us;
+                ``purpose`` (" to listen") says in the message what for.
+        """
+        try:
+            if self._factory is None:
+                return psycopg.connect(
+                    self._conninfo, autocommit=True, prepare_threshold=None
+                )
+            conn = self._factory()
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.rollback()
+            conn.autocommit = True
+            conn.prepare_threshold = None
+            return conn
+        except psycopg.Error as exc:
+            raise DatabaseUnavailableError(
+                f"cannot connect to {self.describe()}{purpose}: {self._clean(exc)}"
+            ) from None
 
     def _check_settings(self, conn: psycopg.Connection[Any]) -> None:
         """Refuse a session whose commits the server may forget after a crash.
