@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.cluster import postgres  # noqa: E402
 from leaderrun import __version__  # noqa: E402
 from leaderrun.postgres import (  # noqa: E402
     _ACQUIRE,
@@ -156,29 +157,6 @@ def median_ms(values: list[float]) -> float:
 
 
 # --- the database ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def database(dsn: str | None) -> Iterator[tuple[str, Any]]:
-    """The DSN to use, and the throwaway cluster behind it (None if given)."""
-    if dsn:
-        yield dsn, None
-        return
-    from tests.pg import LocalPgCluster, _find_bindir
-
-    bindir = _find_bindir()
-    if bindir is None:
-        sys.exit("bench: no initdb/pg_ctl found; install PostgreSQL or pass --dsn")
-    cluster = LocalPgCluster(bindir)
-    try:
-        cluster.create()
-        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
-            # 200 leaderruns hold up to two connections each (lease + LISTEN).
-            conn.execute("ALTER SYSTEM SET max_connections = 1000")
-        cluster.restart()
-        yield cluster.dsn, cluster
-    finally:
-        cluster.destroy()
 
 
 def admin(dsn: str) -> psycopg.Connection[Any]:
@@ -821,7 +799,8 @@ def main() -> None:
     out = Results()
     load_before = os.getloadavg()
     began = time.monotonic()
-    with database(args.dsn) as (dsn, cluster):
+    # 200 leaderruns hold up to two connections each (lease + LISTEN).
+    with postgres(args.dsn, max_connections=1000) as (dsn, cluster):
         PostgresLeaseStore(dsn).init()
         described = machine(dsn)
         rss = 0.0

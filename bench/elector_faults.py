@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench.cluster import postgres
 from leaderrun import LeaderElector
 from leaderrun.clock import boottime
 
@@ -105,18 +106,7 @@ def main() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
-    cluster = None
-    dsn = args.dsn
-    if dsn is None:
-        from tests.pg import LocalPgCluster, _find_bindir
-
-        bindir = _find_bindir()
-        assert bindir is not None, "no initdb/pg_ctl; pass --dsn"
-        cluster = LocalPgCluster(bindir)
-        cluster.create()
-        cluster.probe()
-        dsn = cluster.dsn
-    try:
+    with postgres(args.dsn) as (dsn, _):
         for trial in range(1, args.trials + 1):
             left_s, on_lost_s = blocked_renewals(dsn)
             print(
@@ -125,9 +115,6 @@ def main() -> None:
             )
         for trial in range(1, args.trials + 1):
             print(f"failover #{trial}: new leader {failover(dsn):.3f}s after kill -9")
-    finally:
-        if cluster is not None:
-            cluster.destroy()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 
+from bench.cluster import postgres
 from leaderrun.lease import parse_lock_id
 from leaderrun.postgres import PostgresLeaseStore
 from leaderrun.runs import OncePer, RunEnd, RunOutcome
@@ -58,20 +59,8 @@ def measure(dsn: str, rounds: int) -> None:
 
 def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
-    if len(sys.argv) > 1 and sys.argv[1]:
-        measure(sys.argv[1], rounds)
-        return
-    from tests.pg import LocalPgCluster, _find_bindir
-
-    bindir = _find_bindir()
-    if bindir is None:
-        sys.exit("no initdb/pg_ctl found; pass a DSN")
-    cluster = LocalPgCluster(bindir)
-    try:
-        cluster.create()
-        measure(cluster.dsn, rounds)
-    finally:
-        cluster.destroy()
+    with postgres(sys.argv[1] if len(sys.argv) > 1 else None) as (dsn, _):
+        measure(dsn, rounds)
 
 
 if __name__ == "__main__":
