@@ -48,6 +48,10 @@ class DatabaseUnavailableError(LeaderrunError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class StatementTimeoutError(DatabaseUnavailableError):
+    """A statement did not finish within its bound; it was cancelled."""
+
+
 class SchemaMissingError(DatabaseUnavailableError):
     """The lease table does not exist and this role may not create it."""
 

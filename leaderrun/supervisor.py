@@ -24,7 +24,11 @@ from types import FrameType
 from typing import Protocol
 
 from leaderrun.clock import boottime
-from leaderrun.errors import CommandNotExecutableError, CommandNotFoundError
+from leaderrun.errors import (
+    CancelledError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+)
 from leaderrun.lease import SUPERVISOR_TICK_S
 from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
@@ -89,6 +93,7 @@ class SignalInbox:
             int, signal.Handlers | Callable[..., object] | int | None
         ] = {}
         self._previous_wakeup_fd = -1
+        self._raising = False
 
     def __enter__(self) -> SignalInbox:
         self._previous_wakeup_fd = signal.set_wakeup_fd(
@@ -106,7 +111,28 @@ class SignalInbox:
         os.close(self._write_fd)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self._raising and signum in CANCELLING_SIGNALS:
+            self._raising = False  # once: the clean-up after it must not be cut
+            raise CancelledError(
+                signum, "cancelled by a signal while waiting for the lock; nothing ran"
+            )
         self._pending.append(signum)
+
+    @contextlib.contextmanager
+    def cancelling(self) -> Iterator[None]:
+        """A section of the main thread that a cancelling signal interrupts.
+
+        Inside it, TERM, INT, HUP, QUIT, USR1 or USR2 raise
+        :class:`~leaderrun.errors.CancelledError` from the handler, wherever the
+        thread is waiting (a statement, a connect, a sleep), instead of being
+        recorded for later. Only code that is safe to abandon at any point may
+        run inside: waiting for the lock, before the command has started.
+        """
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
 
     def fileno(self) -> int:
         """The read end of the wakeup pipe."""
