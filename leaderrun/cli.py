@@ -38,6 +38,7 @@ from leaderrun.errors import (
     LeaderrunError,
 )
 from leaderrun.lease import parse_lock_id
+from leaderrun.logsink import SinkHandler, stderr_sink
 from leaderrun.redact import MASK, dsn_secrets, redact
 from leaderrun.runs import history_lines
 
@@ -158,11 +159,29 @@ class _State:
     secrets: list[str] = []  # noqa: RUF012 - replaced, never mutated
 
 
+def _dropped_notice(dropped: int) -> bytes:
+    """The line that says how many messages a stalled stderr cost, in our format."""
+    return _error_line(
+        f"{dropped} message(s) dropped: stderr was not being read", "dropped"
+    ).encode()
+
+
+def _error_line(message: str, event: str = "error") -> str:
+    """One line of our own on stderr, in the requested format."""
+    if _State.log_format is LogFormat.json:
+        return json.dumps({"level": "error", "event": event, "message": message}) + "\n"
+    return f"leaderrun: {message}\n"
+
+
 def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat, dsn: str) -> None:
     _State.verbose = verbose
     _State.log_format = log_format
     _State.secrets = dsn_secrets(dsn)
-    handler = logging.StreamHandler(sys.stderr)
+    # Never a StreamHandler: a stalled stderr must not block the thread that
+    # logs, which may be about to stop the child (leaderrun.logsink).
+    sink = stderr_sink()
+    sink.notice = _dropped_notice
+    handler = SinkHandler(sink)
     handler.setFormatter(_Formatter(log_format, _State.secrets))
     log.handlers[:] = [handler]
     log.propagate = False
@@ -374,14 +393,21 @@ def run(
         ),
     ] = None,
     watchdog: Annotated[
-        bool,
+        str,
         typer.Option(
-            "--watchdog/--no-watchdog",
+            "--watchdog",
             envvar="LEADERRUN_WATCHDOG",
-            help="Run a watchdog process that stops the command at the deadline "
-            "if leaderrun itself is paused (SIGSTOP, swap storm).",
+            metavar="on|off|required",
+            help="A watchdog process that stops the command at the deadline if "
+            "leaderrun itself is paused (SIGSTOP, swap storm). on: said loudly "
+            "if it dies; required: refuse to run without one, and stop the "
+            "command if it dies.",
         ),
-    ] = True,
+    ] = "on",
+    no_watchdog: Annotated[
+        bool,
+        typer.Option("--no-watchdog", help="The same as --watchdog off."),
+    ] = False,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
     log_format: LogFormatOption = LogFormat.text,
@@ -405,7 +431,7 @@ def run(
         retry_failed=retry_failed,
         max_runtime=max_runtime,
         history_keep=history_keep,
-        watchdog=watchdog,
+        watchdog="off" if no_watchdog else watchdog,
         labels=_labels(
             ctx,
             (
@@ -419,6 +445,7 @@ def run(
                 "once_per_offset",
                 "max_runtime",
                 "history_keep",
+                "watchdog",
             ),
         ),
     )
@@ -646,10 +673,22 @@ def history(
 
 
 def _route(args: list[str]) -> list[str]:
-    """Send the bare form (``leaderrun --lock-id X -- cmd``) to ``run``."""
+    """Send the bare form (``leaderrun --lock-id X -- cmd``) to ``run``.
+
+    A bare ``--watchdog`` (before ``--``) means ``--watchdog on``, as it did when
+    it was an on/off flag: click has no option that takes a value only sometimes.
+    """
     if args and args[0] not in SUBCOMMANDS and args[0] not in _TOP_LEVEL_FLAGS:
-        return ["run", *args]
-    return args
+        args = ["run", *args]
+    end = args.index("--") if "--" in args else len(args)
+    options = args[:end]
+    for index in reversed(range(len(options))):
+        following = options[index + 1] if index + 1 < len(options) else None
+        if options[index] == "--watchdog" and (
+            following is None or following.startswith("-")
+        ):
+            options.insert(index + 1, "on")
+    return options + args[end:]
 
 
 def _requested_log_format(args: Sequence[str], env: Mapping[str, str]) -> LogFormat:
@@ -666,14 +705,14 @@ def _requested_log_format(args: Sequence[str], env: Mapping[str, str]) -> LogFor
 
 
 def _fail(message: str, exit_code: int) -> NoReturn:
-    text = redact(message, _State.secrets)
-    if _State.log_format is LogFormat.json:
-        sys.stderr.write(
-            json.dumps({"level": "error", "event": "error", "message": text}) + "\n"
-        )
-    else:
-        sys.stderr.write(f"leaderrun: {text}\n")
+    stderr_sink().write(_error_line(redact(message, _State.secrets)).encode())
     sys.exit(exit_code)
+
+
+def _print_traceback() -> None:
+    """The current exception's traceback (with -v), through the same sink."""
+    text = redact(traceback.format_exc(), _State.secrets)
+    stderr_sink().write(text.encode("utf-8", "replace"))
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -693,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(exc.exit_code)
     except LeaderrunError as exc:
         if _State.verbose:
-            traceback.print_exc()
+            _print_traceback()
         _fail(exc.message, exc.exit_code)
     except typer.TyperException as exc:
         # click's usage errors (exit_code 2) become 64, EX_USAGE.
@@ -715,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _fail("interrupted", 128 + 2)
     except Exception as exc:  # the one boundary: no traceback unless -v
         if _State.verbose:
-            traceback.print_exc()
+            _print_traceback()
         _fail(f"internal error: {exc!r} (run with -v for details)", EXIT_INTERNAL)
     sys.exit(status if isinstance(status, int) else 0)
 

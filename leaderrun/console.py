@@ -15,6 +15,8 @@ import sys
 import threading
 from typing import NoReturn
 
+from leaderrun.logsink import EXIT_FLUSH_S, stderr_sink
+
 
 def exit_code(code: object) -> int:
     """The process status for a ``SystemExit`` code, as the interpreter maps it.
@@ -47,4 +49,7 @@ def main() -> NoReturn:
         # and the status matters more than the lost text.
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    # Our own messages: a slow reader gets them, a stalled one cannot hold the
+    # exit (the child is gone and the lease released; only words are at stake).
+    stderr_sink().flush(EXIT_FLUSH_S)
     os._exit(status)

@@ -1,6 +1,7 @@
 """The command line in-process: routing, help, usage errors, JSON errors, secrets.
 
-``main()`` always ends in SystemExit; its output is read with capsys.
+``main()`` always ends in SystemExit; its output is read with capfd: leaderrun's
+own messages go to file descriptor 2 through its log sink, not through sys.stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from leaderrun import __version__, cli
 from leaderrun.errors import EXIT_UNAVAILABLE, EXIT_USAGE
+from leaderrun.logsink import stderr_sink
 
 NO_COMMAND = (
     "no command given; put it after --, e.g. "
@@ -28,7 +30,7 @@ def _one_invocation_per_test(monkeypatch) -> Iterator[None]:
     """Undo what one main() leaves behind, as if each test were its own process.
 
     main() is made for a process of its own: it binds the leaderrun logger to
-    the sys.stderr of the moment (a capsys buffer that is closed after the test)
+    its stderr sink (fd 2, which capfd redirects for the test)
     and keeps the verbosity, log format and secrets it saw in cli._State.
     """
     logger = logging.getLogger("leaderrun")
@@ -39,11 +41,12 @@ def _one_invocation_per_test(monkeypatch) -> Iterator[None]:
     logger.handlers[:], logger.propagate, logger.level = saved
 
 
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+def run_main(capfd, *argv: str) -> tuple[int, str, str]:
     """Run main(argv); return its exit status, stdout and stderr."""
     with pytest.raises(SystemExit) as exited:
         cli.main(list(argv))
-    out, err = capsys.readouterr()
+    assert stderr_sink().flush(5.0)
+    out, err = capfd.readouterr()
     code = exited.value.code
     assert isinstance(code, int), code
     return code, out, err
@@ -72,33 +75,33 @@ def refused_port() -> Iterator[int]:
     [("--lock-id", "x"), ("run", "--lock-id", "x")],
     ids=["bare", "run"],
 )
-def test_bare_form_and_run_are_the_same_command(capsys, argv):
+def test_bare_form_and_run_are_the_same_command(capfd, argv):
     """`leaderrun --lock-id x` and `leaderrun run --lock-id x` both reach run."""
-    code, out, err = run_main(capsys, *argv)
+    code, out, err = run_main(capfd, *argv)
     assert (code, out) == (EXIT_USAGE, "")
     assert only_line(err) == f"leaderrun: {NO_COMMAND}"
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_exits_0_and_lists_the_subcommands(capsys, flag):
+def test_help_exits_0_and_lists_the_subcommands(capfd, flag):
     """Top-level help succeeds and names run and init."""
-    code, out, err = run_main(capsys, flag)
+    code, out, err = run_main(capfd, flag)
     assert (code, err) == (0, "")
     commands = out.split("Commands", 1)[1]
     assert re.search(r"\brun\b", commands), out
     assert re.search(r"\binit\b", commands), out
 
 
-def test_run_help_lists_the_lock_option(capsys):
+def test_run_help_lists_the_lock_option(capfd):
     """`leaderrun run --help` succeeds and documents --lock-id."""
-    code, out, _ = run_main(capsys, "run", "--help")
+    code, out, _ = run_main(capfd, "run", "--help")
     assert code == 0
     assert "--lock-id" in out
 
 
-def test_version_prints_name_and_version(capsys):
+def test_version_prints_name_and_version(capfd):
     """`leaderrun --version` prints `leaderrun 0.1.0` and exits 0."""
-    code, out, err = run_main(capsys, "--version")
+    code, out, err = run_main(capfd, "--version")
     assert (code, out, err) == (0, f"leaderrun {__version__}\n", "")
     assert __version__ == "0.1.0"
 
@@ -128,9 +131,9 @@ def test_version_prints_name_and_version(capsys):
         "bad-choice",
     ],
 )
-def test_usage_errors_exit_64_with_one_line(capsys, argv, needle):
+def test_usage_errors_exit_64_with_one_line(capfd, argv, needle):
     """A parsing error exits 64 (not click's 2) with one `leaderrun:` line naming it."""
-    code, out, err = run_main(capsys, *argv)
+    code, out, err = run_main(capfd, *argv)
     assert (code, out) == (EXIT_USAGE, "")
     line = only_line(err)
     assert line.startswith("leaderrun: ")
@@ -138,9 +141,9 @@ def test_usage_errors_exit_64_with_one_line(capsys, argv, needle):
     assert "Traceback" not in err
 
 
-def test_no_arguments_print_the_help_and_nothing_else(capsys):
+def test_no_arguments_print_the_help_and_nothing_else(capfd):
     """Bare `leaderrun` shows the help and exits 64 without an empty error line."""
-    code, out, err = run_main(capsys)
+    code, out, err = run_main(capfd)
     assert (code, err) == (EXIT_USAGE, "")
     assert "Usage: leaderrun" in out
 
@@ -154,21 +157,21 @@ def test_no_arguments_print_the_help_and_nothing_else(capsys):
     ],
     ids=["flag", "flag=value", "environment"],
 )
-def test_usage_errors_are_json_when_json_was_asked_for(capsys, monkeypatch, argv, env):
+def test_usage_errors_are_json_when_json_was_asked_for(capfd, monkeypatch, argv, env):
     """A usage error, raised before logging is set up, is still one JSON object."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    code, out, err = run_main(capsys, *argv)
+    code, out, err = run_main(capfd, *argv)
     assert (code, out) == (EXIT_USAGE, "")
     entry = json.loads(only_line(err))
     assert entry["level"] == "error"
     assert "--bogus" in entry["message"]
 
 
-def test_bad_duration_flag_is_named(capsys):
+def test_bad_duration_flag_is_named(capfd):
     """A bad --lease-duration is reported under the flag's name, with the value."""
     code, _, err = run_main(
-        capsys, "--lock-id", "x", "--lease-duration", "soon", "--", "true"
+        capfd, "--lock-id", "x", "--lease-duration", "soon", "--", "true"
     )
     assert code == EXIT_USAGE
     assert only_line(err) == (
@@ -188,11 +191,11 @@ def test_bad_duration_flag_is_named(capsys):
     ],
 )
 def test_bad_duration_from_the_environment_names_the_variable(
-    capsys, monkeypatch, variable
+    capfd, monkeypatch, variable
 ):
     """A bad duration set by an environment twin is reported under that variable."""
     monkeypatch.setenv(variable, "soon")
-    code, _, err = run_main(capsys, "--lock-id", "x", "--", "true")
+    code, _, err = run_main(capfd, "--lock-id", "x", "--", "true")
     assert code == EXIT_USAGE
     assert only_line(err) == (
         f"leaderrun: {variable} 'soon' is not a duration; "
@@ -203,9 +206,9 @@ def test_bad_duration_from_the_environment_names_the_variable(
 # --- JSON output --------------------------------------------------------------------
 
 
-def test_json_error_is_one_object(capsys):
+def test_json_error_is_one_object(capfd):
     """With --log-format json the error is a single JSON object on one line."""
-    code, _, err = run_main(capsys, "--log-format", "json", "--lock-id", "x")
+    code, _, err = run_main(capfd, "--log-format", "json", "--lock-id", "x")
     assert code == EXIT_USAGE
     assert json.loads(only_line(err)) == {
         "level": "error",
@@ -214,11 +217,11 @@ def test_json_error_is_one_object(capsys):
     }
 
 
-def test_json_from_the_environment_applies_to_errors(capsys, monkeypatch):
+def test_json_from_the_environment_applies_to_errors(capfd, monkeypatch):
     """LEADERRUN_LOG_FORMAT=json turns a configuration error into one JSON object."""
     monkeypatch.setenv("LEADERRUN_LOG_FORMAT", "json")
     monkeypatch.setenv("LEADERRUN_LEASE_DURATION", "soon")
-    code, _, err = run_main(capsys, "--lock-id", "x", "--", "true")
+    code, _, err = run_main(capfd, "--lock-id", "x", "--", "true")
     assert code == EXIT_USAGE
     entry = json.loads(only_line(err))
     assert entry["message"].startswith("LEADERRUN_LEASE_DURATION 'soon'")
@@ -240,12 +243,12 @@ def _dsns(port: int) -> list[str]:
     "options", [(), ("-v",), ("-vv",), ("--log-format", "json", "-v")]
 )
 def test_password_never_appears_when_the_database_is_unreachable(
-    capsys, refused_port, form, options
+    capfd, refused_port, form, options
 ):
     """An unreachable DSN exits 69 naming user@host:port/db, never its password."""
     dsn = _dsns(refused_port)[form]
     code, out, err = run_main(
-        capsys, *options, "--dsn", dsn, "--lock-id", "x", "--", "true"
+        capfd, *options, "--dsn", dsn, "--lock-id", "x", "--", "true"
     )
     assert code == EXIT_UNAVAILABLE
     assert f"cannot connect to app@127.0.0.1:{refused_port}/prod" in err
@@ -254,11 +257,11 @@ def test_password_never_appears_when_the_database_is_unreachable(
         assert "Traceback" in err, "-v shows the traceback, and it is clean too"
 
 
-def test_password_echoed_by_the_dsn_parser_is_masked(capsys):
+def test_password_echoed_by_the_dsn_parser_is_masked(capfd):
     """A malformed URI whose error quotes the password shows the mask instead."""
     bad = "Hunt%zz-s3cret"
     code, out, err = run_main(
-        capsys,
+        capfd,
         "-v",
         "--dsn",
         f"postgresql://app:{bad}@127.0.0.1:5432/prod",
