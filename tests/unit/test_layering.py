@@ -1,6 +1,7 @@
 """The core imports no driver or terminal library; the CLI help loads no driver."""
 
 import json
+import pkgutil
 import re
 import subprocess
 import sys
@@ -10,22 +11,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("psycopg", "typer", "rich")
+OWNERS = {"leaderrun.cli", "leaderrun.postgres", "leaderrun.__main__"}
+"""The modules that own a heavy library (typer and rich; psycopg), and the entry."""
+
 CORE_MODULES = [
     "leaderrun",
-    "leaderrun.lease",
-    "leaderrun.config",
-    "leaderrun.clock",
-    "leaderrun.store",
-    "leaderrun.heartbeat",
-    "leaderrun.errors",
-    "leaderrun.redact",
-    "leaderrun.handoff",
-    "leaderrun.elector",
-    "leaderrun.decorators",
-    "leaderrun.testing",
-    "leaderrun.admin",
-    "leaderrun.backends",
-    "leaderrun.sqlite",
+    *sorted(
+        f"leaderrun.{info.name}"
+        for info in pkgutil.iter_modules([str(ROOT / "leaderrun")])
+        if f"leaderrun.{info.name}" not in OWNERS
+    ),
 ]
 
 _PROBE = """
