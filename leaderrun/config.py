@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from leaderrun.dsnfile import DSN_FILE_ENV, read_dsn_file
 from leaderrun.errors import ConfigError
@@ -67,6 +68,36 @@ def parse_duration(text: str, *, option: str) -> float:
     )
 
 
+class WatchdogMode(StrEnum):
+    """``--watchdog``: whether a watchdog process covers a paused leaderrun."""
+
+    on = "on"
+    """Start one; should it fail to start or die, say so and go on without it."""
+    off = "off"
+    """Run without one (``--no-watchdog``)."""
+    required = "required"
+    """Refuse to run without one, and stop the command if it dies."""
+
+
+_WATCHDOG_WORDS = {
+    **dict.fromkeys(("on", "true", "yes", "1"), WatchdogMode.on),
+    **dict.fromkeys(("off", "false", "no", "0"), WatchdogMode.off),
+    "required": WatchdogMode.required,
+}
+
+
+def watchdog_mode(text: str, *, option: str) -> WatchdogMode:
+    """Parse ``--watchdog`` (or ``LEADERRUN_WATCHDOG``): on, off or required.
+
+    Raises:
+        ConfigError: naming ``option`` and the value, with the accepted words.
+    """
+    mode = _WATCHDOG_WORDS.get(text.strip().lower())
+    if mode is None:
+        raise ConfigError(f"{option} {text!r} must be on, off or required")
+    return mode
+
+
 @dataclass(frozen=True)
 class RawRunOptions:
     """The run options as the command line received them: text, or None if unset."""
@@ -87,7 +118,7 @@ class RawRunOptions:
     retry_failed: bool = False
     max_runtime: str | None = None
     history_keep: int | None = None
-    watchdog: bool = True
+    watchdog: str = "on"
     labels: Mapping[str, str] = field(default_factory=dict)
     """How to name an option in messages when it came from elsewhere than its flag."""
 
@@ -117,8 +148,8 @@ class RunSettings:
     """``--max-runtime``: stop the command after this long and exit 124."""
     history_keep: int = DEFAULT_HISTORY_KEEP
     """``--history-keep``: runs of the lock kept in ``leader_run``."""
-    watchdog: bool = True
-    """Run the watchdog process that stops the child if leaderrun is paused."""
+    watchdog: WatchdogMode = WatchdogMode.on
+    """The watchdog process that stops the child if leaderrun is paused."""
 
 
 def resolve_dsn(
@@ -259,7 +290,9 @@ def run_settings(
         once_per=once_per,
         max_runtime_s=max_runtime_s,
         history_keep=history_keep,
-        watchdog=options.watchdog,
+        watchdog=watchdog_mode(
+            options.watchdog, option=options.label("watchdog", "--watchdog")
+        ),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 # Exit statuses with a meaning of their own; everything else is the child's.
 EXIT_USAGE = 64  # EX_USAGE: bad flags or values (not click's 2, which children use)
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the database cannot be used; nothing ran
+EXIT_OSERR = 71  # EX_OSERR: a system resource the run needs is missing; nothing ran
 EXIT_BUSY = 75  # EX_TEMPFAIL: another node holds the lock
 EXIT_LEASE_LOST = 122  # the lease was lost while the child ran; it was stopped
 EXIT_TIMEOUT = 124  # --max-runtime passed; the child was stopped (as timeout(1))
@@ -54,6 +55,12 @@ class StatementTimeoutError(DatabaseUnavailableError):
 
 class SchemaMissingError(DatabaseUnavailableError):
     """The lease table does not exist and this role may not create it."""
+
+
+class SystemResourceError(LeaderrunError):
+    """A system resource the run needs (its watchdog, a pidfd) is unavailable."""
+
+    exit_code = EXIT_OSERR
 
 
 class BusyError(LeaderrunError):

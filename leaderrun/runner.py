@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from leaderrun.clock import boottime
-from leaderrun.config import RunSettings
+from leaderrun.config import RunSettings, WatchdogMode
 from leaderrun.errors import (
     EXIT_INTERNAL,
     EXIT_LEASE_LOST,
@@ -33,6 +33,7 @@ from leaderrun.errors import (
     DatabaseUnavailableError,
     LeaderrunError,
     SchemaMissingError,
+    SystemResourceError,
 )
 from leaderrun.handoff import Handoff
 from leaderrun.heartbeat import LeaseState, Renewer
@@ -42,14 +43,17 @@ from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
 from leaderrun.supervisor import (
     CANCELLING_SIGNALS,
     Child,
+    Outcome,
     SignalInbox,
     Supervisor,
     become_subreaper,
     exit_status,
     job_control_ignored,
+    pidfd_supported,
+    privilege_warning,
     resolve_command,
 )
-from leaderrun.watchdog import Watchdog
+from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
 log = logging.getLogger("leaderrun")
 
@@ -136,11 +140,59 @@ class Run:
             LeaderrunError: the command did not start (busy, cancelled,
                 database unavailable, command not found); its ``exit_code`` says why.
         """
-        # A typo in the command should not take the lock from a working node.
-        resolve_command(self.settings.command, self.env)
+        # Everything the run needs is found out before the lease is taken: a
+        # typo in the command should not take the lock from a working node, nor
+        # a kernel without pidfds or a pids limit leave a started child alone.
+        path = resolve_command(self.settings.command, self.env)
+        warning = privilege_warning(path)
+        if warning is not None:
+            log.warning("%s", warning)
+        pidfds = self._probe_pidfds()
         with SignalInbox() as inbox:
-            acquired = self.acquire(inbox)
-            return self.supervise(acquired, inbox)
+            watchdog = self._start_watchdog()
+            try:
+                acquired = self.acquire(inbox)
+                return self.supervise(acquired, inbox, watchdog, pidfds=pidfds)
+            finally:
+                if watchdog is not None:
+                    watchdog.close()
+
+    def _probe_pidfds(self) -> bool:
+        try:
+            supported = pidfd_supported()
+        except OSError as exc:
+            raise SystemResourceError(
+                f"cannot open a pidfd ({exc.strerror or exc}); nothing ran"
+            ) from None
+        if not supported:
+            log.debug("no pidfds here: the command's exit is seen at each tick")
+        return supported
+
+    def _start_watchdog(self) -> Watchdog | None:
+        """Fork the watchdog, before the lease is taken.
+
+        A run that requires one and cannot have one then takes nothing.
+        """
+        mode = self.settings.watchdog
+        if mode is WatchdogMode.off:
+            return None
+        watchdog = Watchdog(self.settings.timing.kill_grace_s, self.clock)
+        try:
+            watchdog.start()
+        except OSError as exc:
+            if mode is WatchdogMode.required:
+                raise SystemResourceError(
+                    f"cannot start the watchdog ({exc.strerror or exc}) and "
+                    "--watchdog required was given; nothing ran"
+                ) from None
+            log.error(
+                "cannot start the watchdog (%s); running without it: a leaderrun "
+                "paused past its deadline is not covered",
+                exc.strerror or exc,
+            )
+            return None
+        log.debug("watchdog started (pid %s)", watchdog.pid)
+        return watchdog
 
     def acquire(self, inbox: SignalInbox) -> Acquired:
         """Take the lease, waiting for it if asked; cancellable by a signal.
@@ -167,7 +219,8 @@ class Run:
             give_up_s = started_s + s.wait_timeout_s
         failures = 0
         try:
-            session = self.store.connect()
+            with inbox.cancelling():
+                session = self.store.connect()
         except DatabaseUnavailableError as exc:
             # Unreachable at the start: exit 69 at once, unless told to wait. A
             # waiter started mid-failover (every host down or a standby) retries.
@@ -179,13 +232,16 @@ class Run:
             self._cancel_on(inbox.take(), session, None)
             t_sent_s = self.clock()
             try:
-                result = session.acquire(
-                    s.lock,
-                    self.claim,
-                    s.timing.lease_s,
-                    once_per=s.once_per,
-                    history_keep=s.history_keep,
-                )
+                # A signal while the statement waits (a row lock, a frozen
+                # server) cancels it and ends the run with nothing started.
+                with inbox.cancelling():
+                    result = session.acquire(
+                        s.lock,
+                        self.claim,
+                        s.timing.lease_s,
+                        once_per=s.once_per,
+                        history_keep=s.history_keep,
+                    )
             except SchemaMissingError:
                 session.close()
                 raise
@@ -237,7 +293,9 @@ class Run:
             if now_s >= give_up_s:
                 session.close()
                 raise BusyError(self._busy_message(result))
-            if handoff.listen():
+            with inbox.cancelling():
+                listening = handoff.listen()
+            if listening:
                 continue  # a release just before the LISTEN went unheard: look again
             delay_s = retry_delay_s(result.expires_in_s, s.timing, self.unit_random())
             log.debug("%s is held; retrying in %.3gs", s.lock, delay_s)
@@ -245,35 +303,48 @@ class Run:
                 log.debug("%s was released; trying now", s.lock)
             self._cancel_on(inbox.take(), session, None)
 
-    def supervise(self, acquired: Acquired, inbox: SignalInbox) -> int:
-        """Start the child, renew while it runs, stop it if the lease goes; release."""
+    def supervise(
+        self,
+        acquired: Acquired,
+        inbox: SignalInbox,
+        watchdog: Watchdog | None = None,
+        *,
+        pidfds: bool = True,
+    ) -> int:
+        """Start the child, renew while it runs, stop it if the lease goes; release.
+
+        From the moment the child exists, any failure of leaderrun's own stops
+        its whole group and releases the lease (exit 125): a child is never left
+        running unsupervised with the lease held.
+        """
         s = self.settings
         lease = acquired.lease
         state = LeaseState(kill_deadline(acquired.t_sent_s, s.timing))
-        watchdog = None
-        if s.watchdog:
-            # Forked before become_subreaper(), so it is not our child, and
-            # before any thread exists.
-            watchdog = Watchdog(s.timing.kill_grace_s, self.clock)
-            watchdog.start()
+        # After the watchdog was forked, so that it is not one of our children.
         become_subreaper()
         env = child_environment(self.env, lease, s, acquired.window_start)
-        helper = None if watchdog is None else watchdog.pid
+        helpers = () if watchdog is None or watchdog.pid is None else (watchdog.pid,)
         try:
-            child = Child(s.command, env, () if helper is None else (helper,))
+            child = Child(s.command, env, helpers)
         except LeaderrunError as exc:
-            if watchdog is not None:
-                watchdog.close()
             end = self._end(RunOutcome.failed, exc.exit_code, started=False)
             self._release(acquired.session, lease, end)
             acquired.session.close()
             raise
-        if watchdog is not None:
-            watchdog.arm(child.pgid)
         runtime_deadline_s = (
             None if s.max_runtime_s is None else self.clock() + s.max_runtime_s
         )
-        # Only now may another thread exist: the child was forked from the main
+        supervisor = Supervisor(
+            child,
+            inbox,
+            state,
+            s.timing.kill_grace_s,
+            self.clock,
+            runtime_deadline_s=runtime_deadline_s,
+            watchdog=watchdog,
+            watchdog_required=s.watchdog is WatchdogMode.required,
+        )
+        # Only now may another thread start: the child was forked from the main
         # thread, so its parent-death signal is tied to this thread's life.
         renewer = Renewer(
             self.store,
@@ -285,26 +356,24 @@ class Run:
             clock=self.clock,
             unit_random=self.unit_random,
         )
-        supervisor = Supervisor(
-            child,
-            inbox,
-            state,
-            s.timing.kill_grace_s,
-            self.clock,
-            runtime_deadline_s=runtime_deadline_s,
-            watchdog=watchdog,
-        )
         with job_control_ignored():
-            renewer.start()
             try:
+                if watchdog is not None:
+                    deadline_s, _ = state.snapshot()
+                    watchdog.arm(child.pgid, deadline_s + WATCHDOG_LATE_S)
+                if pidfds:
+                    child.watch()
+                renewer.start()
                 outcome = supervisor.run()
-            except BaseException:
-                log.exception("the supervisor failed; killing the command")
-                supervisor.kill_everything()
-                self._disarm(watchdog)
-                self._finish(renewer, lease, self._end(RunOutcome.killed, None))
-                child.close()
-                return EXIT_INTERNAL
+            except Exception as exc:
+                # Stop first (a signal), then say why: nothing may wait before it.
+                supervisor.stop(f"leaderrun failed after the command started: {exc}")
+                log.exception("leaderrun failed after the command started")
+                outcome = Outcome(
+                    child.returncode,
+                    failure=str(exc),
+                    unstoppable=supervisor.unstoppable,
+                )
         self._disarm(watchdog)
         status = None if outcome.returncode is None else exit_status(outcome.returncode)
         run_outcome = classify(
@@ -312,9 +381,19 @@ class Run:
             timed_out=outcome.timed_out,
             lease_lost=outcome.stopped_because is not None,
         )
-        self._finish(renewer, lease, self._end(run_outcome, status))
+        if outcome.failure is not None:
+            run_outcome = RunOutcome.killed
+        if outcome.unstoppable:
+            # Never released while one of them runs: the lease ends on its own.
+            renewer.stop(0.0)
+            log.error("not releasing %s: the lease expires on its own", s.lock)
+        else:
+            self._finish(renewer, lease, self._end(run_outcome, status))
         child.close()
-        state.close()
+        if not renewer.alive():
+            state.close()  # else a stuck renewal may still write to it
+        if outcome.failure is not None or outcome.unstoppable:
+            return EXIT_INTERNAL
         if outcome.timed_out:
             log.error(
                 "the command ran longer than --max-runtime %gs and was stopped",
@@ -468,7 +547,8 @@ class Run:
                     cancelling[0], "cancelled by a signal while waiting for the lock"
                 )
             try:
-                return self.store.connect()
+                with inbox.cancelling():
+                    return self.store.connect()
             except DatabaseUnavailableError as exc:
                 if self.clock() >= give_up_s:
                     raise

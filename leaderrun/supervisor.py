@@ -12,10 +12,12 @@ import contextlib
 import ctypes
 import errno
 import logging
+import math
 import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from functools import partial
 from types import FrameType
 from typing import Protocol
 
+from leaderrun import procfs
 from leaderrun.clock import boottime
 from leaderrun.errors import (
     CancelledError,
@@ -30,7 +33,7 @@ from leaderrun.errors import (
     CommandNotFoundError,
 )
 from leaderrun.lease import SUPERVISOR_TICK_S
-from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
+from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog, libc
 
 log = logging.getLogger("leaderrun")
 
@@ -56,8 +59,6 @@ JOB_CONTROL_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-# Loaded before any fork: dlopen() in a forked child of a threaded parent can deadlock.
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LeaseWatch(Protocol):
@@ -183,14 +184,14 @@ def _die_with_parent(parent_pid: int) -> None:
     # *thread* that forked us ends, which is why leaderrun forks from the main
     # thread, which lives as long as the child does. If the parent is already
     # gone (killed between fork and prctl), no signal would ever come: give up.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(128 + signal.SIGKILL)
 
 
 def become_subreaper() -> None:
     """Adopt orphaned descendants, so that daemonised grandchildren can be stopped."""
-    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         log.debug("PR_SET_CHILD_SUBREAPER failed: %s", os.strerror(ctypes.get_errno()))
 
 
@@ -221,7 +222,9 @@ class Child:
                 list(argv),
                 env=dict(env),
                 start_new_session=True,
-                # Safe here: no other thread exists yet (see Run.supervise).
+                # Safe here: no thread of ours holds a lock this code needs. The
+                # renewal thread starts later; a statement's worker has been
+                # joined; the log writer only waits or writes (leaderrun.logsink).
                 preexec_fn=partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
             )
         except FileNotFoundError:
@@ -233,8 +236,17 @@ class Child:
         self.pid = self._process.pid
         self.pgid = self.pid
         self._helpers = frozenset(helpers)
-        self.pidfd = os.pidfd_open(self.pid)
+        self.pidfd = -1
+        """Readable once the command exited; -1 where pidfds are unavailable."""
         self.returncode: int | None = None
+
+    def watch(self) -> None:
+        """Open a pidfd on the command, so that its exit wakes the supervisor.
+
+        Raises:
+            OSError: it could not be opened (EMFILE); the caller stops the group.
+        """
+        self.pidfd = os.pidfd_open(self.pid)
 
     def reap(self) -> int | None:
         """Reap every exited child of ours; return the command's status once it exited.
@@ -264,7 +276,8 @@ class Child:
         except ProcessLookupError:
             return False
         except PermissionError:
-            # A setuid program in the group; the others still got the signal.
+            # Every process left in the group is one we may not signal (see
+            # unstoppable()): the group is not empty.
             return True
         return True
 
@@ -277,8 +290,8 @@ class Child:
         count = 0
         for pid in self._adopted():
             # A process still in the group already got the group's signal.
-            if pid != self.pid and _pgid(pid) != self.pid:
-                with contextlib.suppress(ProcessLookupError):
+            if pid != self.pid and procfs.process_group(pid) != self.pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signum)
                     count += 1
         return count
@@ -292,39 +305,82 @@ class Child:
             and not self._adopted()
         )
 
+    def unstoppable(self) -> list[int]:
+        """The command's processes still running that we may not signal at all.
+
+        A setuid program that set all its user ids (sudo's command), seen from a
+        leaderrun without CAP_KILL: the kernel refuses every signal, SIGKILL too.
+        """
+        candidates = set(procfs.group_members(self.pgid)) | set(self._adopted())
+        return sorted(
+            pid
+            for pid in candidates
+            if procfs.running(pid) and not procfs.may_signal(pid)
+        )
+
     def _adopted(self) -> list[int]:
         """Our children: the command and what we adopted, leaderrun's helpers not."""
-        return [pid for pid in _children() if pid not in self._helpers]
+        return [pid for pid in procfs.children(os.getpid()) if pid not in self._helpers]
 
     def close(self) -> None:
         """Release the pidfd."""
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = -1
 
 
-def _pgid(pid: int) -> int | None:
-    """The process group of ``pid``, or None if it is gone."""
+def pidfd_supported() -> bool:
+    """Whether this kernel and sandbox give pidfds; asked before any lease is taken.
+
+    False on kernels before 5.3 (ENOSYS) and under seccomp profiles that refuse
+    the call (EPERM): the supervisor then finds the command's exit at its tick.
+
+    Raises:
+        OSError: any other failure (EMFILE: no descriptor left to run with).
+    """
     try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+        fd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):
+            return False
+        raise
+    os.close(fd)
+    return True
 
 
-def _children() -> list[int]:
-    """Our own direct children, from /proc."""
-    pids: list[int] = []
-    task_dir = f"/proc/{os.getpid()}/task"
+def privilege_warning(path: str) -> str | None:
+    """Why leaderrun may be unable to stop ``path``'s process, or None.
+
+    A program that is setuid to another user drops the parent-death signal at
+    exec, and a leaderrun without CAP_KILL may not signal it once it has set all
+    its user ids to that user (as sudo does for its command).
+    """
     try:
-        tids = os.listdir(task_dir)
+        info = os.stat(path)
     except OSError:
-        return pids
-    for tid in tids:
-        try:
-            with open(f"{task_dir}/{tid}/children") as f:
-                pids.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return pids
+        return None
+    if not info.st_mode & stat.S_ISUID or info.st_uid == os.geteuid():
+        return None
+    if procfs.has_capability(procfs.CAP_KILL):
+        return None
+    return (
+        f"{path} is setuid (owner uid {info.st_uid}): leaderrun (uid "
+        f"{os.geteuid()}, without CAP_KILL) may be unable to stop it if the lease "
+        "is lost; run leaderrun as root, or as the user the program runs as"
+    )
+
+
+def unstoppable_message(pids: Sequence[int]) -> str:
+    """One line naming the processes leaderrun cannot stop, and why."""
+    who = ", ".join(
+        f"pid {pid} ({procfs.name_of(pid)}, uid {procfs.uid_of(pid)})" for pid in pids
+    )
+    return (
+        f"cannot stop {who}: leaderrun (uid {os.geteuid()}) may not signal it, as "
+        "for a setuid program that changed its user; it may outlive the lease, "
+        "which is left to expire; run leaderrun as root or as that user"
+    )
 
 
 @dataclass
@@ -340,6 +396,21 @@ class Outcome:
     timed_out: bool = False
     """leaderrun stopped the command because ``--max-runtime`` passed."""
 
+    failure: str | None = None
+    """leaderrun itself failed (its required watchdog died) and stopped the command."""
+
+    unstoppable: tuple[int, ...] = ()
+    """Processes of the command's that outlived every signal: the lease must not be
+    released while they run."""
+
+
+FRESH_LOOK_S = 2 * SUPERVISOR_TICK_S
+"""The supervisor looks at least every tick; a longer gap means it was paused."""
+
+UNSTOPPABLE_AFTER_S = 0.05
+"""SIGKILL ends a process we may signal within milliseconds; after this long in
+the kill loop, the ones still running that we may not signal are reported."""
+
 
 class Supervisor:
     """The main thread's loop: forward signals, watch the lease, stop the group.
@@ -352,7 +423,9 @@ class Supervisor:
         clock: CLOCK_BOOTTIME, or a fake in tests.
         runtime_deadline_s: when ``--max-runtime`` runs out, on ``clock``; the
             group is then stopped as for a lost lease, and the outcome says so.
-        watchdog: a started watchdog to keep fed with the deadline, if any.
+        watchdog: a started, armed watchdog to keep fed with the deadline, if any.
+        watchdog_required: stop the command if the watchdog dies
+            (``--watchdog required``); otherwise go on without it.
     """
 
     def __init__(
@@ -364,6 +437,7 @@ class Supervisor:
         clock: Callable[[], float] = boottime,
         runtime_deadline_s: float | None = None,
         watchdog: Watchdog | None = None,
+        watchdog_required: bool = False,
     ) -> None:
         self.child = child
         self.inbox = inbox
@@ -372,6 +446,9 @@ class Supervisor:
         self.clock = clock
         self.runtime_deadline_s = runtime_deadline_s
         self.watchdog = watchdog
+        self.watchdog_required = watchdog_required
+        self.unstoppable: tuple[int, ...] = ()
+        self._last_look_s = -math.inf
         self._escalations = 0
         self._killed = False
 
@@ -379,41 +456,98 @@ class Supervisor:
         """Supervise until the command ends or must be stopped; never returns early.
 
         On return the command, its process group and its adopted descendants
-        are gone, so the lease may be released.
+        are gone (but for ``Outcome.unstoppable``), so the lease may be released.
         """
+        self._last_look_s = self.clock()
         poller = select.poll()
         for fd in (self.inbox.fileno(), self.child.pidfd, self.lease.fileno()):
-            poller.register(fd, select.POLLIN)
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        if self.watchdog is not None and self.watchdog.pidfd >= 0:
+            poller.register(self.watchdog.pidfd, select.POLLIN)
         while True:
-            # The deadline comes first: after a pause (SIGSTOP, a swap storm)
-            # the child is stopped before anything else, even if it already
-            # died (the watchdog may have killed it while we were stopped).
             deadline_s, lost = self.lease.snapshot()
             now_s = self.clock()
+            paused = False
             if self.watchdog is not None:
                 if now_s >= self.watchdog.fed_deadline_s:
                     # We were stopped past the deadline the watchdog knew: it
                     # has stopped the command, whatever renewed meanwhile.
+                    paused = True
                     lost = lost or "leaderrun was paused past its kill deadline"
                 self.watchdog.feed(deadline_s + WATCHDOG_LATE_S)
+            # Reap first, then decide, when we were watching: a command that
+            # exited since our last look, a tick ago, ended as it chose, even if
+            # the deadline passed (or the loss was seen) in that tick; the kill
+            # deadline leaves the grace and more before the lease can end. After
+            # a pause we cannot tell when it died (the watchdog may have killed
+            # it): then the deadline decides first.
+            watching = (
+                not paused
+                and now_s - self._last_look_s <= FRESH_LOOK_S
+                and self._last_look_s < deadline_s
+            )
+            if watching and self.child.reap() is not None:
+                self.finish_group()
+                return self._outcome()
             if lost is not None or now_s >= deadline_s:
                 reason = lost or "no renewal succeeded before the kill deadline"
                 self.stop(reason)
-                return Outcome(self.child.returncode, stopped_because=reason)
+                return self._outcome(stopped_because=reason)
+            failure = self._check_watchdog(poller)
+            if failure is not None:
+                self.stop(failure)
+                return self._outcome(failure=failure)
             self.forward_signals()
             if self.child.reap() is not None:
                 self.finish_group()
-                return Outcome(self.child.returncode)
+                return self._outcome()
             runtime_end_s = self.runtime_deadline_s
             if runtime_end_s is not None and now_s >= runtime_end_s:
                 self.stop("--max-runtime passed")
-                return Outcome(self.child.returncode, timed_out=True)
+                return self._outcome(timed_out=True)
             if runtime_end_s is not None:
                 deadline_s = min(deadline_s, runtime_end_s)
             # poll() counts CLOCK_MONOTONIC, which stops during suspend, so wake
             # at least every tick and re-read CLOCK_BOOTTIME.
             timeout_s = min(SUPERVISOR_TICK_S, max(0.0, deadline_s - now_s))
+            self._last_look_s = now_s
             poller.poll(timeout_s * 1000)
+
+    def _outcome(
+        self,
+        stopped_because: str | None = None,
+        timed_out: bool = False,
+        failure: str | None = None,
+    ) -> Outcome:
+        return Outcome(
+            self.child.returncode,
+            stopped_because=stopped_because,
+            timed_out=timed_out,
+            failure=failure,
+            unstoppable=self.unstoppable,
+        )
+
+    def _check_watchdog(self, poller: select.poll) -> str | None:
+        """Notice a dead watchdog; a failure if one is required, else go on alone."""
+        watchdog = self.watchdog
+        if watchdog is None or not watchdog.died():
+            return None
+        poller.unregister(watchdog.pidfd)
+        watchdog.close()
+        self.watchdog = None
+        if self.watchdog_required:
+            failure = f"the watchdog (pid {watchdog.pid}) died; --watchdog required"
+            log.error("%s: stopping the command", failure)
+            return failure
+        log.error(
+            "the watchdog (pid %s) died; going on without it: a leaderrun paused "
+            "past its deadline can no longer be covered (--watchdog required "
+            "stops the command instead)",
+            watchdog.pid,
+            extra={"event": "watchdog"},
+        )
+        return None
 
     def forward_signals(self, received: Sequence[int] | None = None) -> None:
         """Pass each received signal to the group; a second INT or TERM is SIGKILL.
@@ -424,29 +558,28 @@ class Supervisor:
         for signum in self.inbox.take() if received is None else received:
             if signum in ESCALATING_SIGNALS:
                 self._escalations += 1
+            name = signal.Signals(signum).name
             if self._escalations >= 2 and signum in ESCALATING_SIGNALS:
-                log.warning(
-                    "second %s: killing the command's process group",
-                    signal.Signals(signum).name,
-                )
                 self.kill_everything()
+                log.warning("second %s: killed the command's process group", name)
                 continue
-            log.info("forwarding %s to the command", signal.Signals(signum).name)
             self.child.signal_group(signum)
+            log.info("forwarded %s to the command", name)
 
     def stop(self, reason: str) -> None:
         """SIGTERM the group, SIGKILL it after the grace, and confirm it is empty.
 
         Once begun, nothing stops the stop: the lease is frozen first, so a late
-        renewal reply cannot extend it (rule 6).
+        renewal reply cannot extend it. Signals go first and the message after,
+        so that a stalled stderr cannot delay them.
         """
         self.lease.freeze()
-        log.error("stopping the command: %s", reason)
         if self.watchdog is not None:
             # Should we be stopped during the grace, the watchdog sends the SIGKILL.
             self.watchdog.stopping(self.clock() + self.kill_grace_s + WATCHDOG_LATE_S)
         self.child.signal_group(signal.SIGTERM)
         self.child.signal_adopted(signal.SIGTERM)
+        log.error("stopping the command: %s", reason)
         self._wait_gone(self.clock() + self.kill_grace_s)
         self.kill_everything()
 
@@ -457,18 +590,30 @@ class Supervisor:
         after the grace, so the lease is never released while one still runs.
         """
         if not self.child.gone():
-            log.warning("the command exited but left processes behind; stopping them")
             self.child.signal_group(signal.SIGTERM)
             self.child.signal_adopted(signal.SIGTERM)
+            log.warning("the command exited but left processes behind; stopping them")
             self._wait_gone(self.clock() + self.kill_grace_s)
             self.kill_everything()
 
     def kill_everything(self) -> None:
-        """SIGKILL the group and adopted descendants until none is left."""
+        """SIGKILL the group and adopted descendants until none is left.
+
+        Processes that no signal of ours can reach (see
+        :meth:`Child.unstoppable`) would keep this loop turning while the lease
+        runs out: they are reported once, in ``unstoppable``, and the loop ends.
+        """
         self._killed = True
+        started_s = self.clock()
         while not self.child.gone():
             self.child.signal_group(signal.SIGKILL)
             self.child.signal_adopted(signal.SIGKILL)
+            if self.clock() - started_s >= UNSTOPPABLE_AFTER_S:
+                stuck = self.child.unstoppable()
+                if stuck:
+                    self.unstoppable = tuple(stuck)
+                    log.error("%s", unstoppable_message(stuck))
+                    return
             self.inbox.wait(0.01)
 
     def _wait_gone(self, until_s: float) -> None:
@@ -494,8 +639,3 @@ def job_control_ignored() -> Iterator[None]:
 def exit_status(returncode: int) -> int:
     """A shell's exit status for a child status: the code, or 128+N for signal N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def errno_name(code: int) -> str:
-    """``ENOENT`` for 2, for messages."""
-    return errno.errorcode.get(code, str(code))

@@ -50,8 +50,11 @@ print(len(found))
         (("--no-watchdog",), {}, "0"),
         ((), {"LEADERRUN_WATCHDOG": "false"}, "0"),
         (("--watchdog",), {"LEADERRUN_WATCHDOG": "false"}, "1"),
+        (("--watchdog", "off"), {}, "0"),
+        (("--watchdog", "required"), {}, "1"),
+        ((), {"LEADERRUN_WATCHDOG": "required"}, "1"),
     ],
-    ids=["default", "flag-off", "env-off", "flag-wins"],
+    ids=["default", "flag-off", "env-off", "flag-wins", "off", "required", "env-req"],
 )
 def test_watchdog_is_on_by_default_and_can_be_turned_off(
     leaderrun, args, env, expected

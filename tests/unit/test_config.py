@@ -8,6 +8,7 @@ import pytest
 from leaderrun.config import (
     RawRunOptions,
     RunSettings,
+    WatchdogMode,
     check_schema,
     parse_duration,
     resolve_dsn,
@@ -98,9 +99,19 @@ def test_run_settings_defaults():
 
 
 def test_watchdog_is_on_unless_turned_off():
-    """The watchdog is on by default; the option turns it off."""
-    assert settings(lock_id="x").watchdog is True
-    assert settings(lock_id="x", watchdog=False).watchdog is False
+    """The watchdog is on by default; the option turns it off or requires it."""
+    assert settings(lock_id="x").watchdog is WatchdogMode.on
+    assert settings(lock_id="x", watchdog="off").watchdog is WatchdogMode.off
+    assert settings(lock_id="x", watchdog="false").watchdog is WatchdogMode.off
+    assert settings(lock_id="x", watchdog="required").watchdog is (
+        WatchdogMode.required
+    )
+
+
+def test_a_bad_watchdog_mode_is_named_with_the_accepted_words():
+    """--watchdog takes on, off or required; anything else is one clear error."""
+    with pytest.raises(ConfigError, match=r"^--watchdog 'maybe' must be on, off or"):
+        settings(lock_id="x", watchdog="maybe")
 
 
 def test_run_settings_without_command_is_an_error():

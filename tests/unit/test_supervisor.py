@@ -173,6 +173,7 @@ class RecordingChild(Child):
         self, argv: Sequence[str], env: Mapping[str, str], events: list[str]
     ) -> None:
         super().__init__(argv, env)
+        self.watch()
         self.events = events
 
     def signal_group(self, signum: int) -> bool:
@@ -525,6 +526,50 @@ def test_a_passed_deadline_wins_over_a_child_that_already_died(setups):
     assert setup.sent()[0] == "freeze"
 
 
+EXIT_ON_USR1 = """
+import os, signal
+signal.signal(signal.SIGUSR1, lambda *_: os._exit(3))
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def test_a_command_that_exits_in_the_tick_the_deadline_passes_keeps_its_status(
+    setups,
+):
+    """A command that exited since the supervisor's last look, a tick ago, ended as
+    it chose, even though the deadline passed within that tick: reap first."""
+    setup = setups(sys.executable, "-c", EXIT_ON_USR1)
+    assert setup.lines.readline() == "ready"
+    offset_s = [0.0]
+    looks: list[float] = []
+
+    def clock() -> float:
+        return boottime() + offset_s[0]
+
+    watch = setup.watch
+    watch.deadline_s = clock() + 0.05
+    snapshot = watch.snapshot
+
+    def snapshot_then_act():
+        if not looks:
+            os.kill(setup.child.pid, signal.SIGUSR1)  # it exits in this tick
+        else:
+            offset_s[0] += 0.06  # ... and the deadline passes in the same tick
+        looks.append(clock())
+        return snapshot()
+
+    watch.snapshot = snapshot_then_act
+    with SignalInbox() as inbox:
+        outcome = Supervisor(
+            setup.child, inbox, watch, setup.grace_s, clock=clock
+        ).run()
+    assert looks[-1] >= watch.deadline_s, "the deadline had passed when it looked"
+    assert outcome == Outcome(3)
+    assert "freeze" not in setup.sent()
+
+
 # --- Supervisor, as a subreaper in a fresh interpreter -------------------------
 #
 # Each scenario below runs in a new interpreter that calls become_subreaper()
@@ -696,6 +741,7 @@ def scenario_reap_adopted() -> ScenarioResult:
     """The command exits 7 and its forked child exits right after it."""
     lines = Lines()
     child = lines.spawn(lambda: Child([sys.executable, "-c", ORPHAN], os.environ))
+    child.watch()
     orphan = int(lines.readline())
     orphan_fd = os.pidfd_open(orphan)
     exited = readable(child.pidfd, READ_TIMEOUT_S)

@@ -10,11 +10,15 @@ for two leases) is in tests/faults.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
+
+from leaderrun.watchdog import _MESSAGE, Watchdog
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +26,8 @@ SCENARIO = textwrap.dedent(
     """
     import json, os, select, signal, subprocess, sys, time
     from leaderrun.clock import boottime
-    from leaderrun.watchdog import Watchdog, descendants
+    from leaderrun.procfs import descendants
+    from leaderrun.watchdog import Watchdog
 
     how = sys.argv[1]
     watchdog = Watchdog(kill_grace_s=0.5)
@@ -36,8 +41,8 @@ SCENARIO = textwrap.dedent(
         [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.PIPE
     )
     child.stdout.readline()
-    watchdog.arm(child.pid)
     started = boottime()
+    watchdog.arm(child.pid, started + 60)
     result = {"watchdog_is_not_our_child": True}
     result["watchdog_is_not_our_child"] = descendants(os.getpid()) == [child.pid]
     if how in ("deadline", "ignores-term"):
@@ -114,3 +119,32 @@ def test_the_pipe_closing_without_a_disarm_kills_the_group():
     result = run("closed")
     assert result["returncode"] == -9
     assert float(str(result["after_s"])) < 5.0
+
+
+def test_a_watchdog_that_stopped_reading_never_blocks_the_supervisor():
+    """With the pipe full (the watchdog stopped), feeding returns at once; only
+    the newest deadline waits, and goes out, after what was sent before, as soon
+    as there is room."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    filler = 0
+    try:
+        while True:
+            os.write(write_fd, _MESSAGE.pack(2, 0, 1.0))
+            filler += 1
+    except BlockingIOError:
+        pass
+    watchdog = Watchdog(kill_grace_s=0.5)
+    watchdog._write_fd = write_fd
+    started = time.monotonic()
+    for deadline_s in (10.0, 11.0, 12.0):
+        watchdog.feed(deadline_s)
+    watchdog.stopping(20.0)
+    assert time.monotonic() - started < 0.5
+    for _ in range(filler):
+        os.read(read_fd, _MESSAGE.size)
+    watchdog.feed(12.0)  # the same deadline: only what waited goes out
+    sent = [_MESSAGE.unpack(os.read(read_fd, _MESSAGE.size)) for _ in range(2)]
+    assert sent == [(2, 0, 12.0), (3, 0, 20.0)]
+    watchdog.close()
+    os.close(read_fd)
