@@ -100,6 +100,17 @@ ENV_TWINS = {
 }
 """The command line's variables that :meth:`LeaderElector.from_env` reads."""
 
+PARAMETERS = {
+    "lock_id": "lock_id",
+    "dsn": "dsn",
+    "schema": "schema",
+    "lease_duration": "lease_s",
+    "renew_interval": "renew_interval_s",
+    "jitter": "jitter_s",
+    "kill_grace": "kill_grace_s",
+}
+"""How errors name the options when they come from the constructor's arguments."""
+
 ElectedCallback = Callable[[int], object]
 """``on_elected(token)``: called once at the start of each term."""
 
@@ -232,31 +243,33 @@ class LeaderElector:
             raise ConfigError(
                 f"lock_id {lock_id!r} must be an integer or a name, e.g. 'scheduler'"
             )
-        self.lock: LockId = parse_lock_id(str(lock_id), option="lock_id")
+        self.lock: LockId = parse_lock_id(str(lock_id), PARAMETERS["lock_id"])
         self.timing: Timing = make_timing(
-            lease_s, renew_interval_s, jitter_s, kill_grace_s
+            lease_s, renew_interval_s, jitter_s, kill_grace_s, labels=PARAMETERS
         )
         environ = os.environ if env is None else env
         if store is None:
             resolved_dsn, _ = resolve_dsn(
-                dsn or environ.get("LEADERRUN_DSN"), environ, "dsn"
+                dsn or environ.get("LEADERRUN_DSN"), environ, PARAMETERS["dsn"]
             )
+            schema = check_schema(schema, PARAMETERS["schema"])
             if connection_factory is None:
                 # The DSN picks PostgreSQL or SQLite, as on the command line.
                 from leaderrun.backends import open_store
 
                 store = open_store(
                     resolved_dsn,
-                    check_schema(schema),
+                    schema,
                     environ,
                     attempt_budget_s=self.timing.attempt_budget_s,
+                    labels=PARAMETERS,
                 )
             else:
                 from leaderrun.postgres import PostgresLeaseStore  # psycopg: now
 
                 store = PostgresLeaseStore(
                     "" if dsn is None else resolved_dsn,
-                    check_schema(schema),
+                    schema,
                     attempt_budget_s=self.timing.attempt_budget_s,
                     connection_factory=connection_factory,
                 )

@@ -601,3 +601,52 @@ def test_release_inside_on_elected_on_the_campaign_thread(threaded):
     elector.start()
     assert lost.wait(WAIT_S)
     assert events == ["elected", "elected returned", LOST_RELEASED]
+
+
+# --- configuration errors name the constructor's parameters ---------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lease_s": -1}, "lease_s must be positive, not -1"),
+        ({"renew_interval_s": 0.0}, "renew_interval_s must be a positive duration"),
+        ({"jitter_s": -0.5}, "jitter_s must be zero or a positive duration, not -0.5"),
+        (
+            {"lease_s": 2},
+            "; use lease_s=3.2 or more, or a shorter renew_interval_s, jitter_s or "
+            "kill_grace_s",
+        ),
+        ({"schema": ""}, "schema '' must be a PostgreSQL identifier"),
+        ({"dsn": "sqlite://host/x.db"}, "dsn 'sqlite://host/x.db' names a host"),
+        (
+            {"dsn": "sqlite:///var/x.db", "schema": "app"},
+            "schema 'app' is for PostgreSQL; a SQLite file has one leader_lease "
+            "table (drop schema, or use another file)",
+        ),
+        ({}, "no database given: pass dsn='postgresql://HOST/DB' to share a lock"),
+    ],
+)
+def test_errors_name_the_constructors_parameters(kwargs, message):
+    """A bad argument is named as the parameter it came in, never as a flag."""
+    with pytest.raises(ConfigError) as caught:
+        LeaderElector("x", env={}, **kwargs)
+    assert message in str(caught.value)
+    assert "--" not in str(caught.value)
+
+
+def test_an_empty_env_is_an_empty_environment(monkeypatch):
+    """env={} does not fall back to the process environment's DSN."""
+    monkeypatch.setenv("LEADERRUN_DSN", "sqlite:///var/lib/leases.db")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/app")
+    with pytest.raises(ConfigError, match="no database given"):
+        LeaderElector("x", env={})
+
+
+def test_from_env_names_the_variables_in_an_unsafe_timing(store):
+    """from_env's unsafe timing names LEADERRUN_* variables, not flags."""
+    with pytest.raises(UnsafeTimingError) as caught:
+        LeaderElector.from_env(
+            {"LEADERRUN_LOCK_ID": "x", "LEADERRUN_LEASE_DURATION": "2s"}, store=store
+        )
+    assert "use LEADERRUN_LEASE_DURATION 3.2s or more" in str(caught.value)
