@@ -12,11 +12,19 @@ call; no flag has to be cleared for it to turn false.
 Threads (see ``docs/library.md``):
 
 - the *campaign thread* (``leaderrun-elector``), started by :meth:`start`, runs
-  the acquire statements, watches the current term, and calls ``on_elected`` and
-  ``on_lost``;
+  the acquire statements, watches the current term, calls ``on_elected`` and
+  ``on_lost``, and carries out the end of each term;
 - the *renewal thread* (``leaderrun-renewer``, :class:`leaderrun.heartbeat.Renewer`,
   shared with the command line) renews while leading, each attempt on a worker
   thread with a budget, so that a hung socket cannot stall it.
+
+A term *ends* at once, on whichever thread notices or asks (``is_leader()`` is
+false from then on), and is then *finished* by the campaign thread: ``on_lost``,
+then, for a ``release()`` or ``stop()`` only, the release once no leader-only
+work of the term (:meth:`LeaderElector.leading`) is in flight. After a loss the
+lease is never released: it runs out in the database ``kill_grace`` (plus a
+margin) after ``is_leader()`` turned false, and that is the grace the work in
+flight has.
 
 An elector that is never started does nothing by itself: :meth:`poll` runs one
 step of the campaign in the caller's thread. Tests drive it that way with a
@@ -712,19 +720,20 @@ class LeaderElector:
         term.give_up_s = now_s + self.timing.kill_grace_s
         term.state.freeze()  # no renewal may count from now on
         if not term.give_back:
-            self._next_attempt_s = max(self._next_attempt_s, self._lease_end_s(term))
+            self._next_attempt_s = max(self._next_attempt_s, self._retry_after(term))
         return True
 
-    def _lease_end_s(self, term: _Term) -> float:
+    def _retry_after(self, term: _Term) -> float:
         """When to campaign again after a loss: once the lease can have run out.
 
         The deadline is ``kill_deadline_s`` after the last renewal that counted
-        was sent, and the database runs the lease from no earlier than that.
+        was sent, and the database ran that renewal no earlier than it was
+        sent; plus the jitter every waiting contender adds.
         """
         deadline_s, _ = term.state.snapshot()
+        ends_s = deadline_s - self.timing.kill_deadline_s + self.timing.lease_s
         now_s = self.clock()
-        ends_in_s = deadline_s - self.timing.kill_deadline_s + self.timing.lease_s
-        return now_s + retry_delay_s(ends_in_s - now_s, self.timing, self.unit_random())
+        return now_s + retry_delay_s(ends_s - now_s, self.timing, self.unit_random())
 
     def _stepped_down(self, term: _Term) -> None:
         """What follows a step-down on the thread that made it: log, stop renewing."""
@@ -736,7 +745,14 @@ class LeaderElector:
             term.reason,
             extra={"event": "lost", "token": term.lease.token},
         )
-        self._stop_renewing(term, 0.0)  # ask, without waiting
+        # Ask, without waiting (and not behind another thread already waiting).
+        if term.renewing.acquire(blocking=False):
+            try:
+                session = term.renewer.stop(0.0)
+                if session is not None:
+                    term.session = session
+            finally:
+                term.renewing.release()
 
     def _finish_here(self, term: _Term | None, *, closing: bool = False) -> None:
         """Finish ``term`` on this thread, if it may run campaign steps now.
