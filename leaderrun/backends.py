@@ -39,13 +39,24 @@ LIBPQ_TARGET_VARIABLES = (
 ``PGPASSWORD`` or ``PGPASSFILE`` alone is not: they say how to log in, not where.
 """
 
-NO_DSN_MESSAGE = (
-    "no database given: pass --dsn postgresql://HOST/DB to share a lock across "
-    "a fleet, or --dsn sqlite:///PATH/leases.db for the processes of one host "
-    "(or set LEADERRUN_DSN, LEADERRUN_DSN_FILE, DATABASE_URL or libpq's "
-    "PGHOST/PGSERVICE)"
-)
-"""The refusal when nothing names a database."""
+
+def no_dsn_message(label: str = "--dsn") -> str:
+    """The refusal when nothing names a database; ``label`` names the option."""
+
+    def given(value: str) -> str:
+        # A flag takes its value after a space, a parameter after '='.
+        return f"{label} {value}" if label.startswith("-") else f"{label}={value!r}"
+
+    return (
+        f"no database given: pass {given('postgresql://HOST/DB')} to share a lock "
+        f"across a fleet, or {given('sqlite:///PATH/leases.db')} for the processes "
+        "of one host (or set LEADERRUN_DSN, LEADERRUN_DSN_FILE, DATABASE_URL or "
+        "libpq's PGHOST/PGSERVICE)"
+    )
+
+
+NO_DSN_MESSAGE = no_dsn_message()
+"""The command line's refusal when nothing names a database."""
 
 
 class ManagedStore(LeaseStore, OperatorStore, Protocol):
@@ -108,6 +119,7 @@ def open_store(
     *,
     attempt_budget_s: float = 5.0,
     create: bool = True,
+    labels: Mapping[str, str] | None = None,
 ) -> ManagedStore:
     """The store the DSN names, ready to connect.
 
@@ -119,18 +131,22 @@ def open_store(
         attempt_budget_s: how long one statement may take (TCP timeouts for
             PostgreSQL, the lock wait for SQLite).
         create: create the table on first use if it is missing.
+        labels: how messages name ``"dsn"`` and ``"schema"`` (the library's
+            parameters); default their flags.
 
     Raises:
         ConfigError: no database named, or a bad DSN for the chosen store.
     """
+    dsn_label = (labels or {}).get("dsn", "--dsn")
+    schema_label = (labels or {}).get("schema", "--schema")
     if not configured(dsn, env):
-        raise ConfigError(NO_DSN_MESSAGE)
+        raise ConfigError(no_dsn_message(dsn_label))
     if is_sqlite(dsn):
-        path = sqlite_path(dsn)
+        path = sqlite_path(dsn, dsn_label)
         if schema != DEFAULT_SCHEMA:
             raise ConfigError(
-                f"--schema {schema!r} is for PostgreSQL; a SQLite file has one "
-                "leader_lease table (drop --schema, or use another file)"
+                f"{schema_label} {schema!r} is for PostgreSQL; a SQLite file has "
+                f"one leader_lease table (drop {schema_label}, or use another file)"
             )
         from leaderrun.sqlite import SqliteLeaseStore
 

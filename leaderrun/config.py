@@ -174,15 +174,15 @@ def resolve_dsn(
     return "", "the libpq environment (PGHOST, PGSERVICE, ...)"
 
 
-def check_schema(schema: str) -> str:
+def check_schema(schema: str, option: str = "--schema") -> str:
     """Validate a ``--schema`` name; it is always quoted as an identifier in SQL.
 
     Raises:
-        ConfigError: empty, too long or with a NUL byte.
+        ConfigError: empty, too long or with a NUL byte; named as ``option``.
     """
     if not schema or len(schema.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in schema:
         raise ConfigError(
-            f"--schema {schema!r} must be a PostgreSQL identifier of 1 to "
+            f"{option} {schema!r} must be a PostgreSQL identifier of 1 to "
             f"{MAX_IDENTIFIER_BYTES} bytes"
         )
     return schema
@@ -242,6 +242,7 @@ def timing_from(options: RawRunOptions, env: Mapping[str, str]) -> Timing:
         renew_interval_s=renew_s,
         jitter_s=seconds("jitter", "--jitter"),
         kill_grace_s=seconds("kill_grace", "--kill-grace"),
+        labels=options.labels,
     )
 
 

@@ -80,10 +80,14 @@ def leader_only(
     """Run the decorated function only while this process leads.
 
     Works on plain and ``async`` functions, and on methods. Leadership is
-    checked once, when the call starts (for a coroutine: when it is awaited);
-    code that runs for long should check ``is_leader()`` again as it goes, or
-    stop when ``on_lost`` is called. Use it bare (``@leader_only``) or with
-    arguments.
+    checked once, when the call starts (for a coroutine: when it is awaited).
+    A call that started counts as leader-only work in flight
+    (:meth:`LeaderElector.leading`): ``release()`` and ``stop()`` release the
+    lease only after it returned (waiting at most ``kill_grace_s``), and after
+    a loss the lease runs out no sooner than ``kill_grace_s`` after
+    ``is_leader()`` turned false. Code that runs for longer should check
+    ``is_leader()`` again as it goes, or stop when ``on_lost`` is called. Use
+    it bare (``@leader_only``) or with arguments.
 
     Args:
         func: the function, when used bare.
@@ -108,10 +112,8 @@ def _wrap(
 ) -> Callable[..., Any]:
     name = getattr(func, "__qualname__", repr(func))
 
-    def leading() -> bool:
-        asked = elector if elector is not None else current_elector()
-        if asked is not None and asked.is_leader():
-            return True
+    def refuse(asked: LeaderElector | None) -> None:
+        """Not leading: raise, or note the skip (the wrapper returns None)."""
         if mode == "raise":
             lock = "" if asked is None else f" of {str(asked.lock)!r}"
             raise NotLeaderError(
@@ -119,22 +121,31 @@ def _wrap(
                 + ("" if asked is not None else " (no elector was started)")
             )
         log.debug("not the leader; skipping %s", name)
-        return False
 
+    # Each call runs inside elector.leading(): release() and stop() wait for it
+    # (up to the kill grace) before they let another replica in.
     if inspect.iscoroutinefunction(func):
 
         @functools.wraps(func)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not leading():
-                return None
-            return await func(*args, **kwargs)
+            asked = elector if elector is not None else current_elector()
+            if asked is None:
+                return refuse(None)
+            with asked.leading() as token:
+                if token is None:
+                    return refuse(asked)
+                return await func(*args, **kwargs)
 
         return async_wrapper
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not leading():
-            return None
-        return func(*args, **kwargs)
+        asked = elector if elector is not None else current_elector()
+        if asked is None:
+            return refuse(None)
+        with asked.leading() as token:
+            if token is None:
+                return refuse(asked)
+            return func(*args, **kwargs)
 
     return wrapper

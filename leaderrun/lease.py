@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from leaderrun.errors import ConfigError, UnsafeTimingError
@@ -104,46 +105,74 @@ class Timing:
         return max(0.0, self.kill_deadline_s - self.renew_interval_s - self.jitter_s)
 
 
+TIMING_FLAGS = {
+    "lease_duration": "--lease-duration",
+    "renew_interval": "--renew-interval",
+    "jitter": "--jitter",
+    "kill_grace": "--kill-grace",
+}
+"""How messages name each timing option unless told otherwise: its flag."""
+
+
 def make_timing(
     lease_s: float = DEFAULT_LEASE_S,
     renew_interval_s: float | None = None,
     jitter_s: float | None = None,
     kill_grace_s: float | None = None,
+    *,
+    labels: Mapping[str, str] | None = None,
 ) -> Timing:
     """Build a checked :class:`Timing`, deriving the options not given.
 
     Defaults follow the lease: renew every ``lease/6``, jitter up to a fifth of
     that, and a kill grace of ``lease/6`` capped at 5 s. With the 30 s default
-    lease that is 5 s, 1 s and 5 s.
+    lease that is 5 s, 1 s and 5 s. ``labels`` names options in messages (keys
+    as in :data:`TIMING_FLAGS`; e.g. the library's parameter names), else
+    their flags.
 
     Raises:
         ConfigError: a value is out of range.
         UnsafeTimingError: the combination violates the safety inequality; the
             message names the inequality and a lease duration that would work.
     """
+
+    def name(option: str) -> str:
+        return (labels or {}).get(option, TIMING_FLAGS[option])
+
     if not (math.isfinite(lease_s) and lease_s > 0):
-        raise ConfigError(f"--lease-duration must be positive, not {lease_s!r}")
-    for flag, value in (
-        ("--renew-interval", renew_interval_s),
-        ("--jitter", jitter_s),
-        ("--kill-grace", kill_grace_s),
+        raise ConfigError(f"{name('lease_duration')} must be positive, not {lease_s!r}")
+    for option, value in (
+        ("renew_interval", renew_interval_s),
+        ("jitter", jitter_s),
+        ("kill_grace", kill_grace_s),
     ):
         if value is None:
             continue
-        if flag == "--renew-interval" and not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{flag} must be a positive duration, not {value!r}")
+        if option == "renew_interval" and not (math.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"{name(option)} must be a positive duration, not {value!r}"
+            )
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(
-                f"{flag} must be zero or a positive duration, not {value!r}"
+                f"{name(option)} must be zero or a positive duration, not {value!r}"
             )
     timing = _derive(lease_s, renew_interval_s, jitter_s, kill_grace_s)
     problem = timing_problem(timing)
     if problem is not None:
         suggestion = _shortest_safe_lease_s(renew_interval_s, jitter_s, kill_grace_s)
         if suggestion is not None:
-            problem += f"; use --lease-duration {_fmt(suggestion)} or more"
+            label = name("lease_duration")
+            # A Python parameter (lease_s) takes seconds as a number; a flag or
+            # a variable takes a duration.
+            given = (
+                f"={round(suggestion, 3):g}"
+                if label.isidentifier() and label.islower()
+                else f" {_fmt(suggestion)}"
+            )
+            problem += f"; use {label}{given} or more"
         raise UnsafeTimingError(
-            f"{problem}, or a shorter --renew-interval, --jitter or --kill-grace"
+            f"{problem}, or a shorter {name('renew_interval')}, {name('jitter')} "
+            f"or {name('kill_grace')}"
         )
     return timing
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from leaderrun.elector import LeaderElector
-from leaderrun.errors import DatabaseUnavailableError
+from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
 from leaderrun.lease import Lease, LockId
 from leaderrun.runs import OncePer, RunEnd, RunOutcome, window_start_s
 from leaderrun.store import AcquireResult, Claim, LeaseStore, key_collision
@@ -96,13 +96,17 @@ class InMemoryLeaseStore:
         clock: the "database clock"; a :class:`FakeClock` in tests.
 
     Set ``available = False`` to make every connect and statement fail as an
-    unreachable database does. ``statements`` counts the statements run, by
-    kind ("acquire", "renew", "release").
+    unreachable database does, or put kinds of statement ("acquire", "renew",
+    "release") in ``failing`` to make only those time out (as behind a row
+    lock) while the rest are answered. ``statements`` counts the statements
+    run, by kind.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.available = True
+        self.failing: set[str] = set()
+        """Kinds of statement that raise ``StatementTimeoutError``."""
         self.rows: dict[int, LeaseRow] = {}
         self.runs: dict[tuple[int, int], RunRow] = {}
         """The run history, by (lock key, token)."""
@@ -132,9 +136,13 @@ class InMemoryLeaseStore:
             )
             return self.rows[lock.key]
 
-    def _check(self) -> None:
+    def _check(self, kind: str | None = None) -> None:
         if not self.available:
             raise DatabaseUnavailableError("the in-memory store is unavailable")
+        if kind in self.failing:
+            raise StatementTimeoutError(
+                f"the in-memory {kind} timed out (the test made it fail)"
+            )
 
     def _acquire(
         self,
@@ -145,7 +153,7 @@ class InMemoryLeaseStore:
         history_keep: int | None = None,
     ) -> AcquireResult:
         with self._lock:
-            self._check()
+            self._check("acquire")
             self.statements["acquire"] += 1
             now_s = self.clock()
             row = self.rows.get(lock.key)
@@ -240,7 +248,7 @@ class InMemoryLeaseStore:
 
     def _renew(self, lease: Lease, lease_s: float) -> bool:
         with self._lock:
-            self._check()
+            self._check("renew")
             self.statements["renew"] += 1
             row = self.rows.get(lease.lock.key)
             if row is None or (row.holder, row.token) != (lease.holder, lease.token):
@@ -255,7 +263,7 @@ class InMemoryLeaseStore:
 
     def _release(self, lease: Lease, end: RunEnd | None = None) -> bool:
         with self._lock:
-            self._check()
+            self._check("release")
             self.statements["release"] += 1
             now_s = self.clock()
             run = self.runs.get((lease.lock.key, lease.token))

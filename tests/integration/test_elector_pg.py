@@ -2,13 +2,8 @@
 
 import asyncio
 import itertools
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -16,10 +11,10 @@ import pytest
 from leaderrun import LeaderElector, NotLeaderError, leader_only
 from leaderrun.elector import LOST_DEADLINE, LOST_STOPPED
 from leaderrun.lease import name_key
+from tests.helpers.replicas import Replica
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 6.0  # renew 1 s, jitter 0.2 s, kill grace 1 s: deadline 3.99 s
 WAIT_S = 60.0  # generous: the machine may be loaded
 
@@ -32,53 +27,8 @@ def wait_until(predicate, what: str, timeout_s: float = WAIT_S) -> None:
         time.sleep(0.01)
 
 
-class Replica:
-    """One elector process, its output gathered line by line by a thread."""
-
-    def __init__(self, dsn: str, lock: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.elector_proc", dsn, lock, "6"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self._pumping = threading.Thread(target=self._pump, daemon=True)
-        self._pumping.start()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(WAIT_S)
-        self._pumping.join(WAIT_S)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self.drain()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def drain(self) -> list[str]:
-        while True:
-            try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                return self.seen
-
-    def leads(self) -> list[tuple[int, float, float]]:
-        return [
-            (int(token), float(t0), float(t1))
-            for kind, token, t0, t1 in (
-                line.split() for line in self.drain() if line.startswith("lead ")
-            )
-        ]
-
-
 def test_three_processes_one_leader_and_a_larger_token_after_kill_9(pg_dsn, lock_name):
-    replicas = [Replica(pg_dsn, lock_name) for _ in range(3)]
+    replicas = [Replica(pg_dsn, lock_name, LEASE_S) for _ in range(3)]
     try:
         for r in replicas:
             wait_until(lambda r=r: "ready" in r.drain(), "a replica to start")

@@ -1,6 +1,9 @@
 """@leader_only and the module-level is_leader(), with the public test doubles."""
 
 import asyncio
+import logging
+import threading
+import time
 from typing import assert_type
 
 import pytest
@@ -14,6 +17,7 @@ from leaderrun import (
     leader_only,
     use_elector,
 )
+from leaderrun.clock import boottime
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, make_elector
 
 
@@ -208,3 +212,139 @@ def test_the_result_types_follow_the_mode():
     with pytest.raises(NotLeaderError):
         assert_type(asyncio.run(strict_async(1)), int)
     assert assert_type(Service().tick(), int | None) is None
+
+
+# --- leader-only calls in flight when the term ends ----------------------------
+
+WAIT_S = 10.0
+
+
+def wait_for(condition, what: str) -> None:
+    """Wait (real time) for something another thread does; fail after WAIT_S."""
+    give_up = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < give_up, f"{what}: not within {WAIT_S}s"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["release", "stop"])
+def test_stepping_down_releases_only_after_the_call_in_flight_returns(
+    store, clock, how
+):
+    """release()/stop() from another thread wait for a running call, then release."""
+    on_lost = threading.Event()
+    elector = LeaderElector(
+        "jobs", store=store, clock=clock, on_lost=lambda reason: on_lost.set()
+    )
+    elector.poll()
+    started = threading.Event()
+    releases_seen: list[int] = []
+
+    @leader_only(elector=elector)
+    def job() -> None:
+        started.set()
+        assert on_lost.wait(WAIT_S)  # the application stops its work on on_lost
+        releases_seen.append(store.statements["release"])
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    assert started.wait(WAIT_S)
+    getattr(elector, how)()
+    worker.join(WAIT_S)
+    assert releases_seen == [0], "released while the leader-only call still ran"
+    assert store.rows[elector.lock.key].holder is None
+
+
+@pytest.mark.timeout(30)
+def test_a_call_still_running_after_the_grace_leaves_the_lease_to_expire(
+    store, clock, caplog
+):
+    """A call that outlives kill_grace: no release at all; the lease expires."""
+    caplog.set_level(logging.WARNING, logger="leaderrun")
+    elector = LeaderElector("jobs", store=store, clock=clock)
+    # The call ignores on_lost, and the grace passes while it runs.
+    elector.on_lost = lambda reason: clock.advance(elector.timing.kill_grace_s)
+    elector.poll()
+    started, finish = threading.Event(), threading.Event()
+
+    @leader_only(elector=elector)
+    def stubborn() -> None:
+        started.set()
+        finish.wait(WAIT_S)
+
+    worker = threading.Thread(target=stubborn)
+    worker.start()
+    try:
+        assert started.wait(WAIT_S)
+        elector.release()
+        assert not elector.is_leader()
+        row = store.rows[elector.lock.key]
+        assert row.holder == elector.claim.holder
+        assert row.expires_at_s > clock()
+        assert "still running" in caplog.text
+    finally:
+        finish.set()
+        worker.join(WAIT_S)
+    elector.poll()
+    assert store.statements["release"] == 0
+
+
+def test_release_inside_a_leader_only_call_releases_after_it_returns(store, clock):
+    """Polled: release() from the function itself returns; the next poll releases."""
+    elector = LeaderElector("jobs", store=store, clock=clock)
+    elector.poll()
+
+    @leader_only(elector=elector)
+    def job() -> object:
+        elector.release()
+        assert not elector.is_leader()
+        return store.rows[elector.lock.key].holder
+
+    assert job() == elector.claim.holder, "released under the running call"
+    elector.poll()
+    assert store.rows[elector.lock.key].holder is None
+
+
+@pytest.mark.timeout(30)
+def test_release_inside_a_leader_only_call_on_a_started_elector():
+    """Threaded: no deadlock; the campaign thread releases once the call returned."""
+    store = InMemoryLeaseStore(boottime)
+    elector = LeaderElector("jobs", store=store).start()
+    try:
+        assert elector.wait_for_leadership(WAIT_S)
+
+        @leader_only(elector=elector)
+        def job() -> object:
+            elector.release()
+            return store.rows[elector.lock.key].holder
+
+        assert job() == elector.claim.holder, "released under the running call"
+        wait_for(lambda: store.rows[elector.lock.key].holder is None, "the release")
+    finally:
+        elector.stop()
+
+
+@pytest.mark.timeout(30)
+def test_stop_waits_for_an_async_leader_only_call():
+    """An awaited leader-only coroutine counts as in flight until it returns."""
+    store = InMemoryLeaseStore(boottime)
+    elector = LeaderElector("jobs", store=store).start()
+    started = threading.Event()
+    releases_seen: list[int] = []
+
+    @leader_only(elector=elector)
+    async def job() -> None:
+        started.set()
+        while elector.is_leader():
+            await asyncio.sleep(0.005)
+        releases_seen.append(store.statements["release"])
+
+    assert elector.wait_for_leadership(WAIT_S)
+    loop = threading.Thread(target=asyncio.run, args=(job(),))
+    loop.start()
+    assert started.wait(WAIT_S)
+    elector.stop()
+    loop.join(WAIT_S)
+    assert releases_seen == [0]
+    assert store.rows[elector.lock.key].holder is None

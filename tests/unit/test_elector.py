@@ -1,12 +1,17 @@
 """LeaderElector driven step by step with poll(), on a FakeClock: no sleeps."""
 
 import logging
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 
 from leaderrun import ConfigError, LeaderElector, UnsafeTimingError
+from leaderrun import elector as elector_module
 from leaderrun.clock import boottime
 from leaderrun.elector import LOST_DEADLINE, LOST_RELEASED, LOST_STOPPED
+from leaderrun.heartbeat import Renewer
 from leaderrun.testing import FakeClock, InMemoryLeaseStore
 
 
@@ -364,3 +369,284 @@ def test_a_grant_that_arrives_after_stop_is_given_back(make, store):
     assert not elector.is_leader()
     assert elector.calls == []
     assert store.rows[elector.lock.key].holder is None
+
+
+# --- the grace after a loss ---------------------------------------------------
+
+
+@pytest.mark.parametrize("cause", ["no renewal ran", "renewals time out"])
+def test_a_deadline_loss_leaves_the_row_to_expire(make, clock, store, cause):
+    """Past the deadline, with the database answering, the lease is not released."""
+    elector = make()
+    elector.poll()
+    if cause == "no renewal ran":
+        clock.advance(elector.timing.kill_deadline_s)  # e.g. the thread was stuck
+    else:
+        store.failing.add("renew")
+    for _ in range(1000):
+        if not elector.is_leader():
+            break
+        clock.advance(min(elector.poll(), 0.25))
+    elector.poll()
+    assert [kind for kind, _ in elector.calls] == ["elected", "lost"]
+    assert str(elector.calls[1][1]).startswith(LOST_DEADLINE)
+    row = store.rows[elector.lock.key]
+    assert row.holder == elector.claim.holder
+    assert store.statements["release"] == 0
+    assert row.expires_at_s - clock() >= elector.timing.kill_grace_s
+
+
+@pytest.mark.parametrize("cause", ["deadline", "takeover", "renewal thread died"])
+def test_after_a_loss_no_campaign_before_the_old_lease_ends(make, clock, store, cause):
+    """The process re-enters the race only once its old lease could have ended."""
+    elector = make()
+    elector.poll()
+    ends_at_s = store.rows[elector.lock.key].expires_at_s
+    if cause == "deadline":
+        clock.advance(elector.timing.kill_deadline_s)
+    elif cause == "takeover":
+        store.take_over(elector.lock)
+        store.rows[elector.lock.key] = replace(
+            store.rows[elector.lock.key], holder=None, expires_at_s=clock()
+        )  # ... and the operator freed it at once
+        clock.advance(elector.poll())
+        elector.poll()  # the renewal matches no row
+    else:
+        elector._term.state.lose("the renewal thread failed: RuntimeError()")
+    acquires = store.statements["acquire"]
+    while not elector.is_leader():
+        delay_s = elector.poll()
+        if clock() < ends_at_s:
+            assert store.statements["acquire"] == acquires, "campaigned too early"
+        clock.advance(max(delay_s, 0.001))
+    assert clock() >= ends_at_s
+    assert elector.token == store.rows[elector.lock.key].token
+    assert [kind for kind, _ in elector.calls] == ["elected", "lost", "elected"]
+
+
+# --- callbacks, stop and release from other places ----------------------------
+
+
+def test_release_inside_on_elected_calls_on_lost_after_it_returns(make, store):
+    """on_elected that releases: on_lost follows it, never inside it."""
+    order: list[str] = []
+
+    def on_elected(token):
+        order.append("elected")
+        elector.release()
+        assert not elector.is_leader()
+        order.append("elected returned")
+
+    elector = make(on_elected=on_elected, on_lost=order.append)
+    for _ in range(3):
+        elector.poll()
+    assert order == ["elected", "elected returned", LOST_RELEASED]
+    assert store.rows[elector.lock.key].holder is None
+
+
+def test_stop_inside_on_elected_calls_on_lost_after_it_returns(make, store):
+    """A stop() from on_elected does not wait for itself; the term ends after."""
+    order: list[str] = []
+
+    def on_elected(token):
+        order.append("elected")
+        elector.stop()
+        order.append("elected returned")
+
+    elector = make(on_elected=on_elected, on_lost=order.append)
+    elector.poll()
+    elector.poll()
+    assert order == ["elected", "elected returned", LOST_STOPPED]
+    assert not elector.is_leader()
+    assert store.rows[elector.lock.key].holder is None
+    assert elector.poll() == 0.0
+    assert store.statements["acquire"] == 1, "a stopped elector does not campaign"
+
+
+def test_an_acquire_that_times_out_is_retried_on_a_fresh_session(make, clock, store):
+    """StatementTimeoutError on acquire: back off, close the session, reconnect."""
+    sessions = []
+    real_connect = store.connect
+
+    def connect():
+        sessions.append(real_connect())
+        return sessions[-1]
+
+    store.connect = connect
+    elector = make()
+    store.failing.add("acquire")
+    assert elector.poll() == 0.5
+    assert "timed out" in (elector.last_error or "")
+    assert sessions[0].closed
+    store.failing.clear()
+    clock.advance(0.5)
+    elector.poll()
+    assert elector.is_leader()
+    assert len(sessions) == 2
+
+
+def test_a_release_that_times_out_leaves_the_lease_to_expire(make, clock, store):
+    """release() whose statement fails returns; the lease simply expires."""
+    elector = make()
+    elector.poll()
+    store.failing.add("release")
+    elector.release()
+    assert not elector.is_leader()
+    assert elector.calls[-1] == ("lost", LOST_RELEASED)
+    assert store.rows[elector.lock.key].holder == elector.claim.holder
+
+
+# --- the real campaign thread ---------------------------------------------------
+
+
+@pytest.fixture
+def threaded():
+    """Electors with their campaign thread, on an in-memory store and real time."""
+    made = []
+    real_store = InMemoryLeaseStore(boottime)
+
+    def threaded(**kwargs):
+        kwargs.setdefault("lease_s", 6.0)  # release() waits up to 4.9 s, not 20
+        elector = LeaderElector("threaded", store=real_store, **kwargs)
+        made.append(elector)
+        return elector
+
+    threaded.store = real_store  # type: ignore[attr-defined]
+    yield threaded
+    for elector in made:
+        elector.stop(timeout_s=WAIT_S)
+
+
+WAIT_S = 10.0
+
+
+def wait_for(condition, what: str) -> None:
+    """Wait (real time) for something another thread does; fail after WAIT_S."""
+    give_up = boottime() + WAIT_S
+    while not condition():
+        assert boottime() < give_up, f"{what}: not within {WAIT_S}s"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(30)
+def test_callbacks_run_in_order_on_the_campaign_thread(threaded):
+    """release() from another thread while on_elected runs: on_lost comes after it."""
+    entered, let_go, lost = threading.Event(), threading.Event(), threading.Event()
+    events: list[tuple[str, str]] = []
+
+    def on_elected(token):
+        events.append(("elected", threading.current_thread().name))
+        entered.set()
+        let_go.wait(WAIT_S)
+        events.append(("elected returned", threading.current_thread().name))
+
+    def on_lost(reason):
+        events.append((reason, threading.current_thread().name))
+        lost.set()
+
+    elector = threaded(on_elected=on_elected, on_lost=on_lost).start()
+    assert entered.wait(WAIT_S)
+    releasing = threading.Thread(target=elector.release)
+    releasing.start()
+    wait_for(lambda: not elector.is_leader(), "the step-down")
+    let_go.set()
+    assert lost.wait(WAIT_S)
+    releasing.join(WAIT_S)
+    assert not releasing.is_alive()
+    assert [what for what, _ in events] == ["elected", "elected returned", "released"]
+    assert {thread for _, thread in events} == {"leaderrun-elector"}
+    assert threaded.store.rows[elector.lock.key].holder is None
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_while_a_term_starts_leaves_no_term(threaded, monkeypatch):
+    """stop() that lands between the acquire and the term's start: no term after."""
+    setting_up, stopped = threading.Event(), threading.Event()
+    real_renewer = Renewer
+
+    def renewer(*args, **kwargs):
+        setting_up.set()
+        stopped.wait(WAIT_S)
+        return real_renewer(*args, **kwargs)
+
+    monkeypatch.setattr(elector_module, "Renewer", renewer)
+    elector = threaded().start()
+    assert setting_up.wait(WAIT_S)
+    elector.stop(timeout_s=0.1)  # the campaign thread is setting up the term
+    stopped.set()
+    campaign = elector._thread
+    campaign.join(WAIT_S)
+    assert not campaign.is_alive()
+    assert not elector.is_leader()
+    assert not [t for t in threading.enumerate() if t.name == "leaderrun-renewer"]
+    assert threaded.store.rows[elector.lock.key].holder is None
+
+
+@pytest.mark.timeout(30)
+def test_release_inside_on_elected_on_the_campaign_thread(threaded):
+    """on_elected may call release() on the campaign thread without a deadlock."""
+    events: list[str] = []
+    lost = threading.Event()
+
+    def on_elected(token):
+        events.append("elected")
+        elector.release()
+        events.append("elected returned")
+
+    def on_lost(reason):
+        events.append(reason)
+        lost.set()
+
+    elector = threaded(on_elected=on_elected, on_lost=on_lost)
+    elector.start()
+    assert lost.wait(WAIT_S)
+    assert events == ["elected", "elected returned", LOST_RELEASED]
+
+
+# --- configuration errors name the constructor's parameters ---------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lease_s": -1}, "lease_s must be positive, not -1"),
+        ({"renew_interval_s": 0.0}, "renew_interval_s must be a positive duration"),
+        ({"jitter_s": -0.5}, "jitter_s must be zero or a positive duration, not -0.5"),
+        (
+            {"lease_s": 2},
+            "; use lease_s=3.2 or more, or a shorter renew_interval_s, jitter_s or "
+            "kill_grace_s",
+        ),
+        ({"schema": ""}, "schema '' must be a PostgreSQL identifier"),
+        ({"dsn": "sqlite://host/x.db"}, "dsn 'sqlite://host/x.db' names a host"),
+        (
+            {"dsn": "sqlite:///var/x.db", "schema": "app"},
+            "schema 'app' is for PostgreSQL; a SQLite file has one leader_lease "
+            "table (drop schema, or use another file)",
+        ),
+        ({}, "no database given: pass dsn='postgresql://HOST/DB' to share a lock"),
+    ],
+)
+def test_errors_name_the_constructors_parameters(kwargs, message):
+    """A bad argument is named as the parameter it came in, never as a flag."""
+    with pytest.raises(ConfigError) as caught:
+        LeaderElector("x", env={}, **kwargs)
+    assert message in str(caught.value)
+    assert "--" not in str(caught.value)
+
+
+def test_an_empty_env_is_an_empty_environment(monkeypatch):
+    """env={} does not fall back to the process environment's DSN."""
+    monkeypatch.setenv("LEADERRUN_DSN", "sqlite:///var/lib/leases.db")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/app")
+    with pytest.raises(ConfigError, match="no database given"):
+        LeaderElector("x", env={})
+
+
+def test_from_env_names_the_variables_in_an_unsafe_timing(store):
+    """from_env's unsafe timing names LEADERRUN_* variables, not flags."""
+    with pytest.raises(UnsafeTimingError) as caught:
+        LeaderElector.from_env(
+            {"LEADERRUN_LOCK_ID": "x", "LEADERRUN_LEASE_DURATION": "2s"}, store=store
+        )
+    assert "use LEADERRUN_LEASE_DURATION 3.2s or more" in str(caught.value)
