@@ -10,9 +10,9 @@ from leaderrun.bounded import CallTimedOut, call_bounded
 
 
 class Recorder:
-    def __init__(self):
+    def __init__(self) -> None:
         self.interrupted = 0
-        self.cleaned = []  # the thread each cleanup ran on
+        self.cleaned: list[str] = []  # the thread each cleanup ran on
         self.released = threading.Event()
 
     def interrupt(self):
