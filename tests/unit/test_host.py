@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from leaderrun.backends import open_store
 from leaderrun.clock import boottime
-from leaderrun.errors import ConfigError
+from leaderrun.errors import EXIT_USAGE, ConfigError
 from leaderrun.host import (
     LOCAL_FS_TYPES,
     LOCAL_FS_VARIABLE,
@@ -20,6 +21,7 @@ from leaderrun.host import (
     parse_boottime_offset_s,
     vouched_fs_types,
 )
+from leaderrun.sqlite import SqliteLeaseStore
 
 BOOT_ID = "895cc76a-b98d-4110-abf7-5b27b41054c2"
 
@@ -240,3 +242,66 @@ def test_the_lists_agree():
     assert {"virtiofs", "vboxsf", "9p", "fuse.grpcfuse", "osxfs", "vmhgfs"} <= (
         SHARED_FS_TYPES
     )
+
+
+# --- the store refuses what the decisions refuse -------------------------------------
+
+
+def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *lines: str) -> None:
+    """Make the store see an ext4 root plus ``lines`` as its mount table."""
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("22 1 259:2 / / rw - ext4 /dev/sda1 rw\n" + "".join(lines))
+    monkeypatch.setattr("leaderrun.host.MOUNTINFO", mountinfo)
+
+
+def test_a_file_on_a_network_file_system_is_refused(tmp_path, monkeypatch):
+    """The store refuses the path with exit 64, in one line naming the type."""
+    mounts(tmp_path, monkeypatch, f"40 22 0:40 / {tmp_path} rw - nfs4 fs1:/e rw\n")
+    with pytest.raises(ConfigError) as excinfo:
+        SqliteLeaseStore(tmp_path / "leases.db")
+    assert excinfo.value.exit_code == EXIT_USAGE
+    assert excinfo.value.message.startswith(f"sqlite://{tmp_path}/leases.db: ")
+    assert "is on 'nfs4'" in excinfo.value.message
+    assert "\n" not in excinfo.value.message
+
+
+def test_a_symlink_to_a_network_file_system_is_refused(tmp_path, monkeypatch):
+    """The file's real location decides, not the directory of the link."""
+    remote = tmp_path / "remote"
+    local = tmp_path / "local"
+    remote.mkdir()
+    local.mkdir()
+    (local / "leases.db").symlink_to(remote / "leases.db")
+    mounts(tmp_path, monkeypatch, f"40 22 0:40 / {remote.resolve()} rw - cifs x rw\n")
+    with pytest.raises(ConfigError, match="is on 'cifs'"):
+        SqliteLeaseStore(local / "leases.db")
+    SqliteLeaseStore(local / "other.db")  # a plain file beside it is fine
+
+
+def test_a_file_bind_mounted_from_a_shared_folder_is_refused(tmp_path, monkeypatch):
+    """A file mounted onto the path (docker -v host.db:/x.db) is its own mount."""
+    target = tmp_path / "leases.db"
+    target.touch()
+    mounts(tmp_path, monkeypatch, f"40 22 0:40 /l.db {target} rw - virtiofs x rw\n")
+    with pytest.raises(ConfigError, match="is on 'virtiofs'"):
+        SqliteLeaseStore(target)
+
+
+def test_an_unreadable_mount_table_fails_closed(tmp_path, monkeypatch):
+    """Without /proc/self/mountinfo the check cannot run, so the store refuses."""
+    monkeypatch.setattr("leaderrun.host.MOUNTINFO", tmp_path / "missing")
+    with pytest.raises(ConfigError, match="is on a local disk"):
+        SqliteLeaseStore(tmp_path / "leases.db")
+
+
+def test_the_variable_vouches_for_an_unknown_type_through_open_store(
+    tmp_path, monkeypatch
+):
+    """LEADERRUN_SQLITE_LOCAL_FS, passed in leaderrun's environment, allows it."""
+    mounts(tmp_path, monkeypatch, f"40 22 0:40 / {tmp_path} rw - fuseblk /dev/x rw\n")
+    dsn = f"sqlite://{tmp_path}/leases.db"
+    with pytest.raises(ConfigError, match=f"set {LOCAL_FS_VARIABLE}=fuseblk"):
+        open_store(dsn, "public", {})
+    store = open_store(dsn, "public", {LOCAL_FS_VARIABLE: "fuseblk"})
+    assert isinstance(store, SqliteLeaseStore)
+    assert store.fs_type == "fuseblk"

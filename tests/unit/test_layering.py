@@ -26,6 +26,7 @@ CORE_MODULES = [
     "leaderrun.admin",
     "leaderrun.backends",
     "leaderrun.sqlite",
+    "leaderrun.host",
 ]
 
 _PROBE = """
