@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -22,6 +25,7 @@ from leaderrun.errors import (
     LeaderrunError,
     SchemaMissingError,
 )
+from leaderrun.host import VOLATILE_FS_TYPES
 from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
 from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
 from leaderrun.store import Claim
@@ -433,3 +437,44 @@ def test_the_library_refuses_no_database_like_the_command_line():
 
     with pytest.raises(ConfigError, match="sqlite:///"):
         LeaderElector("library", env={})
+
+
+@pytest.fixture
+def on_tmpfs() -> Iterator[Path]:
+    """A directory on a real tmpfs (/dev/shm), removed afterwards."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this host")
+    directory = Path(tempfile.mkdtemp(prefix="leaderrun-test-", dir=shm))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_new_file_on_tmpfs_warns_that_tokens_restart_after_reboot(
+    on_tmpfs, lock, caplog
+):
+    """Creating the tables on tmpfs logs one warning (tokens start again at 1
+    after a reboot); later uses of the file stay quiet."""
+    store = SqliteLeaseStore(on_tmpfs / "leases.db")
+    assert store.fs_type == "tmpfs"
+    with caplog.at_level(logging.WARNING, logger="leaderrun"):
+        store.connect().close()
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        store.connect().close()
+        later = [r.getMessage() for r in caplog.records]
+    assert len(first) == 1
+    assert f"sqlite://{on_tmpfs}/leases.db is on tmpfs" in first[0]
+    assert "fencing tokens then start again at 1" in first[0]
+    assert later == []
+
+
+def test_a_new_file_on_a_disk_does_not_warn(store, caplog):
+    """On a disk, first use is silent at warning level."""
+    if store.fs_type in VOLATILE_FS_TYPES:
+        pytest.skip(f"the test's directory is on {store.fs_type}, not a disk")
+    with caplog.at_level(logging.WARNING, logger="leaderrun"):
+        store.connect().close()
+    assert caplog.records == []
