@@ -47,7 +47,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -203,6 +203,22 @@ class Step:
     apply: Callable[[sqlite3.Connection, Instant], str]
 
 
+# Format 0 to 1. Each wall-clock time T becomes now_boot + (T - now_unix): the
+# same distance from now, on the boot clock of this boot.
+_LEASES_FROM_FORMAT_0 = """
+INSERT INTO leader_lease
+    (lock_key, lock_name, holder, token, boot_id, acquired_boot_s, expires_boot_s,
+     acquired_unix_s, renewed_unix_s, host, pid, command, window_start, window_ok)
+SELECT lock_key, lock_name, holder, token, :boot_id,
+       :boot_s + (acquired_at - :unix_s), :boot_s + (expires_at - :unix_s),
+       acquired_at, renewed_at, host, pid, command, window_start, window_ok
+  FROM leader_lease_format0"""
+
+_LIVE_IN_FORMAT_0 = """
+SELECT count(*) FROM leader_lease_format0
+ WHERE holder IS NOT NULL AND expires_at > :unix_s"""
+
+
 def _to_boot_clock(conn: sqlite3.Connection, now: Instant) -> str:
     """Format 0 to 1: lease times move from the wall clock to CLOCK_BOOTTIME.
 
@@ -220,22 +236,8 @@ def _to_boot_clock(conn: sqlite3.Connection, now: Instant) -> str:
                 conn.execute(f"ALTER TABLE leader_lease ADD COLUMN {column} {kind}")
         conn.execute("ALTER TABLE leader_lease RENAME TO leader_lease_format0")
         conn.execute(_LEASE_DDL)
-        conn.execute(
-            """
-INSERT INTO leader_lease
-    (lock_key, lock_name, holder, token, boot_id, acquired_boot_s, expires_boot_s,
-     acquired_unix_s, renewed_unix_s, host, pid, command, window_start, window_ok)
-SELECT lock_key, lock_name, holder, token, :boot_id,
-       :boot_s + (acquired_at - :unix_s), :boot_s + (expires_at - :unix_s),
-       acquired_at, renewed_at, host, pid, command, window_start, window_ok
-  FROM leader_lease_format0""",
-            params,
-        )
-        (live,) = conn.execute(
-            "SELECT count(*) FROM leader_lease_format0"
-            " WHERE holder IS NOT NULL AND expires_at > :unix_s",
-            params,
-        ).fetchone()
+        (live,) = conn.execute(_LIVE_IN_FORMAT_0, params).fetchone()
+        conn.execute(_LEASES_FROM_FORMAT_0, params)
         conn.execute("DROP TABLE leader_lease_format0")
     else:
         conn.execute(_LEASE_DDL)
@@ -277,7 +279,7 @@ class FileFormat:
     """The format number, for leaderrun's own files."""
     detail: str = ""
     """For a foreign file: what was found, for the message."""
-    missing: tuple[str, ...] = field(default=())
+    missing: tuple[str, ...] = ()
     """Of leaderrun's tables, those the file lacks (created on first use)."""
 
 
@@ -930,22 +932,30 @@ class SqliteSession:
         Nothing is changed in a file that is not leaderrun's or not of this
         format; with ``create`` off, nothing is created either.
         """
-        found = self._call("reading the file format of", _read_format)
+        create = self._store.create
+
+        def opening(conn: sqlite3.Connection) -> FileFormat:
+            found = _read_format(conn)
+            usable = self._store.refusal(found) is None
+            if usable and (create or found.shape is not Shape.new):
+                self._use_wal(conn)
+            return found
+
+        found = self._call("reading the file format", opening)
         refusal = self._store.refusal(found)
         if refusal is not None:
             raise refusal
-        if found.shape is Shape.new and not self._store.create:
-            return  # statements say "run init"; opening must not create
-        self._call("switching to WAL mode", self._use_wal)
-        if found.missing and self._store.create:
+        if found.missing and create:
             self._write("creating leaderrun's tables", self._create)
 
     def init(self) -> bool:
         """``leaderrun init``: create, upgrade or leave alone; True if created."""
-        found = self._call("reading the file format of", _read_format)
+        found = self._call("reading the file format", _read_format)
         if found.shape is Shape.older:
             # The file is leaderrun's, so WAL mode is its own already.
-            return self._write("upgrading", self._upgrade)
+            for note in self._write("upgrading the tables", self._upgrade):
+                log.warning("upgraded %s to %s", self._store.path, note)
+            return False
         refusal = self._store.refusal(found)
         if refusal is not None:
             raise refusal
@@ -980,25 +990,24 @@ class SqliteSession:
                 )
         return created
 
-    def _upgrade(self, conn: sqlite3.Connection, now: Instant) -> bool:
-        """Run every step from the file's format to this one, under the lock."""
+    def _upgrade(self, conn: sqlite3.Connection, now: Instant) -> list[str]:
+        """Run every step from the file's format to this one, under the lock.
+
+        Returns what each step did, for the log once it is committed.
+        """
         found = _read_format(conn)
         if found.shape is not Shape.older:
             refusal = self._store.refusal(found)
             if refusal is not None:
                 raise refusal
-            return self._create(conn, now)  # a racing init upgraded it already
+            self._create(conn, now)  # a racing init upgraded it already
+            return []
+        notes = []
         for step in STEPS[found.version or 0 :]:
-            note = step.apply(conn, now)
-            log.warning(
-                "upgraded %s to file format %d (%s): %s",
-                self._store.path,
-                step.to_format,
-                step.summary,
-                note,
-            )
+            done = step.apply(conn, now)
+            notes.append(f"file format {step.to_format} ({step.summary}): {done}")
         _stamp(conn, FORMAT)
-        return False
+        return notes
 
     def _use_wal(self, conn: sqlite3.Connection) -> None:
         (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
