@@ -27,6 +27,7 @@ from tests.faults.conftest import (
     LEASE_S,
     Proc,
     Timeline,
+    boottime,
     record_figure,
     wait_until,
 )
@@ -219,4 +220,37 @@ def test_holder_whose_wall_clock_steps_keeps_renewing_and_its_child(
     assert scenario.timeline.running(first.token), "the holder lost its child"
     record_figure(
         f"SQLite: holder's wall clock steps {step}", "renews on, child kept", None
+    )
+
+
+@pytest.mark.parametrize("offset", ["+120s", "-120s"])
+def test_holder_killed_with_a_skewed_wall_clock_hands_over_after_one_lease(
+    scenario, faketime, offset
+):
+    """A holder whose wall clock is 120 s off is killed with SIGKILL: the waiting
+    contender takes over when the lease it last wrote ends on the boot clock,
+    neither 120 s early nor 120 s late."""
+    holder, first = scenario.holder(env=faketime(offset))
+    contender = scenario.node("contender")
+    wait_until(
+        lambda: (
+            "is held; retrying" in contender.stderr()
+            or len(scenario.timeline.tokens()) > 1
+        ),
+        "the contender waits or starts its job",
+    )
+    scenario.timeline.check()
+    assert scenario.timeline.tokens() == [first.token], "the contender's job started"
+    wait_until(lambda: holder.renewals() >= 1, "a renewal of the skewed holder")
+    fault_s = boottime()
+    holder.proc.kill()
+    nxt = scenario.timeline.wait_start(first.token)
+    scenario.timeline.check()
+    assert nxt.token == first.token + 1
+    failover_s = nxt.start_s - fault_s
+    assert failover_s <= LEASE_S + 2.0, f"took over {failover_s:.1f}s after the kill"
+    record_figure(
+        f"SQLite: holder's wall clock {offset}, kill -9",
+        "one new holder after the lease",
+        failover_s,
     )
