@@ -271,7 +271,8 @@ class LeaseAdmin:
                 ).fetchone()
             assert found is not None, f"no row for {lock}"
             holder, token, boot_id, expires_boot_s = found
-            return holder, token, sqlite_expiry(boot_id, expires_boot_s) <= _now()
+            ended = boot_id != this_boot() or expires_boot_s <= boottime()
+            return holder, token, ended
         assert found is not None, f"no row for {lock}"
         holder, token, ended = found
         return holder, token, bool(ended)
@@ -336,12 +337,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def this_boot() -> str:
+    """The boot id SQLite lease rows of this boot carry."""
+    return Path(BOOT_ID).read_text().strip()
+
+
 def sqlite_expiry(boot_id: str | None, expires_boot_s: float) -> datetime:
     """When a SQLite lease ends, on the wall clock: its boot-clock expiry from now.
 
     A lease of another boot has ended already (now is returned, as a bound).
     """
-    if boot_id != Path(BOOT_ID).read_text().strip():
+    if boot_id != this_boot():
         return _now()
     return _now() + timedelta(seconds=expires_boot_s - boottime())
 
