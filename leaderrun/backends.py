@@ -148,9 +148,15 @@ def open_store(
                 f"{schema_label} {schema!r} is for PostgreSQL; a SQLite file has "
                 f"one leader_lease table (drop {schema_label}, or use another file)"
             )
+        from leaderrun.host import vouched_fs_types
         from leaderrun.sqlite import SqliteLeaseStore
 
-        return SqliteLeaseStore(path, busy_s=attempt_budget_s, create=create)
+        return SqliteLeaseStore(
+            path,
+            busy_s=attempt_budget_s,
+            create=create,
+            vouched_fs=vouched_fs_types(env),
+        )
     # psycopg costs ~100 ms to import: only a PostgreSQL run pays for it.
     from leaderrun.postgres import PostgresLeaseStore
 

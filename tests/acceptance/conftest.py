@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +30,8 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
+from leaderrun.clock import boottime
+from leaderrun.host import BOOT_ID
 from tests.helpers.processes import pid_gone
 
 CHILD = str(Path(__file__).parent.parent / "helpers" / "child.py")
@@ -263,11 +265,14 @@ class LeaseAdmin:
         else:
             with contextlib.closing(self.sqlite()) as conn:
                 found = conn.execute(
-                    "SELECT holder, token,"
-                    " expires_at <= (julianday('now') - 2440587.5) * 86400.0"
+                    "SELECT holder, token, boot_id, expires_boot_s"
                     " FROM leader_lease WHERE lock_name = ?",
                     (lock,),
                 ).fetchone()
+            assert found is not None, f"no row for {lock}"
+            holder, token, boot_id, expires_boot_s = found
+            ended = boot_id != this_boot() or expires_boot_s <= boottime()
+            return holder, token, ended
         assert found is not None, f"no row for {lock}"
         holder, token, ended = found
         return holder, token, bool(ended)
@@ -284,10 +289,11 @@ class LeaseAdmin:
             expires_at: datetime = found[0]
             return expires_at
         with contextlib.closing(self.sqlite()) as conn:
-            (unix_s,) = conn.execute(
-                "SELECT expires_at FROM leader_lease WHERE lock_name = ?", (lock,)
+            boot_id, expires_boot_s = conn.execute(
+                "SELECT boot_id, expires_boot_s FROM leader_lease WHERE lock_name = ?",
+                (lock,),
             ).fetchone()
-        return datetime.fromtimestamp(unix_s, UTC)
+        return sqlite_expiry(boot_id, expires_boot_s)
 
     def runs_recorded(self, lock: str) -> int:
         """How many rows the run history keeps for the lock."""
@@ -320,11 +326,30 @@ class LeaseAdmin:
             # fetchall: the UPDATE commits only once RETURNING is read to the end.
             rows = conn.execute(
                 "UPDATE leader_lease SET holder = 'thief', token = token + 1"
-                " WHERE lock_name = ? RETURNING expires_at",
+                " WHERE lock_name = ? RETURNING boot_id, expires_boot_s",
                 (lock,),
             ).fetchall()
         assert len(rows) == 1
-        return datetime.fromtimestamp(rows[0][0], UTC)
+        return sqlite_expiry(*rows[0])
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def this_boot() -> str:
+    """The boot id SQLite lease rows of this boot carry."""
+    return Path(BOOT_ID).read_text().strip()
+
+
+def sqlite_expiry(boot_id: str | None, expires_boot_s: float) -> datetime:
+    """When a SQLite lease ends, on the wall clock: its boot-clock expiry from now.
+
+    A lease of another boot has ended already (now is returned, as a bound).
+    """
+    if boot_id != this_boot():
+        return _now()
+    return _now() + timedelta(seconds=expires_boot_s - boottime())
 
 
 @pytest.fixture

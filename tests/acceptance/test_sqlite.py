@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from leaderrun.clock import boottime
 from tests.acceptance.conftest import FAST, child, read_rest, readline, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -151,21 +152,21 @@ def test_a_write_lock_held_elsewhere_still_gets_the_child_killed_on_time(
         # Waits for a renewal in flight to commit, then shuts every writer out.
         blocker.execute("BEGIN EXCLUSIVE")
         frozen_at = time.monotonic()
-        (expires_at,) = blocker.execute(
-            "SELECT expires_at FROM leader_lease WHERE lock_name = ?",
+        (expires_boot_s,) = blocker.execute(
+            "SELECT expires_boot_s FROM leader_lease WHERE lock_name = ?",
             (leaderrun.lock,),
         ).fetchone()
         for pid in pids:
             wait_gone(pid, 10)
         killed_after_s = time.monotonic() - frozen_at
-        killed_at = time.time()
+        killed_boot_s = boottime()
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     # The last renewal was sent before the lock was taken: its deadline (2.33 s
     # after it) plus the kill grace (0.67 s) and a tick bound the kill.
     assert killed_after_s < 2.33 + 0.67 + 0.5
-    assert killed_at < expires_at
+    assert killed_boot_s < expires_boot_s  # the lease it last wrote, same clock
     assert proc.wait(timeout=30) == 122
     stderr = read_rest(proc.stderr)
     assert "held its write lock" in stderr

@@ -56,7 +56,7 @@ def row(db: Path, lock: LockId) -> dict[str, Any]:
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         found = conn.execute(
-            "SELECT holder, token, expires_at FROM leader_lease WHERE lock_key = ?",
+            "SELECT holder, token, expires_boot_s FROM leader_lease WHERE lock_key = ?",
             (lock.key,),
         ).fetchone()
     assert found is not None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from leaderrun.clock import boottime
 from leaderrun.errors import (
     EXIT_UNAVAILABLE,
     ConfigError,
@@ -21,6 +25,7 @@ from leaderrun.errors import (
     LeaderrunError,
     SchemaMissingError,
 )
+from leaderrun.host import VOLATILE_FS_TYPES
 from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
 from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
 from leaderrun.store import Claim
@@ -84,7 +89,8 @@ def expire(db: Path, lock: LockId) -> None:
     """Move the lock's expiry into the past, as waiting out the lease would."""
     with admin(db) as conn:
         conn.execute(
-            "UPDATE leader_lease SET expires_at = expires_at - 1e6 WHERE lock_key = ?",
+            "UPDATE leader_lease SET expires_boot_s = expires_boot_s - 1e6"
+            " WHERE lock_key = ?",
             (lock.key,),
         )
 
@@ -244,10 +250,10 @@ def test_a_renewal_after_expiry_does_not_revive_the_lease(session, store, db, lo
     expire(db, lock)
     assert session.renew(lease, LEASE_S) is False
     with admin(db) as conn:
-        (expires_at,) = conn.execute(
-            "SELECT expires_at FROM leader_lease WHERE lock_key = ?", (lock.key,)
+        (expires_boot_s,) = conn.execute(
+            "SELECT expires_boot_s FROM leader_lease WHERE lock_key = ?", (lock.key,)
         ).fetchone()
-    assert expires_at < time.time()
+    assert expires_boot_s < boottime()
     other = store.connect()
     try:
         assert other.acquire(lock, claim(2), LEASE_S).lease == Lease(
@@ -267,20 +273,25 @@ def test_release_keeps_the_row_and_the_token_keeps_growing(session, db, lock):
     assert row(db, lock) == (None, 3, "nightly-backup")
 
 
-def test_expiry_and_renewal_use_the_host_clock(session, db, lock):
-    """expires_at is the host's Unix time plus the lease, read inside SQL."""
-    before = time.time()
+def test_expiry_and_renewal_use_the_boot_clock(session, db, lock):
+    """The expiry is this boot's CLOCK_BOOTTIME plus the lease, tagged with the
+    boot id; the wall clock is recorded beside it for display only."""
+    before_boot_s, before_unix_s = boottime(), time.time()
     lease = session.acquire(lock, claim(1), 7.0).lease
     assert lease is not None
+    renew_boot_s = boottime()
     assert session.renew(lease, 11.0)
-    after = time.time()
+    after_boot_s, after_unix_s = boottime(), time.time()
     with admin(db) as conn:
-        acquired_at, renewed_at, expires_at = conn.execute(
-            "SELECT acquired_at, renewed_at, expires_at FROM leader_lease"
+        row = conn.execute(
+            "SELECT boot_id, acquired_boot_s, expires_boot_s, acquired_unix_s,"
+            " renewed_unix_s FROM leader_lease"
         ).fetchone()
-    # SQLite's 'now' has millisecond resolution.
-    assert before - 0.002 <= acquired_at <= renewed_at <= after + 0.002
-    assert expires_at == pytest.approx(renewed_at + 11.0, abs=1e-6)
+    boot_id, acquired_boot_s, expires_boot_s, acquired_unix_s, renewed_unix_s = row
+    assert boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert before_boot_s <= acquired_boot_s <= renew_boot_s
+    assert renew_boot_s + 11.0 <= expires_boot_s <= after_boot_s + 11.0
+    assert before_unix_s <= acquired_unix_s <= renewed_unix_s <= after_unix_s
 
 
 def test_a_lease_ends_when_the_host_clock_passes_it(session, store, lock):
@@ -426,3 +437,44 @@ def test_the_library_refuses_no_database_like_the_command_line():
 
     with pytest.raises(ConfigError, match="sqlite:///"):
         LeaderElector("library", env={})
+
+
+@pytest.fixture
+def on_tmpfs() -> Iterator[Path]:
+    """A directory on a real tmpfs (/dev/shm), removed afterwards."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this host")
+    directory = Path(tempfile.mkdtemp(prefix="leaderrun-test-", dir=shm))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_new_file_on_tmpfs_warns_that_tokens_restart_after_reboot(
+    on_tmpfs, lock, caplog
+):
+    """Creating the tables on tmpfs logs one warning (tokens start again at 1
+    after a reboot); later uses of the file stay quiet."""
+    store = SqliteLeaseStore(on_tmpfs / "leases.db")
+    assert store.fs_type == "tmpfs"
+    with caplog.at_level(logging.WARNING, logger="leaderrun"):
+        store.connect().close()
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        store.connect().close()
+        later = [r.getMessage() for r in caplog.records]
+    assert len(first) == 1
+    assert f"sqlite://{on_tmpfs}/leases.db is on tmpfs" in first[0]
+    assert "fencing tokens then start again at 1" in first[0]
+    assert later == []
+
+
+def test_a_new_file_on_a_disk_does_not_warn(store, caplog):
+    """On a disk, first use is silent at warning level."""
+    if store.fs_type in VOLATILE_FS_TYPES:
+        pytest.skip(f"the test's directory is on {store.fs_type}, not a disk")
+    with caplog.at_level(logging.WARNING, logger="leaderrun"):
+        store.connect().close()
+    assert caplog.records == []
