@@ -230,6 +230,7 @@ class Run:
             failures += 1
         while True:
             self._cancel_on(inbox.take(), session, None)
+            log.debug("acquiring %s", s.lock)
             t_sent_s = self.clock()
             try:
                 # A signal while the statement waits (a row lock, a frozen
