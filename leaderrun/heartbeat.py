@@ -142,6 +142,9 @@ class Renewer:
         self.clock = clock
         self.unit_random = unit_random
         self.renewals = 0
+        self.failed_attempts = 0
+        """Failed attempts since the last renewal: the first is a warning, the
+        rest (every RETRY_AFTER_FAILURE_S until the deadline) only debug lines."""
         self._slot = _Slot(session)
         self._last_sent_s = t_sent_s
         self._next_s: float | None = None
@@ -213,6 +216,13 @@ class Renewer:
         outcome = self.attempt()
         if outcome is True:
             if self.state.extend(t_sent_s, self.clock(), self.timing):
+                if self.failed_attempts:
+                    log.warning(
+                        "renewed %s after %d failed attempt(s)",
+                        self.lease.lock,
+                        self.failed_attempts,
+                    )
+                    self.failed_attempts = 0
                 self.renewals += 1
                 self._last_sent_s = t_sent_s
                 delay_s = renewal_delay_s(self.timing, self.unit_random())
@@ -248,7 +258,11 @@ class Renewer:
                         slot.session = self.store.connect()
                     result[0] = slot.session.renew(self.lease, self.timing.lease_s)
                 except DatabaseUnavailableError as exc:
-                    log.warning("renewal failed: %s", exc.message)
+                    self.failed_attempts += 1
+                    level = (
+                        logging.WARNING if self.failed_attempts == 1 else logging.DEBUG
+                    )
+                    log.log(level, "renewal failed: %s; retrying", exc.message)
                     slot.drop()
                 except Exception:
                     log.exception("renewal failed unexpectedly")

@@ -7,6 +7,7 @@ bound; nothing here sleeps for a fixed time.
 from __future__ import annotations
 
 import logging
+import re
 import select
 import threading
 import time
@@ -351,3 +352,27 @@ def test_a_crashing_store_is_a_failed_attempt_not_a_dead_thread(holders, caplog)
         "connect crashed",
         "renew crashed",
     ]
+
+
+def test_a_streak_of_failed_renewals_warns_once_and_once_more_when_it_ends(
+    holders, caplog
+):
+    """Retried every 0.25 s until the deadline, failures would flood stderr: the
+    first is a warning, the rest are debug lines, and the recovery says how many."""
+    caplog.set_level(logging.DEBUG, logger="leaderrun")
+    holder = holders()
+    holder.store.failing = {"renew"}
+    holder.renewer.start()
+    wait_until(lambda: holder.renewer.failed_attempts >= 3, "three failed attempts")
+    failed = holder.renewer.failed_attempts
+    holder.store.failing = set()
+    wait_until(lambda: holder.renewer.renewals >= 1, "a renewal after the streak")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([m for m in warnings if m.startswith("renewal failed")]) == 1
+    recovered = [m for m in warnings if m.startswith("renewed")]
+    assert len(recovered) == 1
+    counted = re.search(r"after (\d+) failed attempt", recovered[0])
+    assert counted is not None, recovered[0]
+    assert int(counted.group(1)) >= failed
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(r.getMessage().startswith("renewal failed") for r in debug)
