@@ -60,6 +60,11 @@ def test_a_stalled_reader_never_blocks_the_caller(pipe):
     _, write_fd = pipe
     fill(write_fd)
     sink = LogSink(write_fd, capacity_bytes=1000)
+    sink.write(b"first\n")
+    deadline = time.monotonic() + 5
+    while not sink._writing:  # the writer has taken it and is stuck in write(2)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     started = time.monotonic()
     results = [sink.write(b"x" * 100 + b"\n") for _ in range(50)]
     assert time.monotonic() - started < 1.0
