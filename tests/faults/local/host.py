@@ -49,6 +49,7 @@ class Local:
 
     def __init__(self, dsn: str, lock: str, directory: Path) -> None:
         self.dsn = dsn
+        self.kind = "sqlite" if dsn.startswith("sqlite:") else "postgres"
         self.lock = lock
         self.dir = directory
         self.timeline = Timeline(directory / "events")

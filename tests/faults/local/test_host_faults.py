@@ -88,7 +88,7 @@ def test_a_stalled_stderr_does_not_delay_the_supervisor_s_kill(local):
         # Its own messages go nowhere, yet it finishes and says how it ended.
         assert holder.wait(WAIT_S) == 122
     record_figure(
-        f"L1 stalled stderr, lease revoked ({local.dsn.split(':')[0]})",
+        f"L1 stalled stderr, lease revoked ({local.kind})",
         f"child stopped in {stopped_s:.2f}s, leaderrun exited 122",
         None,
     )
@@ -110,7 +110,7 @@ def test_a_stalled_stderr_does_not_delay_the_watchdog_s_kill(local):
             os.kill(holder.pid, signal.SIGCONT)
         assert holder.wait(WAIT_S) == 122
     record_figure(
-        f"L2 stalled stderr, SIGSTOP ({local.dsn.split(':')[0]})",
+        f"L2 stalled stderr, SIGSTOP ({local.kind})",
         "watchdog stopped the child; one new holder",
         nxt.start_s - fault_s,
     )
