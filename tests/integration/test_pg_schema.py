@@ -67,9 +67,7 @@ def schema_with(admin: Admin, prefix: str, ddl: tuple[str, ...]) -> Iterator[str
     with admin() as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
         for statement in ddl:
-            conn.execute(
-                sql.SQL(statement).format(table=sql.Identifier(name, TABLE))  # type: ignore[arg-type]
-            )
+            conn.execute(sql.SQL(statement).format(table=sql.Identifier(name, TABLE)))
     yield name
     with admin() as conn:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
