@@ -5,31 +5,45 @@ server's ``now()`` (DESIGN rules 1, 2 and 9). Connections carry no session
 state: no SET, no advisory locks, no prepared statements, so they work through
 PgBouncer in transaction mode. Schema and table are always quoted identifiers,
 and every value is a bound parameter.
+
+Every statement is bounded (DESIGN rule 11): it runs on a worker thread
+(:func:`leaderrun.bounded.call_bounded`) for at most the store's statement
+bound, and one given up is cancelled on the server, so that it neither waits on
+there nor commits later. ``statement_timeout`` cannot do this: it needs a SET or
+a startup option, which PgBouncer in transaction mode does not carry, and no
+server-side timer helps against a frozen server anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import select
+import socket
+import threading
+import time
 from collections.abc import Callable
-from typing import Any, LiteralString
+from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
 from psycopg import errors as e
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 from psycopg.pq import TransactionStatus
 
+from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.errors import (
     ConfigError,
     DatabaseUnavailableError,
     LeaderrunError,
     SchemaMissingError,
+    StatementTimeoutError,
 )
 from leaderrun.handoff import ListenRefusedError
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
-from leaderrun.runs import OncePer, RunEnd, RunRecord
+from leaderrun.runs import OncePer, RunEnd, RunOutcome, RunRecord
 from leaderrun.store import (
     REVOKED_HOLDER,
     AcquireResult,
@@ -56,6 +70,16 @@ MAX_COMMAND_CHARS = 1000
 
 DEFAULT_CONNECT_TIMEOUT_S = 5
 """libpq connect_timeout in seconds (psycopg: 2 at least), unless the DSN sets it."""
+
+CANCEL_TIMEOUT_S = 1.0
+"""How long a cancel request may wait for the server to take it (at most).
+
+A live server answers in milliseconds; one that has not in a second is frozen,
+and the cancel will not help. The process waits for it before exiting (so that
+a command line that gives up still cancels its statement), so keep it short.
+"""
+
+_T = TypeVar("_T")
 
 UNSAFE_SYNCHRONOUS_COMMIT = frozenset({"off"})
 """``synchronous_commit`` values under which an acknowledged lease may vanish.
@@ -331,6 +355,8 @@ UPDATE {table} AS l
 RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
           l.renewed_at, l.expires_at, l.host, l.pid, l.command"""
 
+_SYNCHRONOUS_COMMIT: LiteralString = "SELECT current_setting('synchronous_commit')"
+
 _EXISTS: LiteralString = "SELECT to_regclass(%(table)s) IS NOT NULL"
 
 _COMPLETE: LiteralString = """
@@ -417,14 +443,176 @@ def window_sql(at: sql.Composable) -> sql.Composed:
     return sql.SQL(_WINDOW).format(at=at)
 
 
+class _Wire:
+    """A connection, and the means to stop a statement on it from another thread.
+
+    libpq allows one way to cancel a statement from another thread: with a
+    cancel object made beforehand by the thread that owns the connection. It is
+    made here, as the connection opens, with a duplicate of its socket, so that
+    stopping a statement never touches the connection itself (psycopg's
+    ``close()`` from under a thread using it could crash the process).
+
+    Args:
+        conn: an open connection; its thread is the caller's.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.abandoned = False
+        """A statement on it was given up: the connection is, or will be, closed."""
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stopping = False
+        # libpq 17's PQcancelCreate() sends an encrypted cancel without blocking;
+        # an older libpq has only PQcancel(), which blocks its (own) thread.
+        self._cancel_conn: pq.abc.PGcancelConn | None = None
+        self._cancel: pq.abc.PGcancel | None = None
+        try:
+            if psycopg.capabilities.has_cancel_safe():
+                self._cancel_conn = conn.pgconn.cancel_conn()
+            else:
+                self._cancel = conn.pgconn.get_cancel()
+        except psycopg.Error:  # no cancel key (a proxy): ending the socket must do
+            log.debug("this connection cannot send a cancel request", exc_info=True)
+        # A duplicate, so that a socket number libpq closed and the kernel handed
+        # to someone else is never shut down by mistake.
+        self._fd = os.dup(conn.fileno())
+
+    def interrupt(self, timeout_s: float) -> None:
+        """Cancel the running statement on the server, then end the socket.
+
+        Never blocks: a thread of its own sends the cancel request (waiting at
+        most ``timeout_s`` for the server to take it), then shuts the socket
+        down, so that the statement's thread, if still reading, gets EOF. In
+        that order: behind PgBouncer, a client that is gone can no longer
+        cancel, and the statement would run on, and commit, once unblocked.
+        The thread is not a daemon, so the process exits only once the cancel
+        is sent (a command line exits right after giving up): at most
+        ``timeout_s`` later. Only an old libpq's cancel, which has no timeout,
+        is not waited for.
+        """
+        with self._lock:
+            if self._closed or self._stopping:
+                return
+            self._stopping = True
+        try:
+            threading.Thread(
+                target=self._stop,
+                args=(timeout_s,),
+                name="leaderrun-cancel",
+                daemon=self._cancel_conn is None,
+            ).start()
+        except RuntimeError:  # no thread to be had: at least free the reader
+            log.debug("cannot start a thread to cancel the statement", exc_info=True)
+            self._release_canceller()
+            self._shutdown()
+
+    def _stop(self, timeout_s: float) -> None:
+        try:
+            if self._cancel_conn is not None:
+                _send_cancel(self._cancel_conn, timeout_s)
+            elif self._cancel is not None:
+                self._cancel.cancel()
+        except Exception:  # the server may be frozen, the network gone
+            log.debug("the cancel request failed", exc_info=True)
+        finally:
+            self._release_canceller()
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            sock = socket.socket(fileno=self._fd)
+            try:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # the descriptor stays ours, closed by close()
+
+    def _release_canceller(self) -> None:
+        if self._cancel_conn is not None:
+            self._cancel_conn.finish()
+        if self._cancel is not None:
+            self._cancel.free()
+
+    def close(self) -> None:
+        """Close the connection; never raises.
+
+        Only on a thread that no statement of this connection is running on:
+        the caller's, or the worker of a statement that was given up.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            stopping = self._stopping
+        try:
+            self.conn.close()
+        except Exception:
+            log.debug("closing the connection failed", exc_info=True)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        if not stopping:  # else the cancelling thread frees it, once done
+            self._release_canceller()
+
+
+def _send_cancel(cancel_conn: pq.abc.PGcancelConn, timeout_s: float) -> None:
+    """Send a cancel request and wait until the server has taken it.
+
+    Raises:
+        TimeoutError: no answer within ``timeout_s`` (a frozen server).
+        psycopg.OperationalError: the request failed.
+    """
+    cancel_conn.start()
+    deadline_s = time.monotonic() + timeout_s
+    while (status := cancel_conn.poll()) not in (
+        pq.PollingStatus.OK,
+        pq.PollingStatus.FAILED,
+    ):
+        remaining_s = deadline_s - time.monotonic()
+        if remaining_s <= 0:
+            raise TimeoutError(f"no answer to the cancel within {timeout_s:.3g}s")
+        fd = cancel_conn.socket
+        if status == pq.PollingStatus.READING:
+            select.select([fd], [], [], remaining_s)
+        else:
+            select.select([], [fd], [], remaining_s)
+    if status == pq.PollingStatus.FAILED:
+        raise psycopg.OperationalError(cancel_conn.get_error_message())
+
+
+class _Outcome(Generic[_T]):
+    """A call's result or error, carried out of its worker thread as a value.
+
+    So that an error of the statement itself (the connection still usable) is
+    told apart from one raised while the caller waited (the call given up).
+    """
+
+    def __init__(self, work: Callable[[], _T]) -> None:
+        self._value: _T | None = None
+        self._error: BaseException | None = None
+        try:
+            self._value = work()
+        except BaseException as exc:
+            self._error = exc
+
+    def get(self) -> _T:
+        """The result, or the error raised again."""
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]  # set when no error
+
+
 class PostgresLeaseStore(OperatorQueries):
     """Leases in ``<schema>.leader_lease`` of one PostgreSQL database.
 
     Args:
         dsn: a libpq connection string or URI; empty means libpq's environment.
         schema: the schema of the lease table.
-        attempt_budget_s: how long one attempt may take; sets the TCP timeouts
-            so a dead peer frees a blocked socket read in about that time.
+        attempt_budget_s: how long one attempt may take; bounds every statement
+            (:attr:`statement_bound_s`) and sets the TCP timeouts so a dead peer
+            frees a blocked socket read in about that time.
         create: create the table on first use if it is missing.
         connection_factory: opens each connection instead of ``dsn`` (which then
             only names the server in messages). Every connection it returns is
@@ -443,6 +631,10 @@ class PostgresLeaseStore(OperatorQueries):
         self.schema = schema
         self._factory = connection_factory
         self.create = create
+        self.statement_bound_s = attempt_budget_s
+        """How long any statement may take before it is given up and cancelled."""
+        # (lock key, holder) -> the last token that holder was granted and told.
+        self._answered_tokens: dict[tuple[int, str], int] = {}
         self._secrets = dsn_secrets(dsn)
         try:
             params = conninfo_to_dict(dsn)
@@ -463,11 +655,18 @@ class PostgresLeaseStore(OperatorQueries):
             "keepalives_count": 3,
             "tcp_user_timeout": max(1000, int(attempt_budget_s * 1000)),
         }
-        if "," in str(params.get("host", "")):
+        hosts = str(params.get("host") or params.get("hostaddr") or "").split(",")
+        if len(hosts) > 1:
             # Only a primary can hold a lease; libpq skips the others.
             defaults["target_session_attrs"] = "read-write"
         extra = {k: v for k, v in defaults.items() if k not in params}
         self._conninfo = make_conninfo(dsn, **extra)
+        # psycopg gives each host its connect_timeout; the caller waits for all
+        # of them, and a statement's worth more for what a timeout does not
+        # cover (a name lookup libpq makes blocking, a factory's pool).
+        per_host_s = timeout_from_conninfo(conninfo_to_dict(self._conninfo))
+        self.connect_bound_s = len(hosts) * per_host_s + attempt_budget_s
+        """How long opening a connection may take before it is given up."""
         self._acquire = _statement(_ACQUIRE, schema)
         self._renew = _statement(_RENEW, schema)
         self._release = _statement(_RELEASE, schema)
@@ -491,12 +690,13 @@ class PostgresLeaseStore(OperatorQueries):
         Raises:
             DatabaseUnavailableError: the server cannot be reached or refused us.
         """
-        conn = self._open("")
+        session = PostgresSession(self, self._open(""))
         try:
-            self._check_settings(conn)
+            session.check_settings()
         except BaseException:
-            conn.close()
+            session.close()
             raise
+        conn = session._conn
         log.debug(
             "connected to %s (backend pid %s, server %s)",
             self.describe(),
@@ -507,7 +707,7 @@ class PostgresLeaseStore(OperatorQueries):
         # pooled server connection that later serves us; psycopg would keep
         # every notification it then receives in a backlog that nobody reads.
         conn.add_notify_handler(_ignore_notification)
-        return PostgresSession(self, conn)
+        return session
 
     def listen(self, lock: LockId) -> PostgresListener:
         """Open a new connection that listens for releases of ``lock``.
@@ -519,63 +719,155 @@ class PostgresLeaseStore(OperatorQueries):
             DatabaseUnavailableError: the connection could not be made.
         """
         channel = release_channel(self.schema, lock.key)
-        conn = self._open(" to listen")
+        wire = self._open(" to listen")
+        listen = sql.SQL(_LISTEN).format(channel=sql.Identifier(channel))
         try:
-            conn.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(channel)))
+            self.bounded(
+                wire,
+                f"LISTEN for lock {str(lock)!r}",
+                lambda: wire.conn.execute(listen),
+            )
         except psycopg.Error as exc:
-            conn.close()
+            wire.close()
             raise ListenRefusedError(f"LISTEN refused: {self._clean(exc)}") from None
-        return PostgresListener(conn, channel, self._clean)
+        except BaseException:
+            if not wire.abandoned:
+                wire.close()
+            raise
+        return PostgresListener(wire, channel, self._clean)
 
-    def _open(self, purpose: str) -> psycopg.Connection[Any]:
+    def bounded(self, wire: _Wire, what: str, work: Callable[[], _T]) -> _T:
+        """Run ``work``, statements on ``wire``, within :attr:`statement_bound_s`.
+
+        ``what`` names the statement in the error ("acquire of lock 'x'"). The
+        caller's thread only waits (a signal handler may raise there); given
+        up, the statement is cancelled on the server, the connection closes
+        once it returned, and ``wire`` is marked abandoned. ``work``'s own
+        errors are raised as they are.
+
+        Raises:
+            StatementTimeoutError: the bound passed first.
+            DatabaseUnavailableError: ``wire`` was abandoned before.
+        """
+        if wire.abandoned:
+            raise DatabaseUnavailableError(
+                f"the connection to {self.describe()} was given up after a "
+                "statement that did not finish; open a new session"
+            )
+        bound_s = self.statement_bound_s
+        cancel_s = min(bound_s, CANCEL_TIMEOUT_S)
+        try:
+            outcome = call_bounded(
+                lambda: _Outcome(work),
+                bound_s,
+                interrupt=lambda: wire.interrupt(cancel_s),
+                cleanup=wire.close,
+            )
+        except CallTimedOut:
+            wire.abandoned = True
+            raise StatementTimeoutError(self._stuck(what)) from None
+        except BaseException:
+            # Raised while waiting (a signal's handler): given up just the same.
+            wire.abandoned = True
+            raise
+        return outcome.get()
+
+    def answered(self, lock: LockId, holder: str, token: int) -> None:
+        """Record that ``holder`` was granted ``lock`` with ``token``, and knows it."""
+        self._answered_tokens[lock.key, holder] = token
+
+    def unanswered(self, lock: LockId, holder: str, row: tuple[Any, ...]) -> bool:
+        """Whether an acquire's refusal shows a grant to ``holder`` it never saw.
+
+        Holder identities are unique per process start, and every grant takes a
+        larger token: a lease held by ``holder`` with a token above the last one
+        it was answered comes from an acquire whose answer was lost. Nobody works
+        under it. A token it was answered is a term of its own (a library's,
+        lost by its deadline): that one runs out as it should.
+        """
+        acquired, token, row_holder, *_, name = row[:7]
+        known = self._answered_tokens.get((lock.key, holder), 0)
+        return (
+            not acquired
+            and row_holder == holder
+            and name == lock.name
+            and int(token) > known
+        )
+
+    def _stuck(self, what: str) -> str:
+        """The message for a statement that was given up after its bound."""
+        return (
+            f"the {what} did not finish within {self.statement_bound_s:.3g}s on "
+            f"{self.describe()} and was cancelled: another session's open "
+            "transaction likely holds the row or table it needs (look for 'idle "
+            "in transaction' in pg_stat_activity), or the server is frozen"
+        )
+
+    def _open(self, purpose: str) -> _Wire:
         """A connection in autocommit without prepared statements (rule 9).
 
         From the DSN, or from the caller's factory, whose connection may come
-        back from a pool inside a transaction.
+        back from a pool inside a transaction. Bounded by
+        :attr:`connect_bound_s`; the caller's thread only waits.
 
         Raises:
             DatabaseUnavailableError: the server cannot be reached or refused us;
                 ``purpose`` (" to listen") says in the message what for.
         """
+        opened: list[_Wire] = []
+
+        def connect() -> _Wire:
+            try:
+                conn = self._connection()
+            except psycopg.Error as exc:
+                raise DatabaseUnavailableError(
+                    f"cannot connect to {self.describe()}{purpose}: {self._clean(exc)}"
+                ) from None
+            try:
+                opened.append(_Wire(conn))
+            except OSError as exc:  # no descriptor left to duplicate its socket
+                conn.close()
+                raise DatabaseUnavailableError(
+                    f"cannot connect to {self.describe()}{purpose}: {exc}"
+                ) from None
+            return opened[0]
+
+        def close_late() -> None:
+            # A connection that came after the caller gave up on it.
+            for wire in opened:
+                wire.close()
+
         try:
-            if self._factory is None:
-                return psycopg.connect(
-                    self._conninfo, autocommit=True, prepare_threshold=None
-                )
-            conn = self._factory()
+            return call_bounded(
+                connect,
+                self.connect_bound_s,
+                interrupt=lambda: None,  # the attempt ends at its connect_timeout
+                cleanup=close_late,
+                name="leaderrun-connect",
+            )
+        except CallTimedOut:
+            raise DatabaseUnavailableError(
+                f"cannot connect to {self.describe()}{purpose}: no answer within "
+                f"{self.connect_bound_s:.3g}s (a frozen server, or a proxy in "
+                "front of it?)"
+            ) from None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """A new connection (on the worker thread), ready for lease statements."""
+        if self._factory is None:
+            return psycopg.connect(
+                self._conninfo, autocommit=True, prepare_threshold=None
+            )
+        conn = self._factory()
+        try:
             if conn.info.transaction_status != TransactionStatus.IDLE:
                 conn.rollback()
             conn.autocommit = True
             conn.prepare_threshold = None
-            return conn
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot connect to {self.describe()}{purpose}: {self._clean(exc)}"
-            ) from None
-
-    def _check_settings(self, conn: psycopg.Connection[Any]) -> None:
-        """Refuse a session whose commits the server may forget after a crash.
-
-        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
-        would stay on whichever server connection ran it.
-        """
-        try:
-            row = conn.execute(
-                "SELECT current_setting('synchronous_commit')"
-            ).fetchone()
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot use {self.describe()}: {self._clean(exc)}"
-            ) from None
-        value = str(row[0]) if row else ""
-        if value in UNSAFE_SYNCHRONOUS_COMMIT:
-            raise DatabaseUnavailableError(
-                f"synchronous_commit is {value!r} for {conn.info.user} on "
-                f"{self.describe()}: a crash could forget a lease the server "
-                "already granted; have a DBA run ALTER ROLE "
-                f"{sql.Identifier(conn.info.user).as_string()} "
-                "SET synchronous_commit = on"
-            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def init(self) -> bool:
         """Create the lease table if it is missing (idempotent).
@@ -609,13 +901,16 @@ class PostgresLeaseStore(OperatorQueries):
 
 
 class PostgresSession:
-    """One connection to the store, used by one thread at a time."""
+    """One connection to the store, used by one thread at a time.
 
-    def __init__(
-        self, store: PostgresLeaseStore, conn: psycopg.Connection[Any]
-    ) -> None:
+    Every method is bounded by the store's statement bound; once one was given
+    up, every later one raises :class:`DatabaseUnavailableError` (reconnect).
+    """
+
+    def __init__(self, store: PostgresLeaseStore, wire: _Wire) -> None:
         self._store = store
-        self._conn = conn
+        self._wire = wire
+        self._conn = wire.conn
 
     def acquire(
         self,
@@ -635,6 +930,7 @@ class PostgresSession:
         Raises:
             ConfigError: the lock's key is taken by a lock of another name.
             SchemaMissingError: no table, and it cannot be created.
+            StatementTimeoutError: the statement did not finish within its bound.
             DatabaseUnavailableError: the statement could not run.
         """
         params = {
@@ -650,19 +946,30 @@ class PostgresSession:
             "retry_failed": once_per is not None and once_per.retry_failed,
             "keep": history_keep,
         }
-        try:
-            row = self._fetch(self._store._acquire, params)
-        except SchemaMissingError:
-            if not self._store.create:
-                raise
-            self.ensure_table()
-            row = self._fetch(self._store._acquire, params)
+        row = self._acquire_row(lock, params)
+        if row is not None and self._store.unanswered(lock, claim.holder, row):
+            # Ours, yet never answered: an earlier acquire of this claim was
+            # given up (a frozen server, a partition; its cancel never arrived)
+            # and committed after all. Nobody runs under that token: give it
+            # back rather than keep everyone out, us too, until it expires.
+            unused = Lease(lock, claim.holder, int(row[1]))
+            self.release(
+                unused, RunEnd(RunOutcome.lost, None, in_window=once_per is not None)
+            )
+            log.warning(
+                "gave back %s's fencing token %d: an acquire of ours was granted "
+                "it, but its answer never came",
+                lock,
+                unused.token,
+            )
+            row = self._acquire_row(lock, params)
         if row is None:
             # The row did not exist in our snapshot, yet another statement
             # inserted it first: someone just took the lock.
             return AcquireResult(lease=None)
         acquired, token, holder, host, pid, expires_in_s, name, window, done = row
         if acquired:
+            self._store.answered(lock, claim.holder, int(token))
             return AcquireResult(
                 lease=Lease(lock, claim.holder, int(token)), window_start=window
             )
@@ -678,10 +985,24 @@ class PostgresSession:
             window_done=bool(done),
         )
 
+    def _acquire_row(
+        self, lock: LockId, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """The acquire statement's row, creating missing tables first if allowed."""
+        what = f"acquire of lock {str(lock)!r}"
+        try:
+            return self._fetch(what, self._store._acquire, params)
+        except SchemaMissingError:
+            if not self._store.create:
+                raise
+            self.ensure_table()
+            return self._fetch(what, self._store._acquire, params)
+
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease by ``lease_s`` from the server's now; False if lost."""
         params = {**_lease_params(lease), "lease_s": lease_s}
-        return self._execute(self._store._renew, params) == 1
+        what = f"renewal of lock {str(lease.lock)!r}"
+        return self._execute(what, self._store._renew, params) == 1
 
     def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
         """End our lease now, keeping the row; False if it was no longer ours.
@@ -698,44 +1019,39 @@ class PostgresSession:
             "window_ok": None if end is None else end.window_ok,
             "channel": release_channel(self._store.schema, lease.lock.key),
         }
-        return self._execute(self._store._release, params) == 1
+        what = f"release of lock {str(lease.lock)!r}"
+        return self._execute(what, self._store._release, params) == 1
 
     def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
         """The newest ``limit`` runs, of one lock or of all, newest first."""
         params = {"key": None if lock is None else lock.key, "limit": limit}
-        return self._runs(_HISTORY, params)
+        return self._runs(f"history of {_which(lock)}", _HISTORY, params)
 
     def last_runs(self) -> list[RunRecord]:
         """The newest run of every lock that has one, by lock key."""
-        return self._runs(_LAST_RUNS, {})
+        return self._runs("history of every lock", _LAST_RUNS, {})
 
-    def _runs(self, template: LiteralString, params: dict[str, Any]) -> list[RunRecord]:
+    def _runs(
+        self, what: str, template: LiteralString, params: dict[str, Any]
+    ) -> list[RunRecord]:
+        statement = _statement(template, self._store.schema)
         try:
-            with self._errors():
-                rows = self._conn.execute(
-                    _statement(template, self._store.schema), params
-                ).fetchall()
+            rows = self._run(
+                what, lambda: self._conn.execute(statement, params).fetchall()
+            )
         except SchemaMissingError:
             if self._table_exists(RUN_TABLE):
                 raise  # a missing column: an older table that init upgrades
             return []  # nothing was ever recorded here
-        self._check_idle()
         return [RunRecord(*row) for row in rows]
-
-    def _table_exists(self, name: str) -> bool:
-        with self._errors():
-            row = self._conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL",
-                (sql.Identifier(self._store.schema, name).as_string(self._conn),),
-            ).fetchone()
-        return bool(row and row[0])
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Rows of the lease table (all, or ``lock``'s) with the database's now()."""
         key = None if lock is None else lock.key
-        with self._errors():
-            rows = self._conn.execute(self._store._snapshot, {"key": key}).fetchall()
-        self._check_idle()
+        rows = self._run(
+            f"status of {_which(lock)}",
+            lambda: self._conn.execute(self._store._snapshot, {"key": key}).fetchall(),
+        )
         records = tuple(_record(row[1:]) for row in rows if row[1] is not None)
         return LeaseSnapshot(db_now=rows[0][0], records=records)
 
@@ -751,7 +1067,11 @@ class PostgresSession:
         }
 
         def update() -> ReleaseResult | None:
-            row = self._fetch(self._store._operator_release, params)
+            row = self._fetch(
+                f"operator release of lock {str(lock)!r}",
+                self._store._operator_release,
+                params,
+            )
             if row is None:
                 return None
             record = _record(row[1:])
@@ -762,17 +1082,43 @@ class PostgresSession:
 
         return release_outcome(lock, token, update, lambda: self.snapshot(lock))
 
+    def check_settings(self) -> None:
+        """Refuse a session whose commits the server may forget after a crash.
+
+        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
+        would stay on whichever server connection ran it.
+
+        Raises:
+            DatabaseUnavailableError: ``synchronous_commit`` is off, or the
+                check could not run.
+        """
+        row = self._fetch("check of synchronous_commit", _SYNCHRONOUS_COMMIT, {})
+        value = str(row[0]) if row else ""
+        if value in UNSAFE_SYNCHRONOUS_COMMIT:
+            user = self._conn.info.user
+            raise DatabaseUnavailableError(
+                f"synchronous_commit is {value!r} for {user} on "
+                f"{self._store.describe()}: a crash could forget a lease the server "
+                "already granted; have a DBA run ALTER ROLE "
+                f"{sql.Identifier(user).as_string()} SET synchronous_commit = on"
+            )
+
+    def _table_exists(self, name: str) -> bool:
+        regclass = sql.Identifier(self._store.schema, name).as_string(self._conn)
+        row = self._fetch(f"check of {name}", _EXISTS, {"table": regclass})
+        return bool(row and row[0])
+
     def table_exists(self) -> bool:
         """Whether the lease table exists (whatever this role may do with it)."""
-        table = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
-        row = self._fetch(sql.SQL(_EXISTS).format(), {"table": table})
-        return bool(row and row[0])
+        return self._table_exists(TABLE)
 
     def schema_complete(self) -> bool:
         """Whether both tables exist, the lease table with its --once-per columns."""
         lease = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
         runs = sql.Identifier(self._store.schema, RUN_TABLE).as_string(self._conn)
-        row = self._fetch(sql.SQL(_COMPLETE).format(), {"lease": lease, "runs": runs})
+        row = self._fetch(
+            "check of the tables", _COMPLETE, {"lease": lease, "runs": runs}
+        )
         return bool(row and row[0])
 
     def ensure_table(self) -> None:
@@ -781,6 +1127,9 @@ class PostgresSession:
         Raises:
             SchemaMissingError: the schema is missing or the role may not create.
         """
+        self._run(f"creation of {self._store.schema}.{TABLE}", self._ensure_table)
+
+    def _ensure_table(self) -> None:
         table = f"{self._store.schema}.{TABLE}"
         try:
             for template in _SCHEMA:
@@ -812,26 +1161,36 @@ class PostgresSession:
         log.info("created table %s", table)
 
     def close(self) -> None:
-        """Close the connection; never raises."""
-        try:
-            self._conn.close()
-        except Exception:
-            log.debug("closing the connection failed", exc_info=True)
+        """Close the connection; never raises.
+
+        A session given up with a statement still running is closed by that
+        statement's thread, once it returns.
+        """
+        if not self._wire.abandoned:
+            self._wire.close()
 
     def _fetch(
-        self, statement: sql.Composed, params: dict[str, Any]
+        self, what: str, statement: LiteralString | sql.Composed, params: dict[str, Any]
     ) -> tuple[Any, ...] | None:
-        with self._errors():
-            cursor = self._conn.execute(statement, params)
-            row = cursor.fetchone()
-        self._check_idle()
-        return row
+        return self._run(what, lambda: self._conn.execute(statement, params).fetchone())
 
-    def _execute(self, statement: sql.Composed, params: dict[str, Any]) -> int:
-        with self._errors():
-            count = self._conn.execute(statement, params).rowcount
-        self._check_idle()
-        return count
+    def _execute(
+        self, what: str, statement: sql.Composed, params: dict[str, Any]
+    ) -> int:
+        return self._run(what, lambda: self._conn.execute(statement, params).rowcount)
+
+    def _run(self, what: str, work: Callable[[], _T]) -> _T:
+        """Run ``work`` within the bound, its driver errors made leaderrun's."""
+
+        def statements() -> _T:
+            try:
+                result = work()
+            except psycopg.Error as exc:
+                raise self._error(exc) from None
+            self._check_idle()
+            return result
+
+        return self._store.bounded(self._wire, what, statements)
 
     def _check_idle(self) -> None:
         # Rule 9: a lease statement left inside a transaction would freeze now()
@@ -840,118 +1199,115 @@ class PostgresSession:
         if status != TransactionStatus.IDLE:
             raise LeaderrunError(f"lease connection left in state {status.name}")
 
-    def _errors(self) -> _StatementErrors:
-        return _StatementErrors(self._store, self._conn)
+    def _error(self, exc: psycopg.Error) -> LeaderrunError:
+        """The error for a statement's driver error, made on the worker thread.
 
-    def missing_grants(self) -> str:
-        """The GRANT statements this role lacks on the two tables (best effort)."""
-        schema, role = self._store.schema, self._conn.info.user
-        grantee = sql.Identifier(role).as_string()
-        try:
-            row = self._conn.execute(
-                # By oid from the catalog: without USAGE on the schema the table
-                # could not be named, yet its grants still count.
-                "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
-                "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
-                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
-                "AND NOT has_table_privilege(c.oid, p)), "
-                "ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p, "
-                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %(schema)s AND c.relname = %(runs)s "
-                "AND NOT has_table_privilege(c.oid, p))",
-                {
-                    "schema": schema,
-                    "table": TABLE,
-                    "privileges": list(OPERATOR_PRIVILEGES),
-                    "runs": RUN_TABLE,
-                    "run_privileges": list(RUN_PRIVILEGES),
-                },
-            ).fetchone()
-        except psycopg.Error:
-            log.debug("cannot tell which grants are missing", exc_info=True)
-            row = None
-        grants = []
-        if row is None or not row[0]:
-            schema_id = sql.Identifier(schema).as_string()
-            grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
-        for index, name, wanted in (
-            (1, TABLE, OPERATOR_PRIVILEGES),
-            (2, RUN_TABLE, RUN_PRIVILEGES),
-        ):
-            if row is None or row[index]:
-                missing = ", ".join(row[index] if row else wanted)
-                table = sql.Identifier(schema, name).as_string()
-                grants.append(f"GRANT {missing} ON {table} TO {grantee}")
-        return "; ".join(grants)
-
-
-class _StatementErrors:
-    """Maps driver errors of one statement to leaderrun's errors."""
-
-    def __init__(
-        self, store: PostgresLeaseStore, conn: psycopg.Connection[Any]
-    ) -> None:
-        self._store = store
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None or not isinstance(exc, psycopg.Error):
-            return
-        table = f"{self._store.schema}.{TABLE}"
+        The connection is idle again (the failed statement's transaction has
+        ended), so a missing privilege is explained with the exact GRANT.
+        """
+        store = self._store
+        table = f"{store.schema}.{TABLE}"
         if isinstance(exc, e.UndefinedTable):
-            raise SchemaMissingError(
+            return SchemaMissingError(
                 f"table {table} does not exist; "
-                + missing_table_hint(self._store.schema, None)
-            ) from None
+                + missing_table_hint(store.schema, None)
+            )
         if isinstance(exc, e.UndefinedColumn):
             # A table made by an older leaderrun; init adds the new columns.
-            raise SchemaMissingError(
+            return SchemaMissingError(
                 f"table {table} lacks columns this version needs; "
-                + missing_table_hint(self._store.schema, None)
-            ) from None
+                + missing_table_hint(store.schema, None)
+            )
         if isinstance(exc, e.InvalidSchemaName):
-            raise SchemaMissingError(
-                f"schema {self._store.schema!r} does not exist; create it or pass "
+            return SchemaMissingError(
+                f"schema {store.schema!r} does not exist; create it or pass "
                 "another --schema"
-            ) from None
+            )
         if isinstance(exc, e.InsufficientPrivilege):
-            grants = PostgresSession(self._store, self._conn).missing_grants()
-            raise DatabaseUnavailableError(
+            grants = _missing_grants(self._conn, store.schema)
+            return DatabaseUnavailableError(
                 f"role {self._conn.info.user} lacks privileges on {table} "
-                f"({self._store._clean(exc)}); have the table's owner run: {grants}"
-            ) from None
+                f"({store._clean(exc)}); have the table's owner run: {grants}"
+            )
         # Everything else (a lost connection, a read-only standby after a
         # failover, a statement or lock timeout) is worth retrying elsewhere.
-        raise DatabaseUnavailableError(
-            f"statement on {self._store.describe()} failed: {self._store._clean(exc)}"
-        ) from None
+        return DatabaseUnavailableError(
+            f"statement on {store.describe()} failed: {store._clean(exc)}"
+        )
+
+
+def _which(lock: LockId | None) -> str:
+    return "every lock" if lock is None else f"lock {str(lock)!r}"
+
+
+def _missing_grants(conn: psycopg.Connection[Any], schema: str) -> str:
+    """The GRANT statements the connection's role lacks on the two tables.
+
+    Best effort: without an answer, every grant is listed.
+    """
+    role = conn.info.user
+    grantee = sql.Identifier(role).as_string()
+    try:
+        row = conn.execute(
+            # By oid from the catalog: without USAGE on the schema the table
+            # could not be named, yet its grants still count.
+            "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
+            "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
+            "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
+            "AND NOT has_table_privilege(c.oid, p)), "
+            "ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p, "
+            "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %(schema)s AND c.relname = %(runs)s "
+            "AND NOT has_table_privilege(c.oid, p))",
+            {
+                "schema": schema,
+                "table": TABLE,
+                "privileges": list(OPERATOR_PRIVILEGES),
+                "runs": RUN_TABLE,
+                "run_privileges": list(RUN_PRIVILEGES),
+            },
+        ).fetchone()
+    except psycopg.Error:
+        log.debug("cannot tell which grants are missing", exc_info=True)
+        row = None
+    grants = []
+    if row is None or not row[0]:
+        schema_id = sql.Identifier(schema).as_string()
+        grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
+    for index, name, wanted in (
+        (1, TABLE, OPERATOR_PRIVILEGES),
+        (2, RUN_TABLE, RUN_PRIVILEGES),
+    ):
+        if row is None or row[index]:
+            missing = ", ".join(row[index] if row else wanted)
+            table = sql.Identifier(schema, name).as_string()
+            grants.append(f"GRANT {missing} ON {table} TO {grantee}")
+    return "; ".join(grants)
 
 
 class PostgresListener:
     """A connection that LISTENs on one lock's release channel.
 
     Args:
-        conn: an autocommit connection that has run ``LISTEN channel``.
+        wire: an autocommit connection that has run ``LISTEN channel``.
         channel: the channel it listens on.
         clean: turns a driver error into a message without secrets.
     """
 
     def __init__(
         self,
-        conn: psycopg.Connection[Any],
+        wire: _Wire,
         channel: str,
         clean: Callable[[BaseException], str],
     ) -> None:
-        self._conn = conn
+        self._wire = wire
+        self._conn = wire.conn
         self._channel = channel
         self._clean = clean
         # Kept: a broken connection's fileno() raises, yet select() must still
         # see the socket become readable (EOF) so that drain() finds out.
-        self._fd = conn.fileno()
+        self._fd = self._conn.fileno()
 
     def fileno(self) -> int:
         """The connection's socket."""
@@ -959,6 +1315,8 @@ class PostgresListener:
 
     def drain(self) -> bool:
         """Read every notification already received; True if one was ours.
+
+        Sends nothing and never waits: it reads what the socket already holds.
 
         Raises:
             DatabaseUnavailableError: the connection is broken.
@@ -977,10 +1335,7 @@ class PostgresListener:
 
     def close(self) -> None:
         """Close the connection; never raises."""
-        try:
-            self._conn.close()
-        except Exception:
-            log.debug("closing the listening connection failed", exc_info=True)
+        self._wire.close()
 
 
 def _ignore_notification(notification: psycopg.Notify) -> None:

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -161,7 +162,7 @@ def expire(admin: Admin, schema: str, lock: LockId) -> None:
 
 @contextlib.contextmanager
 def open_transaction(
-    admin: Admin, statement: sql.Composable, *args: Any
+    admin: Admin, statement: sql.Composed, *args: Any
 ) -> Iterator[int]:
     """Another session's transaction that ran ``statement`` and stays open.
 
@@ -301,6 +302,71 @@ def test_a_frozen_backend_is_bounded(sessions, pg_cluster, pg_admin, app, lock):
     finally:
         os.kill(pids[0], signal.SIGCONT)
     assert_session_dead(session, lease)
+
+
+def server_pids(cluster: Any) -> list[int]:
+    """The local server's postmaster and all its children."""
+    postmaster = int((Path(cluster.datadir) / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
+    return [postmaster, *(int(p) for p in children.split())]
+
+
+def test_an_acquire_given_up_that_commits_later_is_given_back(
+    store, sessions, pg_cluster, pg_admin, schema, lock
+):
+    """With the whole server frozen no cancel gets through: the given-up acquire
+    runs at the thaw. The next acquire of the same claim gives that unused token
+    back and takes the next, instead of keeping everyone out until it expires."""
+    if not pg_cluster.local:
+        pytest.skip("freezing the server needs the throwaway local cluster")
+    session = sessions()
+    pids = server_pids(pg_cluster)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        error = Attempt(lambda: session.acquire(lock, CONTENDER, LEASE_S)).error_within(
+            BOUND_S + MARGIN_S
+        )
+        assert isinstance(error, StatementTimeoutError), repr(error)
+        # Frozen until the cancel request has given up too: it never arrives.
+        deadline_s = time.monotonic() + BOUND_S + MARGIN_S
+        while any(t.name == "leaderrun-cancel" for t in threading.enumerate()):
+            assert time.monotonic() < deadline_s, "the cancel request never gave up"
+            time.sleep(0.05)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    deadline_s = time.monotonic() + CANCELLED_WITHIN_S
+    while True:  # the thawed backend runs the acquire it had received
+        with pg_admin() as conn:
+            orphan = conn.execute(
+                sql.SQL("SELECT holder, token FROM {} WHERE lock_key = %s").format(
+                    sql.Identifier(schema, TABLE)
+                ),
+                (lock.key,),
+            ).fetchone()
+        if orphan is not None:
+            break
+        assert time.monotonic() < deadline_s, "the given-up acquire never ran"
+        time.sleep(0.05)
+    assert orphan == (CONTENDER.holder, 1)
+    lease = sessions().acquire(lock, CONTENDER, LEASE_S).lease
+    assert lease is not None
+    assert lease.token == 2
+    assert lease_row(pg_admin, schema, lock)[:2] == (CONTENDER.holder, 2)
+
+
+def test_a_lease_we_were_told_of_is_not_taken_again(sessions, pg_admin, schema, lock):
+    """A library's term that ended by its own deadline while its row is still live
+    (late renewals) runs out as it should: the same claim is refused meanwhile."""
+    session = sessions()
+    lease = session.acquire(lock, CONTENDER, LEASE_S).lease
+    assert lease is not None
+    refused = session.acquire(lock, CONTENDER, LEASE_S)
+    assert refused.lease is None
+    assert refused.holder == CONTENDER.holder
+    assert lease_row(pg_admin, schema, lock)[:2] == (CONTENDER.holder, lease.token)
 
 
 class Interrupted(Exception):
