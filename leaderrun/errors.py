@@ -57,6 +57,15 @@ class SchemaMissingError(DatabaseUnavailableError):
     """The lease table does not exist and this role may not create it."""
 
 
+class ForeignTableError(SchemaMissingError):
+    """A table in leaderrun's place is not leaderrun's; it was left alone.
+
+    Exit 69 like every table leaderrun cannot use (the database is unusable as
+    configured and nothing ran), not 64: only the database can tell, and a
+    waiting node must not retry it, as it never retries a missing table.
+    """
+
+
 class SystemResourceError(LeaderrunError):
     """A system resource the run needs (its watchdog, a pidfd) is unavailable."""
 

@@ -12,18 +12,23 @@ bound, and one given up is cancelled on the server, so that it neither waits on
 there nor commits later. ``statement_timeout`` cannot do this: it needs a SET or
 a startup option, which PgBouncer in transaction mode does not carry, and no
 server-side timer helps against a frozen server anyway.
+
+leaderrun alters only its own tables (DESIGN rule 13): it tells them by their
+core columns, refuses anything else in their place, and upgrades its own only
+in ``init``, never on the hot path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
@@ -36,6 +41,7 @@ from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.errors import (
     ConfigError,
     DatabaseUnavailableError,
+    ForeignTableError,
     LeaderrunError,
     SchemaMissingError,
     StatementTimeoutError,
@@ -79,6 +85,20 @@ and the cancel will not help. The process waits for it before exiting (so that
 a command line that gives up still cancels its statement), so keep it short.
 """
 
+INIT_LOCK_TIMEOUT_S = 0.5
+"""How long ``init``'s ALTER TABLE may wait for its lock, per try.
+
+While it waits, its queued ACCESS EXCLUSIVE request holds up every later
+statement on the table, renewals included: keep that far below any renewal's
+attempt budget.
+"""
+
+INIT_LOCK_TRIES = 5
+"""How many times ``init`` tries to lock a table it upgrades before giving up."""
+
+INIT_RETRY_PAUSE_S = 0.5
+"""The pause between two of ``init``'s tries, in which the queued statements run."""
+
 _T = TypeVar("_T")
 
 UNSAFE_SYNCHRONOUS_COMMIT = frozenset({"off"})
@@ -90,18 +110,24 @@ node takes the lock while this one still runs). ``local`` is crash-safe on one
 server; what it means with standbys is in the README ("Production").
 """
 
+# {create} is CREATE TABLE IF NOT EXISTS in the SQL printed for a DBA (safe to
+# repeat), and a plain CREATE TABLE when leaderrun runs it, in one transaction
+# with the comment: a table that exists already, leaderrun's or not, is left
+# as it is, comment included.
 _DDL: LiteralString = """
-CREATE TABLE IF NOT EXISTS {table} (
-    lock_key    bigint      PRIMARY KEY,
-    lock_name   text,
-    holder      text,
-    token       bigint      NOT NULL,
-    acquired_at timestamptz NOT NULL,
-    renewed_at  timestamptz NOT NULL,
-    expires_at  timestamptz NOT NULL,
-    host        text,
-    pid         integer,
-    command     text
+{create} {table} (
+    lock_key     bigint      PRIMARY KEY,
+    lock_name    text,
+    holder       text,
+    token        bigint      NOT NULL,
+    acquired_at  timestamptz NOT NULL,
+    renewed_at   timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    host         text,
+    pid          integer,
+    command      text,
+    window_start timestamptz,
+    window_ok    boolean
 )"""
 
 _COMMENT: LiteralString = """
@@ -253,14 +279,15 @@ def release_channel(schema: str, key: int) -> str:
     return channel.encode()[:MAX_CHANNEL_BYTES].decode(errors="ignore")
 
 
-# The columns --once-per needs, added to a lease table made by an older version.
+# The columns --once-per needs, added by init to a lease table made by an older
+# version (a new one has them from the start).
 _LEASE_COLUMNS: LiteralString = """
 ALTER TABLE {table}
     ADD COLUMN IF NOT EXISTS window_start timestamptz,
     ADD COLUMN IF NOT EXISTS window_ok    boolean"""
 
 _RUN_DDL: LiteralString = """
-CREATE TABLE IF NOT EXISTS {runs} (
+{create} {runs} (
     lock_key     bigint      NOT NULL,
     lock_name    text,
     token        bigint      NOT NULL,
@@ -320,7 +347,108 @@ _SCHEMA: tuple[LiteralString, ...] = (
     _RUN_DDL,
     _RUN_COMMENT,
 )
-"""Every DDL statement, in order; each is idempotent."""
+"""Every DDL statement a DBA runs, in order; each is idempotent."""
+
+_CREATE: Mapping[str, tuple[LiteralString, LiteralString]] = {
+    TABLE: (_DDL, _COMMENT),
+    RUN_TABLE: (_RUN_DDL, _RUN_COMMENT),
+}
+"""How leaderrun creates each of its tables: the table, then its comment."""
+
+_UPGRADE: Mapping[str, LiteralString] = {TABLE: _LEASE_COLUMNS}
+"""What ``init`` runs on a table of an older version (and only ``init``)."""
+
+TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
+    TABLE: (
+        *("lock_key", "lock_name", "holder", "token", "acquired_at", "renewed_at"),
+        *("expires_at", "host", "pid", "command", "window_start", "window_ok"),
+    ),
+    RUN_TABLE: (
+        *("lock_key", "lock_name", "token", "holder", "host", "pid", "command"),
+        *("window_start", "started_at", "finished_at", "exit_status", "outcome"),
+    ),
+}
+"""Every column of leaderrun's tables as this version makes them (the DDL's)."""
+
+OWN_TABLE_COLUMNS: Mapping[str, frozenset[str]] = {
+    TABLE: frozenset({"lock_key", "holder", "token", "expires_at"}),
+    RUN_TABLE: frozenset({"lock_key", "token", "holder", "started_at", "outcome"}),
+}
+"""The core columns that make a table leaderrun's, in every version so far.
+
+A table lacking any of them is another program's (the seed library's
+``leader_lease`` has ``id, leader_id, expires_at, created_at``) and is never
+touched. Not the comment: a table made by hand from the printed SQL may lack it.
+"""
+
+# Everything under leaderrun's table names in one schema: read from the catalog,
+# so it works without privileges on the tables (or even USAGE on the schema), and
+# waits for no lock on them.
+_INSPECT: LiteralString = """
+SELECT c.relname::text, c.relkind::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = ANY(%(names)s::text[])"""
+
+_SYNCHRONOUS_COMMIT: LiteralString = "SELECT current_setting('synchronous_commit')"
+
+# Transaction-scoped (set_config's is_local), so nothing outlives init's
+# transaction, through PgBouncer in transaction mode too.
+_LOCK_TIMEOUT: LiteralString = "SELECT set_config('lock_timeout', %(timeout)s, true)"
+
+_RELATION_KINDS = {
+    "r": "a table",
+    "p": "a partitioned table",
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+}
+
+Found = Mapping[str, tuple[str, tuple[str, ...]]]
+"""What the catalog holds under leaderrun's table names: name -> (kind, columns)."""
+
+
+def foreign_table(schema: str, found: Found) -> ForeignTableError | None:
+    """The refusal of the first relation under leaderrun's names that is not its.
+
+    A relation is leaderrun's if it is a table with every core column
+    (:data:`OWN_TABLE_COLUMNS`); the error names what was found instead.
+    """
+    for name, core in OWN_TABLE_COLUMNS.items():
+        if name not in found:
+            continue
+        kind, columns = found[name]
+        if kind in ("r", "p") and core <= set(columns):
+            continue
+        what = _RELATION_KINDS.get(kind, "a relation")
+        listed = ", ".join(columns) or "none"
+        return ForeignTableError(
+            f"{schema}.{name} is not leaderrun's table ({what} with columns "
+            f"{listed}); leaderrun never alters a table it did not create: pass "
+            "--schema to keep leaderrun's tables in a schema of their own"
+        )
+    return None
+
+
+def missing_columns(found: Found) -> dict[str, list[str]]:
+    """The columns each of leaderrun's tables found lacks: made by an older version."""
+    lacking = {}
+    for name, (_, columns) in found.items():
+        if missing := [c for c in TABLE_COLUMNS[name] if c not in columns]:
+            lacking[name] = missing
+    return lacking
+
+
+def outdated_table(schema: str, name: str, missing: list[str]) -> SchemaMissingError:
+    """The hot path's refusal of an own table that only ``init`` may upgrade."""
+    return SchemaMissingError(
+        f"{schema}.{name} was made by an older leaderrun and lacks the columns "
+        f"{', '.join(missing)}; run `leaderrun init --schema {schema}` to upgrade "
+        "it, as a role that may alter it (or have a DBA run the SQL that "
+        f"`leaderrun init --schema {schema} --print-sql` prints)"
+    )
 
 
 ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
@@ -355,16 +483,6 @@ UPDATE {table} AS l
 RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
           l.renewed_at, l.expires_at, l.host, l.pid, l.command"""
 
-_SYNCHRONOUS_COMMIT: LiteralString = "SELECT current_setting('synchronous_commit')"
-
-_EXISTS: LiteralString = "SELECT to_regclass(%(table)s) IS NOT NULL"
-
-_COMPLETE: LiteralString = """
-SELECT to_regclass(%(runs)s) IS NOT NULL
-   AND (SELECT count(*) FROM pg_attribute
-         WHERE attrelid = to_regclass(%(lease)s)
-           AND attname IN ('window_start', 'window_ok') AND NOT attisdropped) = 2"""
-
 OPERATOR_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
 """What a role that runs, shows and releases leases needs on the table.
 
@@ -395,7 +513,12 @@ def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
     runs = sql.Identifier(schema, RUN_TABLE)
     run_privileges = sql.SQL(", ").join(sql.SQL(p) for p in RUN_PRIVILEGES)
     statements = [
-        *(sql.SQL(ddl.strip()).format(table=table, runs=runs) for ddl in _SCHEMA),
+        *(
+            sql.SQL(ddl.strip()).format(
+                table=table, runs=runs, create=sql.SQL("CREATE TABLE IF NOT EXISTS")
+            )
+            for ddl in _SCHEMA
+        ),
         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
             sql.Identifier(schema), grantee
         ),
@@ -431,6 +554,7 @@ def _statement(template: LiteralString, schema: str) -> sql.Composed:
         table=sql.Identifier(schema, TABLE),
         runs=sql.Identifier(schema, RUN_TABLE),
         window=window_sql(sql.SQL("now()")),
+        create=sql.SQL("CREATE TABLE"),
     )
 
 
@@ -870,25 +994,21 @@ class PostgresLeaseStore(OperatorQueries):
         return conn
 
     def init(self) -> bool:
-        """Create the lease table if it is missing (idempotent).
+        """Create leaderrun's tables if missing, and upgrade an older one of its own.
 
-        Returns True if it was created, False if it was there already. An
-        existing table is left alone, so a role without CREATE (or that does not
-        own it) can run ``init`` against it too.
+        Returns True if the lease table was created, False if it was there
+        already. Tables that are there and complete are left alone, so a role
+        without CREATE (or that does not own them) can run ``init`` too.
 
         Raises:
+            ForeignTableError: a table in leaderrun's place is not leaderrun's.
             SchemaMissingError: the schema is missing or the role may not create.
-            DatabaseUnavailableError: the server cannot be reached.
+            DatabaseUnavailableError: the server cannot be reached, or a table
+                to upgrade stayed locked by others.
         """
         session = self.connect()
         try:
-            if session.schema_complete():
-                return False
-            existed = session.table_exists()
-            # Also upgrades a lease table of an older version: the run history
-            # and the --once-per columns.
-            session.ensure_table()
-            return not existed
+            return session.init_tables()
         finally:
             session.close()
 
@@ -929,7 +1049,9 @@ class PostgresSession:
 
         Raises:
             ConfigError: the lock's key is taken by a lock of another name.
-            SchemaMissingError: no table, and it cannot be created.
+            ForeignTableError: a table in leaderrun's place is not leaderrun's.
+            SchemaMissingError: no table, and it cannot be created; or a table of
+                an older version, which only ``init`` upgrades.
             StatementTimeoutError: the statement did not finish within its bound.
             DatabaseUnavailableError: the statement could not run.
         """
@@ -992,10 +1114,11 @@ class PostgresSession:
         what = f"acquire of lock {str(lock)!r}"
         try:
             return self._fetch(what, self._store._acquire, params)
+        except ForeignTableError:
+            raise
         except SchemaMissingError:
-            if not self._store.create:
+            if not self._store.create or not self._create_missing():
                 raise
-            self.ensure_table()
             return self._fetch(what, self._store._acquire, params)
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
@@ -1039,8 +1162,10 @@ class PostgresSession:
             rows = self._run(
                 what, lambda: self._conn.execute(statement, params).fetchall()
             )
+        except ForeignTableError:
+            raise
         except SchemaMissingError:
-            if self._table_exists(RUN_TABLE):
+            if RUN_TABLE in self.inspect():
                 raise  # a missing column: an older table that init upgrades
             return []  # nothing was ever recorded here
         return [RunRecord(*row) for row in rows]
@@ -1103,62 +1228,137 @@ class PostgresSession:
                 f"{sql.Identifier(user).as_string()} SET synchronous_commit = on"
             )
 
-    def _table_exists(self, name: str) -> bool:
-        regclass = sql.Identifier(self._store.schema, name).as_string(self._conn)
-        row = self._fetch(f"check of {name}", _EXISTS, {"table": regclass})
-        return bool(row and row[0])
+    def inspect(self) -> Found:
+        """What the catalog holds under leaderrun's table names in the schema."""
+        return self._run(f"inspection of {self._store.schema}", self._inspect)
 
-    def table_exists(self) -> bool:
-        """Whether the lease table exists (whatever this role may do with it)."""
-        return self._table_exists(TABLE)
+    def _inspect(self) -> Found:
+        params = {"schema": self._store.schema, "names": list(TABLE_COLUMNS)}
+        rows = self._conn.execute(_INSPECT, params).fetchall()
+        return {name: (kind, tuple(columns)) for name, kind, columns in rows}
 
-    def schema_complete(self) -> bool:
-        """Whether both tables exist, the lease table with its --once-per columns."""
-        lease = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
-        runs = sql.Identifier(self._store.schema, RUN_TABLE).as_string(self._conn)
-        row = self._fetch(
-            "check of the tables", _COMPLETE, {"lease": lease, "runs": runs}
-        )
-        return bool(row and row[0])
+    def init_tables(self) -> bool:
+        """``init``: create what is missing, upgrade an own table that is older.
 
-    def ensure_table(self) -> None:
-        """``CREATE TABLE IF NOT EXISTS`` the lease table, tolerating a racing twin.
+        Returns True if the lease table was created.
+
+        Raises:
+            ForeignTableError: a table in leaderrun's place is not leaderrun's.
+            SchemaMissingError: the schema is missing or the role may not create.
+            DatabaseUnavailableError: a table to upgrade stayed locked by others.
+        """
+        schema = self._store.schema
+        found = self.inspect()
+        if (foreign := foreign_table(schema, found)) is not None:
+            raise foreign
+        if absent := [name for name in TABLE_COLUMNS if name not in found]:
+            self._create_tables(absent)
+            found = self.inspect()  # whoever made them: a racing first user too
+            if (foreign := foreign_table(schema, found)) is not None:
+                raise foreign
+        for name, missing in missing_columns(found).items():
+            self._upgrade(name, missing)
+        return TABLE in absent
+
+    def _create_missing(self) -> bool:
+        """Create whichever of leaderrun's tables are missing; nothing else.
+
+        Returns True when the failed statement is worth running again: the
+        tables are there now (made here, or by a racing first user). Returns
+        False, having changed nothing, when a table that is there is foreign or
+        older: the caller's error says so.
 
         Raises:
             SchemaMissingError: the schema is missing or the role may not create.
         """
-        self._run(f"creation of {self._store.schema}.{TABLE}", self._ensure_table)
+        found = self.inspect()
+        if foreign_table(self._store.schema, found) is not None:
+            return False
+        if missing_columns(found):
+            return False
+        self._create_tables([name for name in TABLE_COLUMNS if name not in found])
+        return True
 
-    def _ensure_table(self) -> None:
-        table = f"{self._store.schema}.{TABLE}"
+    def _create_tables(self, names: list[str]) -> None:
+        """Create each of these tables of leaderrun's, each in its own statement."""
+        schema = self._store.schema
+        for name in names:
+            self._run(
+                f"creation of {schema}.{name}", functools.partial(self._create, name)
+            )
+
+    def _create(self, name: str) -> None:
+        """Create one table and its comment, in one transaction (in the worker)."""
+        schema = self._store.schema
         try:
-            for template in _SCHEMA:
-                # Two first users raced CREATE TABLE IF NOT EXISTS; the other won.
-                # The loser fails on the table's row type (42710) or its catalog
-                # row (23505). Each statement is its own transaction, so the next
-                # one still runs.
-                with contextlib.suppress(
-                    e.UniqueViolation,
-                    e.DuplicateTable,
-                    e.DuplicateObject,
-                    e.DuplicateColumn,
-                ):
-                    self._conn.execute(_statement(template, self._store.schema))
+            with self._conn.transaction():
+                for template in _CREATE[name]:
+                    self._conn.execute(_statement(template, schema))
+        except (e.DuplicateTable, e.UniqueViolation, e.DuplicateObject):
+            # Two first users raced; the other one created it: nothing to do.
+            # (Its table row type or catalog row came first: 42P07, 42710, 23505.)
+            return
         except e.InvalidSchemaName:
             raise SchemaMissingError(
-                f"schema {self._store.schema!r} does not exist; create it or pass "
-                "another --schema"
+                f"schema {schema!r} does not exist; create it or pass another --schema"
             ) from None
         except e.InsufficientPrivilege:
             raise SchemaMissingError(
-                f"table {table} does not exist and this role may not create it; "
-                + missing_table_hint(self._store.schema, self._conn.info.user)
+                f"table {schema}.{TABLE} does not exist and this role may not create "
+                "it; " + missing_table_hint(schema, self._conn.info.user)
             ) from None
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
-                f"cannot create {table}: {self._store._clean(exc)}"
+                f"cannot create {schema}.{name}: {self._store._clean(exc)}"
             ) from None
-        log.info("created table %s", table)
+        log.info("created table %s.%s", schema, name)
+
+    def _upgrade(self, name: str, missing: list[str]) -> None:
+        """Add an older table's missing columns, never stalling its users for long.
+
+        ALTER TABLE takes an ACCESS EXCLUSIVE lock; queued behind a reader it
+        would hold up every renewal queued behind it. So each try waits at most
+        INIT_LOCK_TIMEOUT_S for the lock (lock_timeout, in its own transaction)
+        and the next comes after a pause in which the others run.
+
+        Raises:
+            DatabaseUnavailableError: every try found the table locked.
+        """
+        table = f"{self._store.schema}.{name}"
+        if name not in _UPGRADE:
+            raise DatabaseUnavailableError(
+                f"{table} lacks the columns {', '.join(missing)} and this version "
+                "cannot add them; recreate it in another --schema"
+            )
+        upgrade = _statement(_UPGRADE[name], self._store.schema)
+        timeout = f"{round(INIT_LOCK_TIMEOUT_S * 1000)}ms"
+
+        def alter() -> bool:
+            try:
+                with self._conn.transaction():
+                    self._conn.execute(_LOCK_TIMEOUT, {"timeout": timeout})
+                    self._conn.execute(upgrade)
+            except e.LockNotAvailable:
+                return False
+            except e.InsufficientPrivilege:
+                raise DatabaseUnavailableError(
+                    f"{table} lacks the columns {', '.join(missing)} and only its "
+                    f"owner may add them: run `leaderrun init --schema "
+                    f"{self._store.schema}` as that role"
+                ) from None
+            return True
+
+        for attempt in range(INIT_LOCK_TRIES):
+            if attempt:
+                time.sleep(INIT_RETRY_PAUSE_S)
+            if self._run(f"upgrade of {table}", alter):
+                log.info("upgraded table %s: added %s", table, ", ".join(missing))
+                return
+        raise DatabaseUnavailableError(
+            f"could not lock {table} to upgrade it: {INIT_LOCK_TRIES} tries of "
+            f"{INIT_LOCK_TIMEOUT_S:g}s each waited behind other sessions (a long "
+            "query, or an open transaction on it); try again when it is quieter"
+        )
 
     def close(self) -> None:
         """Close the connection; never raises.
@@ -1203,19 +1403,28 @@ class PostgresSession:
         """The error for a statement's driver error, made on the worker thread.
 
         The connection is idle again (the failed statement's transaction has
-        ended), so a missing privilege is explained with the exact GRANT.
+        ended), so a table error is explained from the catalog, and a missing
+        privilege with the exact GRANT.
         """
         store = self._store
         table = f"{store.schema}.{TABLE}"
-        if isinstance(exc, e.UndefinedTable):
+        if isinstance(exc, e.UndefinedTable | e.UndefinedColumn):
+            try:
+                found = self._inspect()
+            except psycopg.Error:
+                found = None
+            if found is not None:
+                if (foreign := foreign_table(store.schema, found)) is not None:
+                    return foreign
+                for name, missing in missing_columns(found).items():
+                    return outdated_table(store.schema, name, missing)
+            if isinstance(exc, e.UndefinedColumn):
+                return SchemaMissingError(
+                    f"table {table} lacks columns this version needs; "
+                    + missing_table_hint(store.schema, None)
+                )
             return SchemaMissingError(
                 f"table {table} does not exist; "
-                + missing_table_hint(store.schema, None)
-            )
-        if isinstance(exc, e.UndefinedColumn):
-            # A table made by an older leaderrun; init adds the new columns.
-            return SchemaMissingError(
-                f"table {table} lacks columns this version needs; "
                 + missing_table_hint(store.schema, None)
             )
         if isinstance(exc, e.InvalidSchemaName):

@@ -22,7 +22,13 @@ from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError, SchemaMissingError
 from leaderrun.lease import LockId, parse_lock_id
-from leaderrun.postgres import TABLE, PostgresLeaseStore
+from leaderrun.postgres import (
+    RUN_TABLE,
+    TABLE,
+    TABLE_COLUMNS,
+    PostgresLeaseStore,
+    foreign_table,
+)
 from leaderrun.runs import OncePer
 from leaderrun.store import Claim
 from tests.integration.test_pg_bounded import Attempt, open_transaction
@@ -121,6 +127,40 @@ def leaderrun(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
         check=False,
         env={"PATH": "/usr/bin:/bin", "LEADERRUN_DSN": dsn},
     )
+
+
+# --- telling leaderrun's tables from others' ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("found", "expected"),
+    [
+        ({}, None),
+        ({TABLE: ("r", tuple(TABLE_COLUMNS[TABLE]))}, None),
+        ({TABLE: ("r", ("lock_key", "holder", "token", "expires_at"))}, None),
+        (
+            {TABLE: ("r", tuple(SEED_COLUMNS))},
+            "(a table with columns id, leader_id, expires_at, created_at)",
+        ),
+        (
+            {TABLE: ("v", tuple(TABLE_COLUMNS[TABLE]))},
+            "(a view with columns lock_key, ",
+        ),
+        ({RUN_TABLE: ("r", ("id",))}, "leader_run is not leaderrun's table"),
+    ],
+    ids=["nothing", "complete", "older", "seed", "view", "foreign-history"],
+)
+def test_a_table_is_leaderruns_by_its_core_columns(found, expected):
+    """Only a table with lock_key, holder, token and expires_at is leaderrun's."""
+    refusal = foreign_table("ops", found)
+    if expected is None:
+        assert refusal is None
+    else:
+        assert refusal is not None
+        assert expected in refusal.message
+        assert refusal.message.endswith(
+            "pass --schema to keep leaderrun's tables in a schema of their own"
+        )
 
 
 # --- a foreign table ------------------------------------------------------------------
