@@ -57,6 +57,13 @@ class SchemaMissingError(DatabaseUnavailableError):
     """The lease table does not exist and this role may not create it."""
 
 
+# Exit 69 like every table leaderrun cannot use (the database is unusable as
+# configured, and nothing ran), not 64: only the database can tell. A waiting
+# node does not retry it, as it does not retry a missing table.
+class ForeignTableError(SchemaMissingError):
+    """A table in leaderrun's place is not leaderrun's; it was left alone."""
+
+
 class SystemResourceError(LeaderrunError):
     """A system resource the run needs (its watchdog, a pidfd) is unavailable."""
 

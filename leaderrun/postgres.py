@@ -5,31 +5,51 @@ server's ``now()`` (DESIGN rules 1, 2 and 9). Connections carry no session
 state: no SET, no advisory locks, no prepared statements, so they work through
 PgBouncer in transaction mode. Schema and table are always quoted identifiers,
 and every value is a bound parameter.
+
+Every statement is bounded (DESIGN rule 11): it runs on a worker thread
+(:func:`leaderrun.bounded.call_bounded`) for at most the store's statement
+bound, and one given up is cancelled on the server, so that it neither waits on
+there nor commits later. ``statement_timeout`` cannot do this: it needs a SET or
+a startup option, which PgBouncer in transaction mode does not carry, and no
+server-side timer helps against a frozen server anyway.
+
+leaderrun alters only its own tables (DESIGN rule 13): it tells them by their
+core columns, refuses anything else in their place, and upgrades its own only
+in ``init``, never on the hot path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Callable
-from typing import Any, LiteralString
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
 from psycopg import errors as e
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 from psycopg.pq import TransactionStatus
 
+from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.errors import (
     ConfigError,
     DatabaseUnavailableError,
+    ForeignTableError,
     LeaderrunError,
     SchemaMissingError,
+    StatementTimeoutError,
 )
 from leaderrun.handoff import ListenRefusedError
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
-from leaderrun.runs import OncePer, RunEnd, RunRecord
+from leaderrun.runs import OncePer, RunEnd, RunOutcome, RunRecord
 from leaderrun.store import (
     REVOKED_HOLDER,
     AcquireResult,
@@ -57,6 +77,30 @@ MAX_COMMAND_CHARS = 1000
 DEFAULT_CONNECT_TIMEOUT_S = 5
 """libpq connect_timeout in seconds (psycopg: 2 at least), unless the DSN sets it."""
 
+CANCEL_TIMEOUT_S = 1.0
+"""How long a cancel request may wait for the server to take it (at most).
+
+A live server answers in milliseconds; one that has not in a second is frozen,
+and the cancel will not help. The process waits for it before exiting (so that
+a command line that gives up still cancels its statement), so keep it short.
+"""
+
+INIT_LOCK_TIMEOUT_S = 0.5
+"""How long ``init``'s ALTER TABLE may wait for its lock, per try.
+
+While it waits, its queued ACCESS EXCLUSIVE request holds up every later
+statement on the table, renewals included: keep that far below any renewal's
+attempt budget.
+"""
+
+INIT_LOCK_TRIES = 5
+"""How many times ``init`` tries to lock a table it upgrades before giving up."""
+
+INIT_RETRY_PAUSE_S = 0.5
+"""The pause between two of ``init``'s tries, in which the queued statements run."""
+
+_T = TypeVar("_T")
+
 UNSAFE_SYNCHRONOUS_COMMIT = frozenset({"off"})
 """``synchronous_commit`` values under which an acknowledged lease may vanish.
 
@@ -66,18 +110,24 @@ node takes the lock while this one still runs). ``local`` is crash-safe on one
 server; what it means with standbys is in the README ("Production").
 """
 
+# {create} is CREATE TABLE IF NOT EXISTS in the SQL printed for a DBA (safe to
+# repeat), and a plain CREATE TABLE when leaderrun runs it, in one transaction
+# with the comment: a table that exists already, leaderrun's or not, is left
+# as it is, comment included.
 _DDL: LiteralString = """
-CREATE TABLE IF NOT EXISTS {table} (
-    lock_key    bigint      PRIMARY KEY,
-    lock_name   text,
-    holder      text,
-    token       bigint      NOT NULL,
-    acquired_at timestamptz NOT NULL,
-    renewed_at  timestamptz NOT NULL,
-    expires_at  timestamptz NOT NULL,
-    host        text,
-    pid         integer,
-    command     text
+{create} {table} (
+    lock_key     bigint      PRIMARY KEY,
+    lock_name    text,
+    holder       text,
+    token        bigint      NOT NULL,
+    acquired_at  timestamptz NOT NULL,
+    renewed_at   timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    host         text,
+    pid          integer,
+    command      text,
+    window_start timestamptz,
+    window_ok    boolean
 )"""
 
 _COMMENT: LiteralString = """
@@ -229,14 +279,15 @@ def release_channel(schema: str, key: int) -> str:
     return channel.encode()[:MAX_CHANNEL_BYTES].decode(errors="ignore")
 
 
-# The columns --once-per needs, added to a lease table made by an older version.
+# The columns --once-per needs, added by init to a lease table made by an older
+# version (a new one has them from the start).
 _LEASE_COLUMNS: LiteralString = """
 ALTER TABLE {table}
     ADD COLUMN IF NOT EXISTS window_start timestamptz,
     ADD COLUMN IF NOT EXISTS window_ok    boolean"""
 
 _RUN_DDL: LiteralString = """
-CREATE TABLE IF NOT EXISTS {runs} (
+{create} {runs} (
     lock_key     bigint      NOT NULL,
     lock_name    text,
     token        bigint      NOT NULL,
@@ -296,7 +347,108 @@ _SCHEMA: tuple[LiteralString, ...] = (
     _RUN_DDL,
     _RUN_COMMENT,
 )
-"""Every DDL statement, in order; each is idempotent."""
+"""Every DDL statement a DBA runs, in order; each is idempotent."""
+
+_CREATE: Mapping[str, tuple[LiteralString, LiteralString]] = {
+    TABLE: (_DDL, _COMMENT),
+    RUN_TABLE: (_RUN_DDL, _RUN_COMMENT),
+}
+"""How leaderrun creates each of its tables: the table, then its comment."""
+
+_UPGRADE: Mapping[str, LiteralString] = {TABLE: _LEASE_COLUMNS}
+"""What ``init`` runs on a table of an older version (and only ``init``)."""
+
+TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
+    TABLE: (
+        *("lock_key", "lock_name", "holder", "token", "acquired_at", "renewed_at"),
+        *("expires_at", "host", "pid", "command", "window_start", "window_ok"),
+    ),
+    RUN_TABLE: (
+        *("lock_key", "lock_name", "token", "holder", "host", "pid", "command"),
+        *("window_start", "started_at", "finished_at", "exit_status", "outcome"),
+    ),
+}
+"""Every column of leaderrun's tables as this version makes them (the DDL's)."""
+
+OWN_TABLE_COLUMNS: Mapping[str, frozenset[str]] = {
+    TABLE: frozenset({"lock_key", "holder", "token", "expires_at"}),
+    RUN_TABLE: frozenset({"lock_key", "token", "holder", "started_at", "outcome"}),
+}
+"""The core columns that make a table leaderrun's, in every version so far.
+
+A table lacking any of them is another program's (the seed library's
+``leader_lease`` has ``id, leader_id, expires_at, created_at``) and is never
+touched. Not the comment: a table made by hand from the printed SQL may lack it.
+"""
+
+# Everything under leaderrun's table names in one schema: read from the catalog,
+# so it works without privileges on the tables (or even USAGE on the schema), and
+# waits for no lock on them.
+_INSPECT: LiteralString = """
+SELECT c.relname::text, c.relkind::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = ANY(%(names)s::text[])"""
+
+_SYNCHRONOUS_COMMIT: LiteralString = "SELECT current_setting('synchronous_commit')"
+
+# Transaction-scoped (set_config's is_local), so nothing outlives init's
+# transaction, through PgBouncer in transaction mode too.
+_LOCK_TIMEOUT: LiteralString = "SELECT set_config('lock_timeout', %(timeout)s, true)"
+
+_RELATION_KINDS = {
+    "r": "a table",
+    "p": "a partitioned table",
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+}
+
+Found = Mapping[str, tuple[str, tuple[str, ...]]]
+"""What the catalog holds under leaderrun's table names: name -> (kind, columns)."""
+
+
+def foreign_table(schema: str, found: Found) -> ForeignTableError | None:
+    """The refusal of the first relation under leaderrun's names that is not its.
+
+    A relation is leaderrun's if it is a table with every core column
+    (:data:`OWN_TABLE_COLUMNS`); the error names what was found instead.
+    """
+    for name, core in OWN_TABLE_COLUMNS.items():
+        if name not in found:
+            continue
+        kind, columns = found[name]
+        if kind in ("r", "p") and core <= set(columns):
+            continue
+        what = _RELATION_KINDS.get(kind, "a relation")
+        listed = ", ".join(columns) or "none"
+        return ForeignTableError(
+            f"{schema}.{name} is not leaderrun's table ({what} with columns "
+            f"{listed}); leaderrun never alters a table it did not create: pass "
+            "--schema to keep leaderrun's tables in a schema of their own"
+        )
+    return None
+
+
+def missing_columns(found: Found) -> dict[str, list[str]]:
+    """The columns each of leaderrun's tables found lacks: made by an older version."""
+    lacking = {}
+    for name, (_, columns) in found.items():
+        if missing := [c for c in TABLE_COLUMNS[name] if c not in columns]:
+            lacking[name] = missing
+    return lacking
+
+
+def outdated_table(schema: str, name: str, missing: list[str]) -> SchemaMissingError:
+    """The hot path's refusal of an own table that only ``init`` may upgrade."""
+    return SchemaMissingError(
+        f"{schema}.{name} was made by an older leaderrun and lacks the columns "
+        f"{', '.join(missing)}; run `leaderrun init --schema {schema}` to upgrade "
+        "it, as a role that may alter it (or have a DBA run the SQL that "
+        f"`leaderrun init --schema {schema} --print-sql` prints)"
+    )
 
 
 ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
@@ -331,14 +483,6 @@ UPDATE {table} AS l
 RETURNING now(), l.lock_key, l.lock_name, l.holder, l.token, l.acquired_at,
           l.renewed_at, l.expires_at, l.host, l.pid, l.command"""
 
-_EXISTS: LiteralString = "SELECT to_regclass(%(table)s) IS NOT NULL"
-
-_COMPLETE: LiteralString = """
-SELECT to_regclass(%(runs)s) IS NOT NULL
-   AND (SELECT count(*) FROM pg_attribute
-         WHERE attrelid = to_regclass(%(lease)s)
-           AND attname IN ('window_start', 'window_ok') AND NOT attisdropped) = 2"""
-
 OPERATOR_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
 """What a role that runs, shows and releases leases needs on the table.
 
@@ -369,7 +513,12 @@ def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
     runs = sql.Identifier(schema, RUN_TABLE)
     run_privileges = sql.SQL(", ").join(sql.SQL(p) for p in RUN_PRIVILEGES)
     statements = [
-        *(sql.SQL(ddl.strip()).format(table=table, runs=runs) for ddl in _SCHEMA),
+        *(
+            sql.SQL(ddl.strip()).format(
+                table=table, runs=runs, create=sql.SQL("CREATE TABLE IF NOT EXISTS")
+            )
+            for ddl in _SCHEMA
+        ),
         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
             sql.Identifier(schema), grantee
         ),
@@ -405,6 +554,7 @@ def _statement(template: LiteralString, schema: str) -> sql.Composed:
         table=sql.Identifier(schema, TABLE),
         runs=sql.Identifier(schema, RUN_TABLE),
         window=window_sql(sql.SQL("now()")),
+        create=sql.SQL("CREATE TABLE"),
     )
 
 
@@ -417,14 +567,176 @@ def window_sql(at: sql.Composable) -> sql.Composed:
     return sql.SQL(_WINDOW).format(at=at)
 
 
+class _Wire:
+    """A connection, and the means to stop a statement on it from another thread.
+
+    libpq allows one way to cancel a statement from another thread: with a
+    cancel object made beforehand by the thread that owns the connection. It is
+    made here, as the connection opens, with a duplicate of its socket, so that
+    stopping a statement never touches the connection itself (psycopg's
+    ``close()`` from under a thread using it could crash the process).
+
+    Args:
+        conn: an open connection; its thread is the caller's.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.abandoned = False
+        """A statement on it was given up: the connection is, or will be, closed."""
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stopping = False
+        # libpq 17's PQcancelCreate() sends an encrypted cancel without blocking;
+        # an older libpq has only PQcancel(), which blocks its (own) thread.
+        self._cancel_conn: pq.abc.PGcancelConn | None = None
+        self._cancel: pq.abc.PGcancel | None = None
+        try:
+            if psycopg.capabilities.has_cancel_safe():
+                self._cancel_conn = conn.pgconn.cancel_conn()
+            else:
+                self._cancel = conn.pgconn.get_cancel()
+        except psycopg.Error:  # no cancel key (a proxy): ending the socket must do
+            log.debug("this connection cannot send a cancel request", exc_info=True)
+        # A duplicate, so that a socket number libpq closed and the kernel handed
+        # to someone else is never shut down by mistake.
+        self._fd = os.dup(conn.fileno())
+
+    def interrupt(self, timeout_s: float) -> None:
+        """Cancel the running statement on the server, then end the socket.
+
+        Never blocks: a thread of its own sends the cancel request (waiting at
+        most ``timeout_s`` for the server to take it), then shuts the socket
+        down, so that the statement's thread, if still reading, gets EOF. In
+        that order: behind PgBouncer, a client that is gone can no longer
+        cancel, and the statement would run on, and commit, once unblocked.
+        The thread is not a daemon, so the process exits only once the cancel
+        is sent (a command line exits right after giving up): at most
+        ``timeout_s`` later. Only an old libpq's cancel, which has no timeout,
+        is not waited for.
+        """
+        with self._lock:
+            if self._closed or self._stopping:
+                return
+            self._stopping = True
+        try:
+            threading.Thread(
+                target=self._stop,
+                args=(timeout_s,),
+                name="leaderrun-cancel",
+                daemon=self._cancel_conn is None,
+            ).start()
+        except RuntimeError:  # no thread to be had: at least free the reader
+            log.debug("cannot start a thread to cancel the statement", exc_info=True)
+            self._release_canceller()
+            self._shutdown()
+
+    def _stop(self, timeout_s: float) -> None:
+        try:
+            if self._cancel_conn is not None:
+                _send_cancel(self._cancel_conn, timeout_s)
+            elif self._cancel is not None:
+                self._cancel.cancel()
+        except Exception:  # the server may be frozen, the network gone
+            log.debug("the cancel request failed", exc_info=True)
+        finally:
+            self._release_canceller()
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            sock = socket.socket(fileno=self._fd)
+            try:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # the descriptor stays ours, closed by close()
+
+    def _release_canceller(self) -> None:
+        if self._cancel_conn is not None:
+            self._cancel_conn.finish()
+        if self._cancel is not None:
+            self._cancel.free()
+
+    def close(self) -> None:
+        """Close the connection; never raises.
+
+        Only on a thread that no statement of this connection is running on:
+        the caller's, or the worker of a statement that was given up.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            stopping = self._stopping
+        try:
+            self.conn.close()
+        except Exception:
+            log.debug("closing the connection failed", exc_info=True)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        if not stopping:  # else the cancelling thread frees it, once done
+            self._release_canceller()
+
+
+def _send_cancel(cancel_conn: pq.abc.PGcancelConn, timeout_s: float) -> None:
+    """Send a cancel request and wait until the server has taken it.
+
+    Raises:
+        TimeoutError: no answer within ``timeout_s`` (a frozen server).
+        psycopg.OperationalError: the request failed.
+    """
+    cancel_conn.start()
+    deadline_s = time.monotonic() + timeout_s
+    while (status := cancel_conn.poll()) not in (
+        pq.PollingStatus.OK,
+        pq.PollingStatus.FAILED,
+    ):
+        remaining_s = deadline_s - time.monotonic()
+        if remaining_s <= 0:
+            raise TimeoutError(f"no answer to the cancel within {timeout_s:.3g}s")
+        fd = cancel_conn.socket
+        if status == pq.PollingStatus.READING:
+            select.select([fd], [], [], remaining_s)
+        else:
+            select.select([], [fd], [], remaining_s)
+    if status == pq.PollingStatus.FAILED:
+        raise psycopg.OperationalError(cancel_conn.get_error_message())
+
+
+class _Outcome(Generic[_T]):
+    """A call's result or error, carried out of its worker thread as a value.
+
+    So that an error of the statement itself (the connection still usable) is
+    told apart from one raised while the caller waited (the call given up).
+    """
+
+    def __init__(self, work: Callable[[], _T]) -> None:
+        self._value: _T | None = None
+        self._error: BaseException | None = None
+        try:
+            self._value = work()
+        except BaseException as exc:
+            self._error = exc
+
+    def get(self) -> _T:
+        """The result, or the error raised again."""
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]  # set when no error
+
+
 class PostgresLeaseStore(OperatorQueries):
     """Leases in ``<schema>.leader_lease`` of one PostgreSQL database.
 
     Args:
         dsn: a libpq connection string or URI; empty means libpq's environment.
         schema: the schema of the lease table.
-        attempt_budget_s: how long one attempt may take; sets the TCP timeouts
-            so a dead peer frees a blocked socket read in about that time.
+        attempt_budget_s: how long one attempt may take; bounds every statement
+            (:attr:`statement_bound_s`) and sets the TCP timeouts so a dead peer
+            frees a blocked socket read in about that time.
         create: create the table on first use if it is missing.
         connection_factory: opens each connection instead of ``dsn`` (which then
             only names the server in messages). Every connection it returns is
@@ -443,6 +755,10 @@ class PostgresLeaseStore(OperatorQueries):
         self.schema = schema
         self._factory = connection_factory
         self.create = create
+        self.statement_bound_s = attempt_budget_s
+        """How long any statement may take before it is given up and cancelled."""
+        # (lock key, holder) -> the last token that holder was granted and told.
+        self._answered_tokens: dict[tuple[int, str], int] = {}
         self._secrets = dsn_secrets(dsn)
         try:
             params = conninfo_to_dict(dsn)
@@ -463,11 +779,18 @@ class PostgresLeaseStore(OperatorQueries):
             "keepalives_count": 3,
             "tcp_user_timeout": max(1000, int(attempt_budget_s * 1000)),
         }
-        if "," in str(params.get("host", "")):
+        hosts = str(params.get("host") or params.get("hostaddr") or "").split(",")
+        if len(hosts) > 1:
             # Only a primary can hold a lease; libpq skips the others.
             defaults["target_session_attrs"] = "read-write"
         extra = {k: v for k, v in defaults.items() if k not in params}
         self._conninfo = make_conninfo(dsn, **extra)
+        # psycopg gives each host its connect_timeout; the caller waits for all
+        # of them, and a statement's worth more for what a timeout does not
+        # cover (a name lookup libpq makes blocking, a factory's pool).
+        per_host_s = timeout_from_conninfo(conninfo_to_dict(self._conninfo))
+        self.connect_bound_s = len(hosts) * per_host_s + attempt_budget_s
+        """How long opening a connection may take before it is given up."""
         self._acquire = _statement(_ACQUIRE, schema)
         self._renew = _statement(_RENEW, schema)
         self._release = _statement(_RELEASE, schema)
@@ -491,12 +814,13 @@ class PostgresLeaseStore(OperatorQueries):
         Raises:
             DatabaseUnavailableError: the server cannot be reached or refused us.
         """
-        conn = self._open("")
+        session = PostgresSession(self, self._open(""))
         try:
-            self._check_settings(conn)
+            session.check_settings()
         except BaseException:
-            conn.close()
+            session.close()
             raise
+        conn = session._conn
         log.debug(
             "connected to %s (backend pid %s, server %s)",
             self.describe(),
@@ -507,7 +831,7 @@ class PostgresLeaseStore(OperatorQueries):
         # pooled server connection that later serves us; psycopg would keep
         # every notification it then receives in a backlog that nobody reads.
         conn.add_notify_handler(_ignore_notification)
-        return PostgresSession(self, conn)
+        return session
 
     def listen(self, lock: LockId) -> PostgresListener:
         """Open a new connection that listens for releases of ``lock``.
@@ -519,84 +843,172 @@ class PostgresLeaseStore(OperatorQueries):
             DatabaseUnavailableError: the connection could not be made.
         """
         channel = release_channel(self.schema, lock.key)
-        conn = self._open(" to listen")
+        wire = self._open(" to listen")
+        listen = sql.SQL(_LISTEN).format(channel=sql.Identifier(channel))
         try:
-            conn.execute(sql.SQL(_LISTEN).format(channel=sql.Identifier(channel)))
+            self.bounded(
+                wire,
+                f"LISTEN for lock {str(lock)!r}",
+                lambda: wire.conn.execute(listen),
+            )
         except psycopg.Error as exc:
-            conn.close()
+            wire.close()
             raise ListenRefusedError(f"LISTEN refused: {self._clean(exc)}") from None
-        return PostgresListener(conn, channel, self._clean)
+        except BaseException:
+            if not wire.abandoned:
+                wire.close()
+            raise
+        return PostgresListener(wire, channel, self._clean)
 
-    def _open(self, purpose: str) -> psycopg.Connection[Any]:
+    def bounded(self, wire: _Wire, what: str, work: Callable[[], _T]) -> _T:
+        """Run ``work``, statements on ``wire``, within :attr:`statement_bound_s`.
+
+        ``what`` names the statement in the error ("acquire of lock 'x'"). The
+        caller's thread only waits (a signal handler may raise there); given
+        up, the statement is cancelled on the server, the connection closes
+        once it returned, and ``wire`` is marked abandoned. ``work``'s own
+        errors are raised as they are.
+
+        Raises:
+            StatementTimeoutError: the bound passed first.
+            DatabaseUnavailableError: ``wire`` was abandoned before.
+        """
+        if wire.abandoned:
+            raise DatabaseUnavailableError(
+                f"the connection to {self.describe()} was given up after a "
+                "statement that did not finish; open a new session"
+            )
+        bound_s = self.statement_bound_s
+        cancel_s = min(bound_s, CANCEL_TIMEOUT_S)
+        try:
+            outcome = call_bounded(
+                lambda: _Outcome(work),
+                bound_s,
+                interrupt=lambda: wire.interrupt(cancel_s),
+                cleanup=wire.close,
+            )
+        except CallTimedOut:
+            wire.abandoned = True
+            raise StatementTimeoutError(self._stuck(what)) from None
+        except BaseException:
+            # Raised while waiting (a signal's handler): given up just the same.
+            wire.abandoned = True
+            raise
+        return outcome.get()
+
+    def answered(self, lock: LockId, holder: str, token: int) -> None:
+        """Record that ``holder`` was granted ``lock`` with ``token``, and knows it."""
+        self._answered_tokens[lock.key, holder] = token
+
+    def unanswered(self, lock: LockId, holder: str, row: tuple[Any, ...]) -> bool:
+        """Whether an acquire's refusal shows a grant to ``holder`` it never saw.
+
+        Holder identities are unique per process start, and every grant takes a
+        larger token: a lease held by ``holder`` with a token above the last one
+        it was answered comes from an acquire whose answer was lost. Nobody works
+        under it. A token it was answered is a term of its own (a library's,
+        lost by its deadline): that one runs out as it should.
+        """
+        acquired, token, row_holder, *_, name = row[:7]
+        known = self._answered_tokens.get((lock.key, holder), 0)
+        return (
+            not acquired
+            and row_holder == holder
+            and name == lock.name
+            and int(token) > known
+        )
+
+    def _stuck(self, what: str) -> str:
+        """The message for a statement that was given up after its bound."""
+        return (
+            f"the {what} did not finish within {self.statement_bound_s:.3g}s on "
+            f"{self.describe()} and was cancelled: another session's open "
+            "transaction likely holds the row or table it needs (look for 'idle "
+            "in transaction' in pg_stat_activity), or the server is frozen"
+        )
+
+    def _open(self, purpose: str) -> _Wire:
         """A connection in autocommit without prepared statements (rule 9).
 
         From the DSN, or from the caller's factory, whose connection may come
-        back from a pool inside a transaction.
+        back from a pool inside a transaction. Bounded by
+        :attr:`connect_bound_s`; the caller's thread only waits.
 
         Raises:
             DatabaseUnavailableError: the server cannot be reached or refused us;
                 ``purpose`` (" to listen") says in the message what for.
         """
+        opened: list[_Wire] = []
+
+        def connect() -> _Wire:
+            try:
+                conn = self._connection()
+            except psycopg.Error as exc:
+                raise DatabaseUnavailableError(
+                    f"cannot connect to {self.describe()}{purpose}: {self._clean(exc)}"
+                ) from None
+            try:
+                opened.append(_Wire(conn))
+            except OSError as exc:  # no descriptor left to duplicate its socket
+                conn.close()
+                raise DatabaseUnavailableError(
+                    f"cannot connect to {self.describe()}{purpose}: {exc}"
+                ) from None
+            return opened[0]
+
+        def close_late() -> None:
+            # A connection that came after the caller gave up on it.
+            for wire in opened:
+                wire.close()
+
         try:
-            if self._factory is None:
-                return psycopg.connect(
-                    self._conninfo, autocommit=True, prepare_threshold=None
-                )
-            conn = self._factory()
+            return call_bounded(
+                connect,
+                self.connect_bound_s,
+                interrupt=lambda: None,  # the attempt ends at its connect_timeout
+                cleanup=close_late,
+                name="leaderrun-connect",
+            )
+        except CallTimedOut:
+            raise DatabaseUnavailableError(
+                f"cannot connect to {self.describe()}{purpose}: no answer within "
+                f"{self.connect_bound_s:.3g}s (a frozen server, or a proxy in "
+                "front of it?)"
+            ) from None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """A new connection (on the worker thread), ready for lease statements."""
+        if self._factory is None:
+            return psycopg.connect(
+                self._conninfo, autocommit=True, prepare_threshold=None
+            )
+        conn = self._factory()
+        try:
             if conn.info.transaction_status != TransactionStatus.IDLE:
                 conn.rollback()
             conn.autocommit = True
             conn.prepare_threshold = None
-            return conn
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot connect to {self.describe()}{purpose}: {self._clean(exc)}"
-            ) from None
-
-    def _check_settings(self, conn: psycopg.Connection[Any]) -> None:
-        """Refuse a session whose commits the server may forget after a crash.
-
-        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
-        would stay on whichever server connection ran it.
-        """
-        try:
-            row = conn.execute(
-                "SELECT current_setting('synchronous_commit')"
-            ).fetchone()
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"cannot use {self.describe()}: {self._clean(exc)}"
-            ) from None
-        value = str(row[0]) if row else ""
-        if value in UNSAFE_SYNCHRONOUS_COMMIT:
-            raise DatabaseUnavailableError(
-                f"synchronous_commit is {value!r} for {conn.info.user} on "
-                f"{self.describe()}: a crash could forget a lease the server "
-                "already granted; have a DBA run ALTER ROLE "
-                f"{sql.Identifier(conn.info.user).as_string()} "
-                "SET synchronous_commit = on"
-            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def init(self) -> bool:
-        """Create the lease table if it is missing (idempotent).
+        """Create leaderrun's tables if missing, and upgrade an older one of its own.
 
-        Returns True if it was created, False if it was there already. An
-        existing table is left alone, so a role without CREATE (or that does not
-        own it) can run ``init`` against it too.
+        Returns True if the lease table was created, False if it was there
+        already. Tables that are there and complete are left alone, so a role
+        without CREATE (or that does not own them) can run ``init`` too.
 
         Raises:
+            ForeignTableError: a table in leaderrun's place is not leaderrun's.
             SchemaMissingError: the schema is missing or the role may not create.
-            DatabaseUnavailableError: the server cannot be reached.
+            DatabaseUnavailableError: the server cannot be reached, or a table
+                to upgrade stayed locked by others.
         """
         session = self.connect()
         try:
-            if session.schema_complete():
-                return False
-            existed = session.table_exists()
-            # Also upgrades a lease table of an older version: the run history
-            # and the --once-per columns.
-            session.ensure_table()
-            return not existed
+            return session.init_tables()
         finally:
             session.close()
 
@@ -609,13 +1021,16 @@ class PostgresLeaseStore(OperatorQueries):
 
 
 class PostgresSession:
-    """One connection to the store, used by one thread at a time."""
+    """One connection to the store, used by one thread at a time.
 
-    def __init__(
-        self, store: PostgresLeaseStore, conn: psycopg.Connection[Any]
-    ) -> None:
+    Every method is bounded by the store's statement bound; once one was given
+    up, every later one raises :class:`DatabaseUnavailableError` (reconnect).
+    """
+
+    def __init__(self, store: PostgresLeaseStore, wire: _Wire) -> None:
         self._store = store
-        self._conn = conn
+        self._wire = wire
+        self._conn = wire.conn
 
     def acquire(
         self,
@@ -634,7 +1049,10 @@ class PostgresSession:
 
         Raises:
             ConfigError: the lock's key is taken by a lock of another name.
-            SchemaMissingError: no table, and it cannot be created.
+            ForeignTableError: a table in leaderrun's place is not leaderrun's.
+            SchemaMissingError: no table, and it cannot be created; or a table of
+                an older version, which only ``init`` upgrades.
+            StatementTimeoutError: the statement did not finish within its bound.
             DatabaseUnavailableError: the statement could not run.
         """
         params = {
@@ -650,19 +1068,30 @@ class PostgresSession:
             "retry_failed": once_per is not None and once_per.retry_failed,
             "keep": history_keep,
         }
-        try:
-            row = self._fetch(self._store._acquire, params)
-        except SchemaMissingError:
-            if not self._store.create:
-                raise
-            self.ensure_table()
-            row = self._fetch(self._store._acquire, params)
+        row = self._acquire_row(lock, params)
+        if row is not None and self._store.unanswered(lock, claim.holder, row):
+            # Ours, yet never answered: an earlier acquire of this claim was
+            # given up (a frozen server, a partition; its cancel never arrived)
+            # and committed after all. Nobody runs under that token: give it
+            # back rather than keep everyone out, us too, until it expires.
+            unused = Lease(lock, claim.holder, int(row[1]))
+            self.release(
+                unused, RunEnd(RunOutcome.lost, None, in_window=once_per is not None)
+            )
+            log.warning(
+                "gave back %s's fencing token %d: an acquire of ours was granted "
+                "it, but its answer never came",
+                lock,
+                unused.token,
+            )
+            row = self._acquire_row(lock, params)
         if row is None:
             # The row did not exist in our snapshot, yet another statement
             # inserted it first: someone just took the lock.
             return AcquireResult(lease=None)
         acquired, token, holder, host, pid, expires_in_s, name, window, done = row
         if acquired:
+            self._store.answered(lock, claim.holder, int(token))
             return AcquireResult(
                 lease=Lease(lock, claim.holder, int(token)), window_start=window
             )
@@ -678,10 +1107,25 @@ class PostgresSession:
             window_done=bool(done),
         )
 
+    def _acquire_row(
+        self, lock: LockId, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """The acquire statement's row, creating missing tables first if allowed."""
+        what = f"acquire of lock {str(lock)!r}"
+        try:
+            return self._fetch(what, self._store._acquire, params)
+        except ForeignTableError:
+            raise
+        except SchemaMissingError:
+            if not self._store.create or not self._create_missing():
+                raise
+            return self._fetch(what, self._store._acquire, params)
+
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease by ``lease_s`` from the server's now; False if lost."""
         params = {**_lease_params(lease), "lease_s": lease_s}
-        return self._execute(self._store._renew, params) == 1
+        what = f"renewal of lock {str(lease.lock)!r}"
+        return self._execute(what, self._store._renew, params) == 1
 
     def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
         """End our lease now, keeping the row; False if it was no longer ours.
@@ -698,44 +1142,41 @@ class PostgresSession:
             "window_ok": None if end is None else end.window_ok,
             "channel": release_channel(self._store.schema, lease.lock.key),
         }
-        return self._execute(self._store._release, params) == 1
+        what = f"release of lock {str(lease.lock)!r}"
+        return self._execute(what, self._store._release, params) == 1
 
     def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
         """The newest ``limit`` runs, of one lock or of all, newest first."""
         params = {"key": None if lock is None else lock.key, "limit": limit}
-        return self._runs(_HISTORY, params)
+        return self._runs(f"history of {_which(lock)}", _HISTORY, params)
 
     def last_runs(self) -> list[RunRecord]:
         """The newest run of every lock that has one, by lock key."""
-        return self._runs(_LAST_RUNS, {})
+        return self._runs("history of every lock", _LAST_RUNS, {})
 
-    def _runs(self, template: LiteralString, params: dict[str, Any]) -> list[RunRecord]:
+    def _runs(
+        self, what: str, template: LiteralString, params: dict[str, Any]
+    ) -> list[RunRecord]:
+        statement = _statement(template, self._store.schema)
         try:
-            with self._errors():
-                rows = self._conn.execute(
-                    _statement(template, self._store.schema), params
-                ).fetchall()
+            rows = self._run(
+                what, lambda: self._conn.execute(statement, params).fetchall()
+            )
+        except ForeignTableError:
+            raise
         except SchemaMissingError:
-            if self._table_exists(RUN_TABLE):
+            if RUN_TABLE in self.inspect():
                 raise  # a missing column: an older table that init upgrades
             return []  # nothing was ever recorded here
-        self._check_idle()
         return [RunRecord(*row) for row in rows]
-
-    def _table_exists(self, name: str) -> bool:
-        with self._errors():
-            row = self._conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL",
-                (sql.Identifier(self._store.schema, name).as_string(self._conn),),
-            ).fetchone()
-        return bool(row and row[0])
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Rows of the lease table (all, or ``lock``'s) with the database's now()."""
         key = None if lock is None else lock.key
-        with self._errors():
-            rows = self._conn.execute(self._store._snapshot, {"key": key}).fetchall()
-        self._check_idle()
+        rows = self._run(
+            f"status of {_which(lock)}",
+            lambda: self._conn.execute(self._store._snapshot, {"key": key}).fetchall(),
+        )
         records = tuple(_record(row[1:]) for row in rows if row[1] is not None)
         return LeaseSnapshot(db_now=rows[0][0], records=records)
 
@@ -751,7 +1192,11 @@ class PostgresSession:
         }
 
         def update() -> ReleaseResult | None:
-            row = self._fetch(self._store._operator_release, params)
+            row = self._fetch(
+                f"operator release of lock {str(lock)!r}",
+                self._store._operator_release,
+                params,
+            )
             if row is None:
                 return None
             record = _record(row[1:])
@@ -762,76 +1207,190 @@ class PostgresSession:
 
         return release_outcome(lock, token, update, lambda: self.snapshot(lock))
 
-    def table_exists(self) -> bool:
-        """Whether the lease table exists (whatever this role may do with it)."""
-        table = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
-        row = self._fetch(sql.SQL(_EXISTS).format(), {"table": table})
-        return bool(row and row[0])
+    def check_settings(self) -> None:
+        """Refuse a session whose commits the server may forget after a crash.
 
-    def schema_complete(self) -> bool:
-        """Whether both tables exist, the lease table with its --once-per columns."""
-        lease = sql.Identifier(self._store.schema, TABLE).as_string(self._conn)
-        runs = sql.Identifier(self._store.schema, RUN_TABLE).as_string(self._conn)
-        row = self._fetch(sql.SQL(_COMPLETE).format(), {"lease": lease, "runs": runs})
-        return bool(row and row[0])
+        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
+        would stay on whichever server connection ran it.
 
-    def ensure_table(self) -> None:
-        """``CREATE TABLE IF NOT EXISTS`` the lease table, tolerating a racing twin.
+        Raises:
+            DatabaseUnavailableError: ``synchronous_commit`` is off, or the
+                check could not run.
+        """
+        row = self._fetch("check of synchronous_commit", _SYNCHRONOUS_COMMIT, {})
+        value = str(row[0]) if row else ""
+        if value in UNSAFE_SYNCHRONOUS_COMMIT:
+            user = self._conn.info.user
+            raise DatabaseUnavailableError(
+                f"synchronous_commit is {value!r} for {user} on "
+                f"{self._store.describe()}: a crash could forget a lease the server "
+                "already granted; have a DBA run ALTER ROLE "
+                f"{sql.Identifier(user).as_string()} SET synchronous_commit = on"
+            )
+
+    def inspect(self) -> Found:
+        """What the catalog holds under leaderrun's table names in the schema."""
+        return self._run(f"inspection of {self._store.schema}", self._inspect)
+
+    def _inspect(self) -> Found:
+        params = {"schema": self._store.schema, "names": list(TABLE_COLUMNS)}
+        rows = self._conn.execute(_INSPECT, params).fetchall()
+        return {name: (kind, tuple(columns)) for name, kind, columns in rows}
+
+    def init_tables(self) -> bool:
+        """``init``: create what is missing, upgrade an own table that is older.
+
+        Returns True if the lease table was created.
+
+        Raises:
+            ForeignTableError: a table in leaderrun's place is not leaderrun's.
+            SchemaMissingError: the schema is missing or the role may not create.
+            DatabaseUnavailableError: a table to upgrade stayed locked by others.
+        """
+        schema = self._store.schema
+        found = self.inspect()
+        if (foreign := foreign_table(schema, found)) is not None:
+            raise foreign
+        if absent := [name for name in TABLE_COLUMNS if name not in found]:
+            self._create_tables(absent)
+            found = self.inspect()  # whoever made them: a racing first user too
+            if (foreign := foreign_table(schema, found)) is not None:
+                raise foreign
+        for name, missing in missing_columns(found).items():
+            self._upgrade(name, missing)
+        return TABLE in absent
+
+    def _create_missing(self) -> bool:
+        """Create whichever of leaderrun's tables are missing; nothing else.
+
+        Returns True when the failed statement is worth running again: the
+        tables are there now (made here, or by a racing first user). Returns
+        False, having changed nothing, when a table that is there is foreign or
+        older: the caller's error says so.
 
         Raises:
             SchemaMissingError: the schema is missing or the role may not create.
         """
-        table = f"{self._store.schema}.{TABLE}"
+        found = self.inspect()
+        if foreign_table(self._store.schema, found) is not None:
+            return False
+        if missing_columns(found):
+            return False
+        self._create_tables([name for name in TABLE_COLUMNS if name not in found])
+        return True
+
+    def _create_tables(self, names: list[str]) -> None:
+        """Create each of these tables of leaderrun's, each in its own statement."""
+        schema = self._store.schema
+        for name in names:
+            self._run(
+                f"creation of {schema}.{name}", functools.partial(self._create, name)
+            )
+
+    def _create(self, name: str) -> None:
+        """Create one table and its comment, in one transaction (in the worker)."""
+        schema = self._store.schema
         try:
-            for template in _SCHEMA:
-                # Two first users raced CREATE TABLE IF NOT EXISTS; the other won.
-                # The loser fails on the table's row type (42710) or its catalog
-                # row (23505). Each statement is its own transaction, so the next
-                # one still runs.
-                with contextlib.suppress(
-                    e.UniqueViolation,
-                    e.DuplicateTable,
-                    e.DuplicateObject,
-                    e.DuplicateColumn,
-                ):
-                    self._conn.execute(_statement(template, self._store.schema))
+            with self._conn.transaction():
+                for template in _CREATE[name]:
+                    self._conn.execute(_statement(template, schema))
+        except (e.DuplicateTable, e.UniqueViolation, e.DuplicateObject):
+            # Two first users raced; the other one created it: nothing to do.
+            # (Its table row type or catalog row came first: 42P07, 42710, 23505.)
+            return
         except e.InvalidSchemaName:
             raise SchemaMissingError(
-                f"schema {self._store.schema!r} does not exist; create it or pass "
-                "another --schema"
+                f"schema {schema!r} does not exist; create it or pass another --schema"
             ) from None
         except e.InsufficientPrivilege:
             raise SchemaMissingError(
-                f"table {table} does not exist and this role may not create it; "
-                + missing_table_hint(self._store.schema, self._conn.info.user)
+                f"table {schema}.{TABLE} does not exist and this role may not create "
+                "it; " + missing_table_hint(schema, self._conn.info.user)
             ) from None
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(
-                f"cannot create {table}: {self._store._clean(exc)}"
+                f"cannot create {schema}.{name}: {self._store._clean(exc)}"
             ) from None
-        log.info("created table %s", table)
+        log.info("created table %s.%s", schema, name)
+
+    def _upgrade(self, name: str, missing: list[str]) -> None:
+        """Add an older table's missing columns, never stalling its users for long.
+
+        ALTER TABLE takes an ACCESS EXCLUSIVE lock; queued behind a reader it
+        would hold up every renewal queued behind it. So each try waits at most
+        INIT_LOCK_TIMEOUT_S for the lock (lock_timeout, in its own transaction)
+        and the next comes after a pause in which the others run.
+
+        Raises:
+            DatabaseUnavailableError: every try found the table locked.
+        """
+        table = f"{self._store.schema}.{name}"
+        if name not in _UPGRADE:
+            raise DatabaseUnavailableError(
+                f"{table} lacks the columns {', '.join(missing)} and this version "
+                "cannot add them; recreate it in another --schema"
+            )
+        upgrade = _statement(_UPGRADE[name], self._store.schema)
+        timeout = f"{round(INIT_LOCK_TIMEOUT_S * 1000)}ms"
+
+        def alter() -> bool:
+            try:
+                with self._conn.transaction():
+                    self._conn.execute(_LOCK_TIMEOUT, {"timeout": timeout})
+                    self._conn.execute(upgrade)
+            except e.LockNotAvailable:
+                return False
+            except e.InsufficientPrivilege:
+                raise DatabaseUnavailableError(
+                    f"{table} lacks the columns {', '.join(missing)} and only its "
+                    f"owner may add them: run `leaderrun init --schema "
+                    f"{self._store.schema}` as that role"
+                ) from None
+            return True
+
+        for attempt in range(INIT_LOCK_TRIES):
+            if attempt:
+                time.sleep(INIT_RETRY_PAUSE_S)
+            if self._run(f"upgrade of {table}", alter):
+                log.info("upgraded table %s: added %s", table, ", ".join(missing))
+                return
+        raise DatabaseUnavailableError(
+            f"could not lock {table} to upgrade it: {INIT_LOCK_TRIES} tries of "
+            f"{INIT_LOCK_TIMEOUT_S:g}s each waited behind other sessions (a long "
+            "query, or an open transaction on it); try again when it is quieter"
+        )
 
     def close(self) -> None:
-        """Close the connection; never raises."""
-        try:
-            self._conn.close()
-        except Exception:
-            log.debug("closing the connection failed", exc_info=True)
+        """Close the connection; never raises.
+
+        A session given up with a statement still running is closed by that
+        statement's thread, once it returns.
+        """
+        if not self._wire.abandoned:
+            self._wire.close()
 
     def _fetch(
-        self, statement: sql.Composed, params: dict[str, Any]
+        self, what: str, statement: LiteralString | sql.Composed, params: dict[str, Any]
     ) -> tuple[Any, ...] | None:
-        with self._errors():
-            cursor = self._conn.execute(statement, params)
-            row = cursor.fetchone()
-        self._check_idle()
-        return row
+        return self._run(what, lambda: self._conn.execute(statement, params).fetchone())
 
-    def _execute(self, statement: sql.Composed, params: dict[str, Any]) -> int:
-        with self._errors():
-            count = self._conn.execute(statement, params).rowcount
-        self._check_idle()
-        return count
+    def _execute(
+        self, what: str, statement: sql.Composed, params: dict[str, Any]
+    ) -> int:
+        return self._run(what, lambda: self._conn.execute(statement, params).rowcount)
+
+    def _run(self, what: str, work: Callable[[], _T]) -> _T:
+        """Run ``work`` within the bound, its driver errors made leaderrun's."""
+
+        def statements() -> _T:
+            try:
+                result = work()
+            except psycopg.Error as exc:
+                raise self._error(exc) from None
+            self._check_idle()
+            return result
+
+        return self._store.bounded(self._wire, what, statements)
 
     def _check_idle(self) -> None:
         # Rule 9: a lease statement left inside a transaction would freeze now()
@@ -840,118 +1399,124 @@ class PostgresSession:
         if status != TransactionStatus.IDLE:
             raise LeaderrunError(f"lease connection left in state {status.name}")
 
-    def _errors(self) -> _StatementErrors:
-        return _StatementErrors(self._store, self._conn)
+    def _error(self, exc: psycopg.Error) -> LeaderrunError:
+        """The error for a statement's driver error, made on the worker thread.
 
-    def missing_grants(self) -> str:
-        """The GRANT statements this role lacks on the two tables (best effort)."""
-        schema, role = self._store.schema, self._conn.info.user
-        grantee = sql.Identifier(role).as_string()
-        try:
-            row = self._conn.execute(
-                # By oid from the catalog: without USAGE on the schema the table
-                # could not be named, yet its grants still count.
-                "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
-                "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
-                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
-                "AND NOT has_table_privilege(c.oid, p)), "
-                "ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p, "
-                "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %(schema)s AND c.relname = %(runs)s "
-                "AND NOT has_table_privilege(c.oid, p))",
-                {
-                    "schema": schema,
-                    "table": TABLE,
-                    "privileges": list(OPERATOR_PRIVILEGES),
-                    "runs": RUN_TABLE,
-                    "run_privileges": list(RUN_PRIVILEGES),
-                },
-            ).fetchone()
-        except psycopg.Error:
-            log.debug("cannot tell which grants are missing", exc_info=True)
-            row = None
-        grants = []
-        if row is None or not row[0]:
-            schema_id = sql.Identifier(schema).as_string()
-            grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
-        for index, name, wanted in (
-            (1, TABLE, OPERATOR_PRIVILEGES),
-            (2, RUN_TABLE, RUN_PRIVILEGES),
-        ):
-            if row is None or row[index]:
-                missing = ", ".join(row[index] if row else wanted)
-                table = sql.Identifier(schema, name).as_string()
-                grants.append(f"GRANT {missing} ON {table} TO {grantee}")
-        return "; ".join(grants)
-
-
-class _StatementErrors:
-    """Maps driver errors of one statement to leaderrun's errors."""
-
-    def __init__(
-        self, store: PostgresLeaseStore, conn: psycopg.Connection[Any]
-    ) -> None:
-        self._store = store
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None or not isinstance(exc, psycopg.Error):
-            return
-        table = f"{self._store.schema}.{TABLE}"
-        if isinstance(exc, e.UndefinedTable):
-            raise SchemaMissingError(
+        The connection is idle again (the failed statement's transaction has
+        ended), so a table error is explained from the catalog, and a missing
+        privilege with the exact GRANT.
+        """
+        store = self._store
+        table = f"{store.schema}.{TABLE}"
+        if isinstance(exc, e.UndefinedTable | e.UndefinedColumn):
+            try:
+                found = self._inspect()
+            except psycopg.Error:
+                found = None
+            if found is not None:
+                if (foreign := foreign_table(store.schema, found)) is not None:
+                    return foreign
+                for name, missing in missing_columns(found).items():
+                    return outdated_table(store.schema, name, missing)
+            if isinstance(exc, e.UndefinedColumn):
+                return SchemaMissingError(
+                    f"table {table} lacks columns this version needs; "
+                    + missing_table_hint(store.schema, None)
+                )
+            return SchemaMissingError(
                 f"table {table} does not exist; "
-                + missing_table_hint(self._store.schema, None)
-            ) from None
-        if isinstance(exc, e.UndefinedColumn):
-            # A table made by an older leaderrun; init adds the new columns.
-            raise SchemaMissingError(
-                f"table {table} lacks columns this version needs; "
-                + missing_table_hint(self._store.schema, None)
-            ) from None
+                + missing_table_hint(store.schema, None)
+            )
         if isinstance(exc, e.InvalidSchemaName):
-            raise SchemaMissingError(
-                f"schema {self._store.schema!r} does not exist; create it or pass "
+            return SchemaMissingError(
+                f"schema {store.schema!r} does not exist; create it or pass "
                 "another --schema"
-            ) from None
+            )
         if isinstance(exc, e.InsufficientPrivilege):
-            grants = PostgresSession(self._store, self._conn).missing_grants()
-            raise DatabaseUnavailableError(
+            grants = _missing_grants(self._conn, store.schema)
+            return DatabaseUnavailableError(
                 f"role {self._conn.info.user} lacks privileges on {table} "
-                f"({self._store._clean(exc)}); have the table's owner run: {grants}"
-            ) from None
+                f"({store._clean(exc)}); have the table's owner run: {grants}"
+            )
         # Everything else (a lost connection, a read-only standby after a
         # failover, a statement or lock timeout) is worth retrying elsewhere.
-        raise DatabaseUnavailableError(
-            f"statement on {self._store.describe()} failed: {self._store._clean(exc)}"
-        ) from None
+        return DatabaseUnavailableError(
+            f"statement on {store.describe()} failed: {store._clean(exc)}"
+        )
+
+
+def _which(lock: LockId | None) -> str:
+    return "every lock" if lock is None else f"lock {str(lock)!r}"
+
+
+def _missing_grants(conn: psycopg.Connection[Any], schema: str) -> str:
+    """The GRANT statements the connection's role lacks on the two tables.
+
+    Best effort: without an answer, every grant is listed.
+    """
+    role = conn.info.user
+    grantee = sql.Identifier(role).as_string()
+    try:
+        row = conn.execute(
+            # By oid from the catalog: without USAGE on the schema the table
+            # could not be named, yet its grants still count.
+            "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
+            "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
+            "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
+            "AND NOT has_table_privilege(c.oid, p)), "
+            "ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p, "
+            "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %(schema)s AND c.relname = %(runs)s "
+            "AND NOT has_table_privilege(c.oid, p))",
+            {
+                "schema": schema,
+                "table": TABLE,
+                "privileges": list(OPERATOR_PRIVILEGES),
+                "runs": RUN_TABLE,
+                "run_privileges": list(RUN_PRIVILEGES),
+            },
+        ).fetchone()
+    except psycopg.Error:
+        log.debug("cannot tell which grants are missing", exc_info=True)
+        row = None
+    grants = []
+    if row is None or not row[0]:
+        schema_id = sql.Identifier(schema).as_string()
+        grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
+    for index, name, wanted in (
+        (1, TABLE, OPERATOR_PRIVILEGES),
+        (2, RUN_TABLE, RUN_PRIVILEGES),
+    ):
+        if row is None or row[index]:
+            missing = ", ".join(row[index] if row else wanted)
+            table = sql.Identifier(schema, name).as_string()
+            grants.append(f"GRANT {missing} ON {table} TO {grantee}")
+    return "; ".join(grants)
 
 
 class PostgresListener:
     """A connection that LISTENs on one lock's release channel.
 
     Args:
-        conn: an autocommit connection that has run ``LISTEN channel``.
+        wire: an autocommit connection that has run ``LISTEN channel``.
         channel: the channel it listens on.
         clean: turns a driver error into a message without secrets.
     """
 
     def __init__(
         self,
-        conn: psycopg.Connection[Any],
+        wire: _Wire,
         channel: str,
         clean: Callable[[BaseException], str],
     ) -> None:
-        self._conn = conn
+        self._wire = wire
+        self._conn = wire.conn
         self._channel = channel
         self._clean = clean
         # Kept: a broken connection's fileno() raises, yet select() must still
         # see the socket become readable (EOF) so that drain() finds out.
-        self._fd = conn.fileno()
+        self._fd = self._conn.fileno()
 
     def fileno(self) -> int:
         """The connection's socket."""
@@ -959,6 +1524,8 @@ class PostgresListener:
 
     def drain(self) -> bool:
         """Read every notification already received; True if one was ours.
+
+        Sends nothing and never waits: it reads what the socket already holds.
 
         Raises:
             DatabaseUnavailableError: the connection is broken.
@@ -977,10 +1544,7 @@ class PostgresListener:
 
     def close(self) -> None:
         """Close the connection; never raises."""
-        try:
-            self._conn.close()
-        except Exception:
-            log.debug("closing the listening connection failed", exc_info=True)
+        self._wire.close()
 
 
 def _ignore_notification(notification: psycopg.Notify) -> None:

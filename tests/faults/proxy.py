@@ -40,6 +40,12 @@ class _Link:
                     socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                 )
         for sock in (self.client, self.upstream):
+            if not rst:
+                # The other pump thread may be blocked in recv() on this socket,
+                # and then close() alone sends nothing: the peer would never see
+                # the end (a cancel request waits for the server to hang up).
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 

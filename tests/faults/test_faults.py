@@ -237,9 +237,14 @@ def test_f6_frozen_server_longer_than_the_lease(harness, local_cluster):
                 os.kill(pid, signal.SIGCONT)
     # The contender's acquire, sent while the server was frozen, is answered
     # after the thaw: too late to start a child before that lease could end
-    # (rule 7). It releases that token unused and takes the next one.
+    # (rule 7). Or it was given up after its bound, its cancel stuck in the
+    # frozen server, and it ran at the thaw: the next acquire finds that grant
+    # unanswered. Either way it releases that token unused and takes the next.
     harness.timeline.wait_start(first.token)
-    skipped = contender.stderr().count("past the kill deadline; not starting")
+    stderr = contender.stderr()
+    skipped = stderr.count("past the kill deadline; not starting") + stderr.count(
+        "its answer never came"
+    )
     outcome = "child stopped, one new holder"
     if skipped:
         outcome += f" ({skipped} token granted too late, released unused)"
@@ -345,11 +350,11 @@ def test_f21_renewal_delayed_past_a_takeover(harness, pg_admin):
             (harness.lock,),
         ).fetchone()
     assert row == ("intruder", first.token + 1, True)
-    # The release at exit waits at most two attempt budgets for the row lock, so
-    # under load it may give up before the takeover commits; either way it
-    # changed nothing, and says which happened.
+    # The release at exit waits at most one statement bound for the row lock
+    # (then it is cancelled), so it may give up before the takeover commits;
+    # either way it changed nothing, and says which happened.
     err = holder.stderr()
-    assert "no longer ours to release" in err or "the release took longer" in err, err
+    assert "no longer ours to release" in err or "could not release" in err, err
     ended = max(p.end_s for p in harness.timeline.snapshot() if p.token == first.token)
     assert ended < takeover_s
     harness.timeline.check()

@@ -233,6 +233,40 @@ def test_status_without_the_table_says_what_to_run(pg_dsn, pg_admin):
             )
 
 
+def test_status_stuck_behind_a_table_lock_says_so_and_exits_69(
+    pg_dsn, pg_admin, schema
+):
+    """A migration's open transaction holds the table: status gives up after its
+    statement bound (5 s) in one line that says stuck, not unreachable, and its
+    statement does not stay queued on the server."""
+    table = sql.Identifier(schema, TABLE)
+    with pg_admin() as locker, locker.transaction():
+        locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+        began = time.monotonic()
+        result = leaderrun("status", "--schema", schema, dsn=pg_dsn)
+        took = time.monotonic() - began
+        # The process exited after its cancel was sent; the server may take a
+        # moment more to act on it.
+        deadline = time.monotonic() + 5
+        with pg_admin() as watcher:
+            while (
+                waiting := watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE %s = ANY(pg_blocking_pids(pid))",
+                    (locker.info.backend_pid,),
+                ).fetchone()
+            ) != (0,) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert (result.returncode, result.stdout) == (69, "")
+    assert result.stderr.startswith(
+        "leaderrun: the status of every lock did not finish within 5s on "
+    )
+    assert "open transaction" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert took < 30
+    assert waiting == (0,)
+
+
 @pytest.fixture
 def refused_dsn() -> Iterator[str]:
     import socket

@@ -328,41 +328,6 @@ def test_history_of_a_database_without_runs_is_empty(pg_dsn, pg_admin):
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-def older_schema(pg_admin) -> Iterator[str]:
-    """A throwaway schema holding a leader_lease of the first version: no window
-    columns and no leader_run table. Dropped afterwards."""
-    name = f"lr_old_{uuid.uuid4().hex[:10]}"
-    with pg_admin() as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {} (lock_key bigint PRIMARY KEY, lock_name text,"
-                " holder text, token bigint NOT NULL, acquired_at timestamptz NOT NULL,"
-                " renewed_at timestamptz NOT NULL, expires_at timestamptz NOT NULL,"
-                " host text, pid integer, command text)"
-            ).format(sql.Identifier(name, TABLE))
-        )
-    yield name
-    with pg_admin() as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-def test_a_lease_table_of_an_older_version_is_upgraded_on_first_use(
-    pg_dsn, older_schema, lock
-):
-    """A leader_lease without the window columns gains them; runs get recorded."""
-    name = older_schema
-    store = PostgresLeaseStore(pg_dsn, name)
-    session = store.connect()
-    try:
-        result = session.acquire(lock, claim(1), LEASE_S, once_per=HOUR, history_keep=5)
-        assert acquired(result).token == 1
-    finally:
-        session.close()
-    assert [r.token for r in store.history(lock, 5)] == [1]
-
-
 def test_racing_nodes_start_a_window_once(store, lock):
     """Ten nodes acquiring and releasing in a loop, at once: one start per window."""
     starts: list[int] = []
@@ -394,27 +359,3 @@ def test_racing_nodes_start_a_window_once(store, lock):
     assert len(starts) == 1
     [run] = store.history(lock, 10)
     assert run.outcome == "ok"
-
-
-def test_init_upgrades_an_older_lease_table(pg_dsn, pg_admin, older_schema):
-    """init on a lease table without history: adds it and the columns, once."""
-    name = older_schema
-    store = PostgresLeaseStore(pg_dsn, name)
-    session = store.connect()
-    try:
-        assert not session.schema_complete()
-        assert store.init() is False  # the lease table was there already
-        assert session.schema_complete()
-    finally:
-        session.close()
-    assert store.init() is False
-    columns = admin_sql(
-        pg_admin,
-        name,
-        "SELECT count(*) FROM information_schema.columns"
-        " WHERE table_schema = %s AND table_name = %s"
-        " AND column_name IN ('window_start', 'window_ok')",
-        name,
-        TABLE,
-    )
-    assert columns == [(2,)]

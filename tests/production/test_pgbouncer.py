@@ -13,7 +13,21 @@ import uuid
 
 import pytest
 
+from leaderrun.errors import StatementTimeoutError
+from leaderrun.lease import parse_lock_id
+from leaderrun.postgres import PostgresLeaseStore
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, readline
+from tests.integration.test_pg_bounded import (
+    BOUND_S,
+    CONTENDER,
+    HOLDER,
+    MARGIN_S,
+    Attempt,
+    assert_nobody_left_waiting,
+    expire,
+    lease_row,
+    row_locked,
+)
 from tests.production.operations import status_release_history
 
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]
@@ -128,3 +142,28 @@ def test_server_connection_closed_under_pgbouncer_is_survived(
         time.sleep(1)
     assert proc.wait(timeout=30) == 0
     assert readline(proc.stdout) == "done\n"
+
+
+def test_an_acquire_stuck_behind_a_row_lock_is_cancelled_through_pgbouncer(
+    bouncer, pg_dsn, pg_admin, lock_name
+):
+    """Transaction pooling: no SET, no startup options, yet the stuck acquire gives
+    up after its bound and the cancel reaches the server behind the pooler."""
+    PostgresLeaseStore(pg_dsn).init()
+    store = PostgresLeaseStore(bouncer.dsn(), attempt_budget_s=BOUND_S)
+    lock = parse_lock_id(lock_name)
+    holder = store.connect()
+    contender = store.connect()
+    try:
+        assert holder.acquire(lock, HOLDER, 30.0).lease is not None
+        expire(pg_admin, "public", lock)
+        before = lease_row(pg_admin, "public", lock)
+        with row_locked(pg_admin, "public", lock) as blocker:
+            attempt = Attempt(lambda: contender.acquire(lock, CONTENDER, 30.0))
+            error = attempt.error_within(BOUND_S + MARGIN_S)
+            assert isinstance(error, StatementTimeoutError), repr(error)
+            assert_nobody_left_waiting(pg_admin, blocker)
+        assert lease_row(pg_admin, "public", lock) == before
+    finally:
+        holder.close()
+        contender.close()
