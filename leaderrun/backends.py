@@ -21,7 +21,7 @@ from leaderrun.config import DEFAULT_SCHEMA
 from leaderrun.errors import ConfigError
 from leaderrun.lease import LockId
 from leaderrun.runs import RunRecord
-from leaderrun.store import LeaseStore, OperatorStore
+from leaderrun.store import InitOutcome, LeaseStore, OperatorStore
 
 SQLITE_SCHEME = "sqlite"
 """The URI scheme of the embedded store: ``sqlite:///absolute/path.db``."""
@@ -62,8 +62,8 @@ NO_DSN_MESSAGE = no_dsn_message()
 class ManagedStore(LeaseStore, OperatorStore, Protocol):
     """A lease store that also serves the operators and can create its table."""
 
-    def init(self) -> bool:
-        """Create the lease table if it is missing; True if it was created."""
+    def init(self) -> InitOutcome:
+        """Create leaderrun's tables if missing, or upgrade older ones of its own."""
         ...
 
     def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:

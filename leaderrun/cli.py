@@ -625,9 +625,13 @@ def init(
             )
         typer.echo(setup_sql(check_schema(schema), role), nl=False)
         return
-    created = open_store(dsn_value, check_schema(schema), env).init()
-    label = table_label(dsn_value, schema)
-    typer.echo(f"{label} {'created' if created else 'already exists'}")
+    outcome = open_store(dsn_value, check_schema(schema), env).init()
+    done = {
+        "created": "created",
+        "upgraded": "upgraded to this version's format",
+        "current": "already exists and is up to date",
+    }
+    typer.echo(f"{table_label(dsn_value, schema)} {done[outcome]}")
 
 
 @app.command("history")

@@ -54,6 +54,7 @@ from leaderrun.store import (
     REVOKED_HOLDER,
     AcquireResult,
     Claim,
+    InitOutcome,
     LeaseRecord,
     LeaseSnapshot,
     OperatorQueries,
@@ -993,12 +994,11 @@ class PostgresLeaseStore(OperatorQueries):
             raise
         return conn
 
-    def init(self) -> bool:
+    def init(self) -> InitOutcome:
         """Create leaderrun's tables if missing, and upgrade an older one of its own.
 
-        Returns True if the lease table was created, False if it was there
-        already. Tables that are there and complete are left alone, so a role
-        without CREATE (or that does not own them) can run ``init`` too.
+        Tables that are there and complete are left alone, so a role without
+        CREATE (or that does not own them) can run ``init`` too.
 
         Raises:
             ForeignTableError: a table in leaderrun's place is not leaderrun's.
@@ -1237,10 +1237,8 @@ class PostgresSession:
         rows = self._conn.execute(_INSPECT, params).fetchall()
         return {name: (kind, tuple(columns)) for name, kind, columns in rows}
 
-    def init_tables(self) -> bool:
+    def init_tables(self) -> InitOutcome:
         """``init``: create what is missing, upgrade an own table that is older.
-
-        Returns True if the lease table was created.
 
         Raises:
             ForeignTableError: a table in leaderrun's place is not leaderrun's.
@@ -1256,9 +1254,12 @@ class PostgresSession:
             found = self.inspect()  # whoever made them: a racing first user too
             if (foreign := foreign_table(schema, found)) is not None:
                 raise foreign
-        for name, missing in missing_columns(found).items():
+        outdated = missing_columns(found)
+        for name, missing in outdated.items():
             self._upgrade(name, missing)
-        return TABLE in absent
+        if TABLE in absent:
+            return InitOutcome.created
+        return InitOutcome.upgraded if outdated or absent else InitOutcome.current
 
     def _create_missing(self) -> bool:
         """Create whichever of leaderrun's tables are missing; nothing else.

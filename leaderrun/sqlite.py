@@ -77,6 +77,7 @@ from leaderrun.store import (
     REVOKED_HOLDER,
     AcquireResult,
     Claim,
+    InitOutcome,
     LeaseRecord,
     LeaseSnapshot,
     OperatorQueries,
@@ -622,8 +623,8 @@ class SqliteLeaseStore(OperatorQueries):
             raise
         return session
 
-    def init(self) -> bool:
-        """Create the file's tables, or upgrade an older leaderrun's; True if created.
+    def init(self) -> InitOutcome:
+        """Create the file's tables, or upgrade an older leaderrun's.
 
         An upgrade runs every step of :data:`STEPS` from the file's format in
         one transaction, and is logged.
@@ -948,19 +949,20 @@ class SqliteSession:
         if found.missing and create:
             self._write("creating leaderrun's tables", self._create)
 
-    def init(self) -> bool:
-        """``leaderrun init``: create, upgrade or leave alone; True if created."""
+    def init(self) -> InitOutcome:
+        """``leaderrun init``: create, upgrade or leave alone."""
         found = self._call("reading the file format", _read_format)
         if found.shape is Shape.older:
             # The file is leaderrun's, so WAL mode is its own already.
             for note in self._write("upgrading the tables", self._upgrade):
                 log.warning("upgraded %s to %s", self._store.path, note)
-            return False
+            return InitOutcome.upgraded
         refusal = self._store.refusal(found)
         if refusal is not None:
             raise refusal
         self._call("switching to WAL mode", self._use_wal)
-        return self._write("creating leaderrun's tables", self._create)
+        created = self._write("creating leaderrun's tables", self._create)
+        return InitOutcome.created if created else InitOutcome.current
 
     def _create(self, conn: sqlite3.Connection, now: Instant) -> bool:
         """Create the tables a file lacks, under the lock; True if it had none.

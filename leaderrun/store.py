@@ -121,6 +121,17 @@ class LeaseStore(Protocol):
         ...
 
 
+class InitOutcome(StrEnum):
+    """What ``leaderrun init`` did to the store's tables."""
+
+    created = "created"
+    """The lease table did not exist: leaderrun's tables were created."""
+    upgraded = "upgraded"
+    """They were made by an older leaderrun and were brought up to date."""
+    current = "current"
+    """They were there and up to date: nothing changed."""
+
+
 # --- the operators' view: status and release (``leaderrun.admin`` renders it) ---
 
 REVOKED_HOLDER = "(revoked)"

@@ -84,7 +84,7 @@ def test_database_url_may_name_a_sqlite_file(tmp_path):
 def test_init_creates_the_file_and_is_safe_to_repeat(tmp_path):
     """`leaderrun init --dsn sqlite:///...` makes the file and table; again is fine."""
     dsn = f"sqlite://{tmp_path}/leases.db"
-    for outcome in ("created", "already exists"):
+    for outcome in ("created", "already exists and is up to date"):
         result = leaderrun_cli("init", "--dsn", dsn)
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"leader_lease in {tmp_path}/leases.db {outcome}\n"

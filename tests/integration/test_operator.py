@@ -436,7 +436,7 @@ def test_init_creates_once_and_repeats_harmlessly(pg_dsn, pg_admin, empty_schema
     second = leaderrun("init", "--schema", empty_schema, dsn=pg_dsn)
     assert (second.returncode, second.stdout) == (
         0,
-        f"{empty_schema}.{TABLE} already exists\n",
+        f"{empty_schema}.{TABLE} already exists and is up to date\n",
     )
     with pg_admin() as conn:
         indexes = conn.execute(

@@ -30,7 +30,7 @@ from leaderrun.postgres import (
     foreign_table,
 )
 from leaderrun.runs import OncePer
-from leaderrun.store import Claim
+from leaderrun.store import Claim, InitOutcome
 from tests.integration.test_pg_bounded import Attempt, open_transaction
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
@@ -228,7 +228,7 @@ def test_an_older_lease_table_is_refused_on_the_hot_path_until_init_upgrades_it(
     assert "upgrade" in raised.value.message
     assert relations(pg_admin, older_schema) == before
 
-    assert store.init() is False  # the lease table was there already
+    assert store.init() is InitOutcome.upgraded  # the lease table was there already
     assert columns(pg_admin, older_schema)[-2:] == ["window_start", "window_ok"]
     session = store.connect()
     try:
@@ -240,7 +240,7 @@ def test_an_older_lease_table_is_refused_on_the_hot_path_until_init_upgrades_it(
     assert result.lease is not None
     assert result.lease.token == 1
     assert [r.token for r in store.history(lock, 5)] == [1]
-    assert store.init() is False  # nothing left to do
+    assert store.init() is InitOutcome.current  # nothing left to do
 
 
 def test_init_behind_a_readers_lock_gives_up_without_holding_others_up(

@@ -138,7 +138,9 @@ def test_init_upgrades_an_older_file_and_its_live_lease_stays_live(tmp_path):
     format0.make_file(db, old_rows(), now_s=time.time())
     upgraded = leaderrun("init", db=db)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout == f"leader_lease in {db} already exists\n"
+    assert (
+        upgraded.stdout == f"leader_lease in {db} upgraded to this version's format\n"
+    )
     assert upgraded.stderr == (
         f"leaderrun: upgraded {db} to file format 1 (lease times on CLOCK_BOOTTIME,"
         " not the wall clock): 1 live lease(s) converted to the boot clock\n"

@@ -189,7 +189,7 @@ def test_init_reports_created_then_already_exists(tmp_path):
         f"leader_lease in {path} created\n",
     )
     second = leaderrun("init", db=path)
-    assert second.stdout == f"leader_lease in {path} already exists\n"
+    assert second.stdout == f"leader_lease in {path} already exists and is up to date\n"
 
 
 def test_print_sql_makes_a_file_the_store_can_use(tmp_path, lock):
