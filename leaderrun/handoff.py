@@ -3,7 +3,7 @@
 A holder that releases sends a notification on the lock's channel in the same
 statement (``leaderrun.postgres``). A ``--wait`` contender listens on a
 connection of its own, never the lease connection, which must stay free of
-session state (DESIGN rule 9). It still never sleeps past the holder's expiry as
+session state (``no-session-state``). It still never sleeps past the holder's expiry as
 the database reported it, so a lost or unsupported notification costs only
 latency: a crashed holder is replaced within one retry of its expiry, and
 behind PgBouncer in transaction mode, where LISTEN is accepted but nothing is

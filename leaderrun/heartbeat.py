@@ -33,7 +33,7 @@ class LeaseState:
 
     The renewal thread extends the deadline or reports a loss; the supervisor
     reads them and, once it has begun to stop the child, freezes the state so
-    that no later renewal result can count (rule 6).
+    that no later renewal result can count (``local-deadline``).
     """
 
     def __init__(self, deadline_s: float) -> None:
@@ -55,7 +55,7 @@ class LeaseState:
             if t_sent_s >= self._deadline_s:
                 # Sent after the deadline had passed (leaderrun was paused): the
                 # child should already be dying, and a renewal must not revive a
-                # lease that may have lapsed (rule 6, lease-safety F2).
+                # lease that may have lapsed (local-deadline; fault F2).
                 return False
             if not reply_in_time(t_sent_s, now_s, timing):
                 return False
@@ -203,7 +203,7 @@ class Renewer:
         """
         if self.state.settled():
             # The supervisor is stopping the child (or the lease is lost): no
-            # later renewal can count (rule 6), so send none.
+            # later renewal can count (local-deadline), so send none.
             return False
         t_sent_s = self.clock()
         deadline_s, _ = self.state.snapshot()

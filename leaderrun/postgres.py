@@ -1,19 +1,20 @@
 """The PostgreSQL lease store: all of leaderrun's SQL, and the only psycopg user.
 
 Every lease statement is a single autocommit statement whose times come from the
-server's ``now()`` (DESIGN rules 1, 2 and 9). Connections carry no session
+server's ``now()`` (safety rules ``database-clock``, ``one-statement`` and
+``no-session-state``, docs/safety.md). Connections carry no session
 state: no SET, no advisory locks, no prepared statements, so they work through
 PgBouncer in transaction mode. Schema and table are always quoted identifiers,
 and every value is a bound parameter.
 
-Every statement is bounded (DESIGN rule 11): it runs on a worker thread
+Every statement is bounded (``bounded-statements``): it runs on a worker thread
 (:func:`leaderrun.bounded.call_bounded`) for at most the store's statement
 bound, and one given up is cancelled on the server, so that it neither waits on
 there nor commits later. ``statement_timeout`` cannot do this: it needs a SET or
 a startup option, which PgBouncer in transaction mode does not carry, and no
 server-side timer helps against a frozen server anyway.
 
-leaderrun alters only its own tables (DESIGN rule 13): it tells them by their
+leaderrun alters only its own tables (``own-tables-only``): it tells them by their
 core columns, refuses anything else in their place, and upgrades its own only
 in ``init``, never on the hot path.
 """
@@ -741,7 +742,7 @@ class PostgresLeaseStore(OperatorQueries):
         create: create the table on first use if it is missing.
         connection_factory: opens each connection instead of ``dsn`` (which then
             only names the server in messages). Every connection it returns is
-            switched to autocommit without prepared statements (DESIGN rule 9).
+            switched to autocommit without prepared statements (``no-session-state``).
     """
 
     def __init__(
@@ -837,7 +838,7 @@ class PostgresLeaseStore(OperatorQueries):
     def listen(self, lock: LockId) -> PostgresListener:
         """Open a new connection that listens for releases of ``lock``.
 
-        It is never a lease connection: LISTEN is session state (DESIGN rule 9).
+        It is never a lease connection: LISTEN is session state (``no-session-state``).
 
         Raises:
             ListenRefusedError: the server refused LISTEN.
@@ -929,7 +930,7 @@ class PostgresLeaseStore(OperatorQueries):
         )
 
     def _open(self, purpose: str) -> _Wire:
-        """A connection in autocommit without prepared statements (rule 9).
+        """A connection in autocommit, without prepared statements (no session state).
 
         From the DSN, or from the caller's factory, whose connection may come
         back from a pool inside a transaction. Bounded by
@@ -1210,8 +1211,8 @@ class PostgresSession:
     def check_settings(self) -> None:
         """Refuse a session whose commits the server may forget after a crash.
 
-        A read, not a SET (rule 9): through PgBouncer in transaction mode a SET
-        would stay on whichever server connection ran it.
+        A read, not a SET (``no-session-state``): through PgBouncer in
+        transaction mode a SET would stay on whichever server connection ran it.
 
         Raises:
             DatabaseUnavailableError: ``synchronous_commit`` is off, or the
@@ -1394,8 +1395,8 @@ class PostgresSession:
         return self._store.bounded(self._wire, what, statements)
 
     def _check_idle(self) -> None:
-        # Rule 9: a lease statement left inside a transaction would freeze now()
-        # and hide the renewal from everyone else. Fail loudly, never silently.
+        # no-session-state: a lease statement left inside a transaction would
+        # freeze now() and hide the renewal from everyone else. Fail loudly.
         status = self._conn.info.transaction_status
         if status != TransactionStatus.IDLE:
             raise LeaderrunError(f"lease connection left in state {status.name}")

@@ -1,6 +1,7 @@
 """``leaderrun run``: take the lease, run the command under supervision, release.
 
-The order of the steps is the safety argument (DESIGN rules 4-8):
+The order of the steps is the safety argument (rules ``local-deadline`` to
+``release-last`` in docs/safety.md):
 
 1. signal handlers first, so a leaderrun still waiting can be cancelled;
 2. acquire in the main thread, timing from just before the statement is sent;
@@ -270,7 +271,7 @@ class Run:
                     return Acquired(
                         result.lease, t_sent_s, session, result.window_start
                     )
-                # Rule 7: the reply came so late that the child could not be
+                # local-deadline: the reply came so late that the child could not be
                 # stopped in time; do not start it.
                 log.warning(
                     "the acquire took %.3gs, past the kill deadline; not starting",

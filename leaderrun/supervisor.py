@@ -2,7 +2,8 @@
 
 The only module that imports ``subprocess`` and installs signal handlers. It runs
 in the main thread, and nothing here touches the database, so a renewal hung in
-a socket read can never delay a kill (DESIGN rules 5, 6 and 8).
+a socket read can never delay a kill (safety rules ``deadline-thread``,
+``child-dies-with-us`` and ``release-last``, docs/safety.md).
 """
 
 from __future__ import annotations

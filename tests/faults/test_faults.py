@@ -55,7 +55,8 @@ def takeover(
     """Wait for the next holder's child; check the property; record the failover.
 
     The new token is one more than the old, plus ``skipped``: tokens taken by an
-    acquire whose reply came too late to start a child (rule 7), which ran nothing.
+    acquire whose reply came too late to start a child (local-deadline), which ran
+    nothing.
     """
     nxt = harness.timeline.wait_start(first.token)
     assert nxt.token == first.token + 1 + skipped, "one new holder, the next token"
@@ -237,7 +238,7 @@ def test_f6_frozen_server_longer_than_the_lease(harness, local_cluster):
                 os.kill(pid, signal.SIGCONT)
     # The contender's acquire, sent while the server was frozen, is answered
     # after the thaw: too late to start a child before that lease could end
-    # (rule 7). Or it was given up after its bound, its cancel stuck in the
+    # (local-deadline). Or it was given up after its bound, its cancel stuck in the
     # frozen server, and it ran at the thaw: the next acquire finds that grant
     # unanswered. Either way it releases that token unused and takes the next.
     harness.timeline.wait_start(first.token)

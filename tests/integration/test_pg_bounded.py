@@ -1,5 +1,5 @@
 """Every statement has a bound: one stuck behind a lock or a frozen server is
-given up, cancelled on the server, and reported as stuck (DESIGN rule 11).
+given up, cancelled on the server, and reported as stuck (``bounded-statements``).
 
 Each test holds up a real statement on the real server: an admin's open
 transaction holding the lease row (``SELECT ... FOR UPDATE``) or the whole

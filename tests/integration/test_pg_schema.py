@@ -1,5 +1,6 @@
 """Whose table it is: leaderrun never alters a table it did not create, and upgrades
-its own only in ``init``, without stalling the holders that use it (DESIGN rule 13).
+its own only in ``init``, without stalling the holders that use it
+(``own-tables-only``).
 
 A foreign table is the seed library's (nest-leader-election) own
 ``leader_lease``, created exactly as that library does; an older table is

@@ -401,7 +401,7 @@ def test_a_key_used_by_another_lock_name_is_refused(session, pg_admin, schema):
     assert (row["lock_name"], row["holder"], row["token"]) == ("theirs", None, 41)
 
 
-# --- rule 9: no transaction left open -------------------------------------------------
+# --- no-session-state: no transaction left open --------------------------------------
 
 
 def test_every_lease_statement_leaves_the_connection_idle(

@@ -2,8 +2,9 @@
 
 Transaction pooling hands each transaction to whichever server connection is
 free, so anything a session keeps (advisory locks, SET, prepared statements)
-goes missing or shows up under another client. leaderrun keeps none (DESIGN
-rule 9): every lease statement is one autocommit transaction, unprepared.
+goes missing or shows up under another client. leaderrun keeps none (rule
+``no-session-state``): every lease statement is one autocommit transaction,
+unprepared.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import pytest
 
 from leaderrun import LeaderElector
 from leaderrun.lease import make_timing, name_key
+from tests.faults.conftest import record_figure
 from tests.helpers.replicas import Replica, Sample
 
 pytestmark = [
@@ -158,11 +159,13 @@ def test_after_a_deadline_loss_nobody_leads_within_the_grace(
         w.t1 for w in a.samples("work") if w.token == first.token and w.t0 < unlead.t0
     )
     led = f"token {new.token} ({who}) led {gap_s:.3f}s after A's is_leader() turned"
-    print(
-        f"{fault}: {led} false (grace {KILL_GRACE_S}s); A's work in flight ended "
-        f"{work_end_s - unlead.t1:.3f}s after it"
-    )
     assert gap_s >= KILL_GRACE_S, f"{led} false; the grace is {KILL_GRACE_S}s"
+    record_figure(
+        f"L9 library: {fault}",
+        f"next term {gap_s:.2f}s after is_leader() false (grace {KILL_GRACE_S:g}s); "
+        f"work in flight ended {work_end_s - unlead.t1:.2f}s after it",
+        None,
+    )
     spans = sorted(terms(replicas).items(), key=lambda kv: kv[1][0])
     for (t1, (_, end1)), (t2, (start2, _)) in itertools.pairwise(spans):
         assert end1 < start2, (
@@ -228,7 +231,6 @@ def test_release_or_stop_while_on_elected_blocks(pg_dsn, pg_admin, lock_name, ho
     finally:
         let_go.set()
         elector.stop()
-    print(f"{how}() returned after {returned_after_s}s while on_elected blocked")
     assert returned_after_s is not None, (
         f"{how}() did not return within {STEP_DOWN_BOUND_S}s while on_elected blocked"
     )
@@ -238,3 +240,9 @@ def test_release_or_stop_while_on_elected_blocks(pg_dsn, pg_admin, lock_name, ho
         assert renewers_after == set(), "a renewal thread outlived stop()"
     assert [what for what, _ in events] == ["elected", "elected returned", "lost"]
     assert {thread for _, thread in events} == {"leaderrun-elector"}
+    record_figure(
+        f"L10 library: {how}() during on_elected",
+        f"{how}() returned in {returned_after_s:.2f}s; on_lost after on_elected, "
+        "both on the campaign thread",
+        None,
+    )

@@ -152,6 +152,11 @@ def test_pkill_leaderrun_leaves_the_watchdog(pg_local):
     os.kill(holder.pid, signal.SIGKILL)  # `pkill -9 leaderrun`
     wait_until(lambda: not pg_local.timeline.running(token), "the group is stopped")
     wait_until(lambda: pid_gone(watchdog), "the watchdog exits")
+    record_figure(
+        "L4 pkill leaderrun (TERM, INT, HUP)",
+        f"watchdog ({comm}) lives on; after kill -9 it stopped the group",
+        None,
+    )
 
 
 def test_leaderrun_says_loudly_when_its_watchdog_dies(pg_local):
@@ -170,6 +175,11 @@ def test_leaderrun_says_loudly_when_its_watchdog_dies(pg_local):
     assert strict.wait(WAIT_S) == 125, pg_local.stderr(strict)
     assert not pg_local.timeline.running(strict_token)
     assert "watchdog" in pg_local.stderr(strict)
+    record_figure(
+        "L5 the watchdog is killed",
+        "reported at once; with --watchdog required the child is stopped, exit 125",
+        None,
+    )
 
 
 # --- a failure just after the child started -------------------------------------------
@@ -194,10 +204,15 @@ def test_a_failure_after_the_child_started_stops_it_and_releases(local, fault):
         job=("--grandchildren", "1"), launcher=(sys.executable, POSTSPAWN, fault)
     )
     assert proc.wait(WAIT_S) == 125, local.stderr(proc)
-    assert "after the command started" in local.stderr(proc)
     wait_until(lambda: not job_processes(local), "the job's processes are gone")
     status = local.operator("status")
     assert status.returncode == 3, f"the lease is still held:\n{status.stdout}"
+    assert "after the command started" in local.stderr(proc)
+    record_figure(
+        f"L6 {fault} fails after spawn ({local.kind})",
+        "group stopped, lease released, exit 125",
+        None,
+    )
 
 
 # --- a setuid child -------------------------------------------------------------------
@@ -296,6 +311,11 @@ def test_a_child_leaderrun_may_not_signal_is_reported_in_one_line(
         assert f"pid {child}" in stderr
         cannot = [line for line in stderr.splitlines() if "cannot stop" in line]
         assert len(cannot) == 1, stderr
+        record_figure(
+            "L7 setuid child leaderrun may not signal",
+            "warned at start; one line naming it; exit 125, lease left to expire",
+            None,
+        )
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

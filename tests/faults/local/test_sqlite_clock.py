@@ -187,7 +187,7 @@ def test_contender_with_a_stepped_wall_clock_never_takes_a_live_lease(
     assert "is held by" in contender.stderr()
     assert scenario.timeline.running(first.token), "the holder lost its child"
     record_figure(
-        f"SQLite: contender's wall clock {offset}",
+        f"L8 SQLite: contender's wall clock {offset}",
         "refused (75), job not started",
         None,
     )
@@ -219,7 +219,7 @@ def test_holder_whose_wall_clock_steps_keeps_renewing_and_its_child(
     assert holder.proc.poll() is None, f"the holder exited:\n{holder.stderr()}"
     assert scenario.timeline.running(first.token), "the holder lost its child"
     record_figure(
-        f"SQLite: holder's wall clock steps {step}", "renews on, child kept", None
+        f"L8 SQLite: holder's wall clock steps {step}", "renews on, child kept", None
     )
 
 
@@ -250,7 +250,7 @@ def test_holder_killed_with_a_skewed_wall_clock_hands_over_after_one_lease(
     failover_s = nxt.start_s - fault_s
     assert failover_s <= LEASE_S + 2.0, f"took over {failover_s:.1f}s after the kill"
     record_figure(
-        f"SQLite: holder's wall clock {offset}, kill -9",
+        f"L8 SQLite: holder's wall clock {offset}, kill -9",
         "one new holder after the lease",
         failover_s,
     )
