@@ -21,13 +21,13 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from leaderrun import LeaderElector
 from leaderrun.lease import make_timing, name_key
-from tests.faults.conftest import record_figure
+from tests.faults.conftest import WAIT_S, record_figure, wait_until
 from tests.helpers.replicas import Replica, Sample
 
 pytestmark = [
@@ -48,21 +48,6 @@ WORK_S = 1.0
 
 STEP_DOWN_BOUND_S = 10.0
 """How long release()/stop() may take while a callback is stuck (generous)."""
-
-WAIT_S = 40.0
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S):
-    """Poll ``condition`` until it is truthy; return it, or fail after the timeout."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > give_up:
-            pytest.fail(f"{what}: not within {timeout_s}s")
-        time.sleep(0.02)
-
 
 @contextlib.contextmanager
 def renewals_refused(pg_admin, key: int, pid: int) -> Iterator[None]:
