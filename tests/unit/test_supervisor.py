@@ -553,10 +553,11 @@ def test_a_command_that_exits_in_the_tick_the_deadline_passes_keeps_its_status(
     snapshot = watch.snapshot
 
     def snapshot_then_act():
-        if not looks:
-            os.kill(setup.child.pid, signal.SIGUSR1)  # it exits in this tick
-        else:
-            offset_s[0] += 0.06  # ... and the deadline passes in the same tick
+        if len(looks) == 1:
+            # Between the first look and the second, the command exits...
+            os.kill(setup.child.pid, signal.SIGUSR1)
+            os.waitid(os.P_PID, setup.child.pid, os.WEXITED | os.WNOWAIT)
+            offset_s[0] += 0.06  # ... and the deadline passes
         looks.append(clock())
         return snapshot()
 
