@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from typer.main import get_command
 
-from leaderrun import __version__, admin
+from leaderrun import __version__, views
 from leaderrun.config import (
     DEFAULT_SCHEMA,
     MAX_IDENTIFIER_BYTES,
@@ -40,7 +40,6 @@ from leaderrun.errors import (
 from leaderrun.lease import parse_lock_id
 from leaderrun.logsink import SinkHandler, stderr_sink
 from leaderrun.redact import MASK, dsn_secrets, redact
-from leaderrun.runs import history_lines
 
 if TYPE_CHECKING:
     from leaderrun.backends import ManagedStore
@@ -494,23 +493,23 @@ def status(
     lock = None if lock_id is None else parse_lock_id(lock_id)
     store = _operator_store(dsn_value, schema, env)
     snapshot = store.snapshot(lock)
-    found = admin.statuses(snapshot, lock, store.last_runs())
+    found = views.statuses(snapshot, lock, store.last_runs())
     if as_json:
-        typer.echo(json.dumps(admin.status_document(found, snapshot.db_now), indent=2))
+        typer.echo(json.dumps(views.status_document(found, snapshot.db_now), indent=2))
     elif sys.stdout.isatty():
         _rich_status(found)
     else:
         typer.echo(
-            admin.plain_table(admin.COLUMNS, [admin.status_cells(s) for s in found]),
+            views.plain_table(views.COLUMNS, [views.status_cells(s) for s in found]),
             nl=False,
         )
-    raise typer.Exit(admin.status_exit_code(found, lock))
+    raise typer.Exit(views.status_exit_code(found, lock))
 
 
 _STATE_STYLES = {"held": "bold green", "revoked": "yellow", "expired": "yellow"}
 
 
-def _rich_status(found: Sequence[admin.LockStatus]) -> None:
+def _rich_status(found: Sequence[views.LockStatus]) -> None:
     """A table for people: the 64-bit key is left to --json and piped output."""
     from rich.console import Console
     from rich.markup import escape
@@ -521,9 +520,9 @@ def _rich_status(found: Sequence[admin.LockStatus]) -> None:
         console.print("no locks yet", style="dim")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    shown = [i for i, column in enumerate(admin.COLUMNS) if column != "KEY"]
+    shown = [i for i, column in enumerate(views.COLUMNS) if column != "KEY"]
     for i in shown:
-        column = admin.COLUMNS[i]
+        column = views.COLUMNS[i]
         # Free text and the date-and-time may wrap (at spaces); short values never.
         wraps = column in (
             "LOCK",
@@ -534,10 +533,10 @@ def _rich_status(found: Sequence[admin.LockStatus]) -> None:
         )
         table.add_column(column, no_wrap=not wraps)
     for lock_status in found:
-        cells = admin.status_cells(lock_status)
-        state = cells[admin.COLUMNS.index("STATE")]
+        cells = views.status_cells(lock_status)
+        state = cells[views.COLUMNS.index("STATE")]
         row = [escape(cells[i]) for i in shown]
-        row[shown.index(admin.COLUMNS.index("STATE"))] = (
+        row[shown.index(views.COLUMNS.index("STATE"))] = (
             f"[{_STATE_STYLES.get(state, 'dim')}]{state}[/]"
         )
         table.add_row(*row)
@@ -575,7 +574,7 @@ def release(
     lock = lock_from(lock_id, env)
     store = _operator_store(dsn_value, schema, env)
     result = store.release(lock, force=force, token=token)
-    report = admin.release_report(result, lock, token)
+    report = views.release_report(result, lock, token)
     if report.exit_code == 0:
         typer.echo(report.message)
         raise typer.Exit(0)
@@ -670,10 +669,9 @@ def history(
     lock = None if lock_id is None else parse_lock_id(lock_id)
     runs = _operator_store(dsn_value, schema, env).history(lock, limit)
     if as_json:
-        typer.echo(json.dumps([run.to_json() for run in runs], indent=2))
+        typer.echo(json.dumps(views.history_document(runs), indent=2))
         return
-    for line in history_lines(runs):
-        typer.echo(line)
+    typer.echo(views.history_table(runs), nl=False)
 
 
 def _route(args: list[str]) -> list[str]:

@@ -39,7 +39,7 @@ from leaderrun.errors import (
 from leaderrun.handoff import Handoff
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import Lease, kill_deadline, make_holder, retry_delay_s
-from leaderrun.runs import RunEnd, RunOutcome, classify, iso_utc
+from leaderrun.runs import RunEnd, RunOutcome, classify
 from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
 from leaderrun.supervisor import (
     CANCELLING_SIGNALS,
@@ -54,6 +54,7 @@ from leaderrun.supervisor import (
     privilege_warning,
     resolve_command,
 )
+from leaderrun.views import iso_utc
 from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
 log = logging.getLogger("leaderrun")

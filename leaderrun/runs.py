@@ -13,9 +13,8 @@ Windows are aligned to the Unix epoch in UTC: with ``--once-per 1d
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
 DEFAULT_HISTORY_KEEP = 100
@@ -114,25 +113,6 @@ class RunRecord:
         """The lock's name, or its key when it has none."""
         return self.lock_name if self.lock_name is not None else str(self.lock_key)
 
-    def to_json(self) -> dict[str, object]:
-        """The stable JSON shape of ``history --json``: ISO 8601 UTC, seconds."""
-        return {
-            "lock": self.lock,
-            # A string: a 64-bit key loses precision as a JavaScript number.
-            "lock_key": str(self.lock_key),
-            "token": self.token,
-            "holder": self.holder,
-            "host": self.host,
-            "pid": self.pid,
-            "command": self.command,
-            "window": iso_utc(self.window_start),
-            "started_at": iso_utc(self.started_at),
-            "finished_at": iso_utc(self.finished_at),
-            "duration_s": round(self.duration_s, 3),
-            "exit_status": self.exit_status,
-            "outcome": self.outcome,
-        }
-
 
 def window_start_s(now_s: float, period_s: float, offset_s: float = 0.0) -> float:
     """The start of the window that contains ``now_s`` (seconds since the epoch).
@@ -173,61 +153,3 @@ def classify(
     if returncode is None or returncode < 0:
         return RunOutcome.killed
     return RunOutcome.ok if returncode == 0 else RunOutcome.failed
-
-
-def iso_utc(at: datetime | None) -> str | None:
-    """``2026-11-27T02:00:00Z`` (microseconds when there are any), or None."""
-    if at is None:
-        return None
-    text = at.astimezone(UTC).replace(tzinfo=None).isoformat()
-    return f"{text}Z"
-
-
-def format_duration_s(seconds: float) -> str:
-    """A short human duration: ``0.42s``, ``12s``, ``3m05s``, ``2h10m``."""
-    if seconds < 10:
-        return f"{seconds:.2f}s"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-
-
-def history_lines(runs: Sequence[RunRecord]) -> list[str]:
-    """``history`` as plain aligned text: a header, then one line per run.
-
-    The window column appears only when some run had a ``--once-per`` window.
-    """
-    if not runs:
-        return ["no runs recorded"]
-    with_window = any(run.window_start is not None for run in runs)
-    header = ["STARTED (UTC)", "LOCK", "TOKEN", "HOST", "PID", "OUTCOME", "EXIT"]
-    header += ["DURATION", *(["WINDOW"] if with_window else []), "COMMAND"]
-    table = [header]
-    for run in runs:
-        row = [
-            run.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            run.lock,
-            str(run.token),
-            run.host or "-",
-            "-" if run.pid is None else str(run.pid),
-            run.outcome,
-            "-" if run.exit_status is None else str(run.exit_status),
-            format_duration_s(run.duration_s),
-        ]
-        if with_window:
-            row.append(iso_utc(run.window_start) or "-")
-        row.append(run.command or "")
-        table.append(row)
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    right = {2, 4, 6, 7}  # numbers line up on the right
-    lines = []
-    for row in table:
-        cells = [
-            cell.rjust(width) if i in right else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
-        ]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return lines

@@ -1,15 +1,20 @@
-"""The operators' view, pure: what ``status`` shows and what ``release`` says.
+"""What the operators' commands show, pure: ``status``, ``history``, ``release``.
 
-Rows come in as :class:`leaderrun.store.LeaseRecord` with the database's own
-``now()``; every duration is computed against that, never against this host's
-clock. Nothing here does I/O or imports typer or rich: the command line renders
-the rows (a rich table on a terminal, :func:`plain_table` when piped, or
-:func:`status_document` as JSON).
+One place for how leaderrun presents times, durations and tables, so that every
+command agrees: instants are ISO 8601 in UTC with milliseconds
+(:func:`iso_utc`), durations are short and rounded (:func:`human_duration`),
+and piped tables are aligned by :func:`plain_table`.
+
+Rows come in as :class:`leaderrun.store.LeaseRecord` and
+:class:`leaderrun.runs.RunRecord` with the database's own ``now()``; every
+duration is computed against that, never against this host's clock. Nothing
+here does I/O or imports typer or rich: the command line prints what these
+functions return (a rich table on a terminal, plain text when piped, JSON).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -165,7 +170,10 @@ def status_exit_code(found: Sequence[LockStatus], lock: LockId | None) -> int:
 
 
 def iso_utc(moment: datetime | None) -> str | None:
-    """ISO 8601 in UTC with milliseconds and a ``Z``: ``2026-11-27T02:40:01.250Z``."""
+    """ISO 8601 in UTC with milliseconds and a ``Z``: ``2026-11-27T02:40:01.250Z``.
+
+    The one format of every instant leaderrun prints or hands to a child.
+    """
     if moment is None:
         return None
     text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
@@ -257,15 +265,13 @@ def status_cells(s: LockStatus) -> tuple[str, ...]:
     renewed = dash
     if s.renewed_ago_s is not None and s.state is not LockState.free:
         renewed = f"{human_duration(s.renewed_ago_s)} ago"
-    acquired = dash
-    if s.acquired_at is not None:
-        acquired = s.acquired_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    acquired = dash if s.acquired_at is None else table_time(s.acquired_at)
     run = s.last_run
     last_run = (
         (dash, dash, dash, dash)
         if run is None
         else (
-            run.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            table_time(run.started_at),
             run.host or dash,
             run.outcome,
             human_duration(run.duration_s),
@@ -285,16 +291,103 @@ def status_cells(s: LockStatus) -> tuple[str, ...]:
     )
 
 
-def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns aligned with two spaces, for pipes, ``grep`` and ``awk``."""
+def table_time(moment: datetime) -> str:
+    """An instant in a table's cell: ``2026-11-27 02:40:01`` (UTC, to the second)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def plain_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: Collection[str] = (),
+) -> str:
+    """Columns aligned with two spaces, for pipes, ``grep`` and ``awk``.
+
+    The columns named in ``right`` (numbers) are aligned on the right.
+    """
     widths = [len(cell) for cell in header]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        "  ".join(
+            cell.rjust(w) if name in right else cell.ljust(w)
+            for cell, w, name in zip(row, widths, header, strict=True)
+        ).rstrip()
         for row in (header, *rows)
     ]
     return "\n".join(lines) + "\n"
+
+
+HISTORY_COLUMNS = (
+    "STARTED (UTC)",
+    "LOCK",
+    "TOKEN",
+    "HOST",
+    "PID",
+    "OUTCOME",
+    "EXIT",
+    "DURATION",
+    "WINDOW",
+    "COMMAND",
+)
+"""The columns of the ``history`` table; WINDOW only when a run had a window."""
+
+_HISTORY_NUMBERS = frozenset({"TOKEN", "PID", "EXIT", "DURATION"})
+
+
+def history_table(runs: Sequence[RunRecord]) -> str:
+    """``history`` as plain aligned text: a header, then one line per run.
+
+    The window column appears only when some run had a ``--once-per`` window.
+    """
+    if not runs:
+        return "no runs recorded\n"
+    with_window = any(run.window_start is not None for run in runs)
+    header = [c for c in HISTORY_COLUMNS if with_window or c != "WINDOW"]
+    rows = []
+    for run in runs:
+        cells = {
+            "STARTED (UTC)": table_time(run.started_at),
+            "LOCK": run.lock,
+            "TOKEN": str(run.token),
+            "HOST": run.host or "-",
+            "PID": "-" if run.pid is None else str(run.pid),
+            "OUTCOME": run.outcome,
+            "EXIT": "-" if run.exit_status is None else str(run.exit_status),
+            "DURATION": human_duration(run.duration_s),
+            "WINDOW": iso_utc(run.window_start) or "-",
+            "COMMAND": " ".join((run.command or "").split()),
+        }
+        rows.append([cells[column] for column in header])
+    return plain_table(header, rows, right=_HISTORY_NUMBERS)
+
+
+def history_document(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """``history --json``: one object per run, newest first; a stable shape.
+
+    Each has ``lock``, ``lock_key`` (a string), ``token``, ``holder``, ``host``,
+    ``pid``, ``command``, ``window``, ``started_at``, ``finished_at`` (ISO 8601
+    UTC, as :func:`iso_utc`), ``duration_s``, ``exit_status`` and ``outcome``.
+    """
+    return [
+        {
+            "lock": run.lock,
+            # A string: a 64-bit key loses precision as a JavaScript number.
+            "lock_key": str(run.lock_key),
+            "token": run.token,
+            "holder": run.holder,
+            "host": run.host,
+            "pid": run.pid,
+            "command": run.command,
+            "window": iso_utc(run.window_start),
+            "started_at": iso_utc(run.started_at),
+            "finished_at": iso_utc(run.finished_at),
+            "duration_s": _seconds(run.duration_s),
+            "exit_status": run.exit_status,
+            "outcome": run.outcome,
+        }
+        for run in runs
+    ]
 
 
 @dataclass(frozen=True)

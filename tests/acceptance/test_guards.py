@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from leaderrun.runs import iso_utc, window_start_s
+from leaderrun.runs import window_start_s
+from leaderrun.views import iso_utc
 from tests.acceptance.conftest import FAST, child, read_rest, readline
 from tests.helpers.processes import pid_gone
 

@@ -19,9 +19,10 @@ import pytest
 from leaderrun.clock import boottime
 from leaderrun.host import HostClock
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.runs import OncePer, iso_utc
+from leaderrun.runs import OncePer
 from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
 from leaderrun.store import Claim, ReleaseAction
+from leaderrun.views import iso_utc
 from tests.helpers.sqlite_clocks import SetClock, ShiftedWall, other_boot_id
 
 LEASE_S = 30.0
@@ -228,4 +229,4 @@ def test_the_once_per_window_is_calendar_time(db, lock, boot_id):
         result = session.acquire(lock, claim(1), LEASE_S, once_per=OncePer(86400.0))
     finally:
         session.close()
-    assert iso_utc(result.window_start) == "2027-01-15T00:00:00Z"
+    assert iso_utc(result.window_start) == "2027-01-15T00:00:00.000Z"

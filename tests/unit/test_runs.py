@@ -18,11 +18,7 @@ from leaderrun.runs import (
     OncePer,
     RunEnd,
     RunOutcome,
-    RunRecord,
     classify,
-    format_duration_s,
-    history_lines,
-    iso_utc,
     window_start_s,
 )
 from leaderrun.store import AcquireResult, Claim
@@ -91,93 +87,6 @@ def test_window_ok_only_for_a_window_run():
     assert RunEnd(RunOutcome.ok, 0, in_window=True).window_ok is True
     assert RunEnd(RunOutcome.timeout, 143, in_window=True).window_ok is False
     assert RunEnd(RunOutcome.ok, 0).window_ok is None
-
-
-def test_iso_utc():
-    assert iso_utc(None) is None
-    assert iso_utc(datetime(2026, 11, 27, 2, tzinfo=UTC)) == "2026-11-27T02:00:00Z"
-    assert iso_utc(datetime.fromtimestamp(0.25, UTC)) == "1970-01-01T00:00:00.250000Z"
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(0.42, "0.42s"), (12.4, "12s"), (185, "3m05s"), (7800, "2h10m")],
-)
-def test_format_duration(seconds, text):
-    assert format_duration_s(seconds) == text
-
-
-def record(**fields) -> RunRecord:
-    base = {
-        "lock_key": 7,
-        "lock_name": "nightly",
-        "token": 3,
-        "holder": "h:1:n",
-        "host": "node-a",
-        "pid": 1234,
-        "command": "./backup.sh",
-        "window_start": None,
-        "started_at": datetime(2026, 11, 27, 2, 0, 1, tzinfo=UTC),
-        "finished_at": datetime(2026, 11, 27, 2, 0, 3, tzinfo=UTC),
-        "exit_status": 0,
-        "outcome": "ok",
-        "duration_s": 2.0,
-    }
-    return RunRecord(**{**base, **fields})
-
-
-def test_history_lines_align_and_show_the_window_only_when_there_is_one():
-    lines = history_lines([record(), record(token=2, outcome="lost", exit_status=None)])
-    assert lines[0].split() == [
-        "STARTED",
-        "(UTC)",
-        "LOCK",
-        "TOKEN",
-        "HOST",
-        "PID",
-        "OUTCOME",
-        "EXIT",
-        "DURATION",
-        "COMMAND",
-    ]
-    assert lines[1].split() == [
-        "2026-11-27",
-        "02:00:01",
-        "nightly",
-        "3",
-        "node-a",
-        "1234",
-        "ok",
-        "0",
-        "2.00s",
-        "./backup.sh",
-    ]
-    assert lines[2].split()[6:8] == ["lost", "-"]
-    assert len({line.index("./backup.sh") for line in lines[1:]}) == 1
-    window = datetime(2026, 11, 27, tzinfo=UTC)
-    assert "2026-11-27T00:00:00Z" in history_lines([record(window_start=window)])[1]
-    assert history_lines([]) == ["no runs recorded"]
-
-
-def test_record_json_shape():
-    assert record(lock_name=None).to_json() == {
-        "lock": "7",
-        "lock_key": "7",
-        "token": 3,
-        "holder": "h:1:n",
-        "host": "node-a",
-        "pid": 1234,
-        "command": "./backup.sh",
-        "window": None,
-        "started_at": "2026-11-27T02:00:01Z",
-        "finished_at": "2026-11-27T02:00:03Z",
-        "duration_s": 2.0,
-        "exit_status": 0,
-        "outcome": "ok",
-    }
-
-
-# --- options ----------------------------------------------------------------------
 
 
 def settings_of(**options: Any) -> RunSettings:

@@ -7,8 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from leaderrun import admin
-from leaderrun.admin import LockState
+from leaderrun import views
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import parse_lock_id
 from leaderrun.runs import RunRecord
@@ -19,6 +18,7 @@ from leaderrun.store import (
     ReleaseAction,
     ReleaseResult,
 )
+from leaderrun.views import LockState
 
 # The database's clock, in a zone other than UTC: output must be UTC anyway.
 NOW = datetime(2026, 11, 27, 4, 40, 1, 250000, tzinfo=timezone(timedelta(hours=2)))
@@ -57,25 +57,25 @@ def record(
     ],
 )
 def test_state_follows_holder_and_database_time(holder, expires_in_s, state):
-    status = admin.lock_status(record(holder, expires_in_s), NOW)
+    status = views.lock_status(record(holder, expires_in_s), NOW)
     assert status.state is state
     assert status.taken == (state in (LockState.held, LockState.revoked))
 
 
 def test_durations_are_database_time():
-    status = admin.lock_status(record(expires_in_s=20.0), NOW)
+    status = views.lock_status(record(expires_in_s=20.0), NOW)
     assert (status.expires_in_s, status.renewed_ago_s) == (20.0, 2.5)
     assert status.holder == "db1:4242:abcd"
-    assert admin.lock_status(record(REVOKED_HOLDER), NOW).holder is None
+    assert views.lock_status(record(REVOKED_HOLDER), NOW).holder is None
 
 
 def test_a_named_lock_without_a_row_is_free_and_exits_3():
-    found = admin.statuses(LeaseSnapshot(NOW, ()), LOCK)
+    found = views.statuses(LeaseSnapshot(NOW, ()), LOCK)
     assert [(s.lock, s.state, s.token) for s in found] == [
         ("nightly-backup", LockState.free, None)
     ]
-    assert admin.status_exit_code(found, LOCK) == EXIT_STATUS_FREE
-    assert admin.statuses(LeaseSnapshot(NOW, ()), None) == []
+    assert views.status_exit_code(found, LOCK) == EXIT_STATUS_FREE
+    assert views.statuses(LeaseSnapshot(NOW, ()), None) == []
 
 
 @pytest.mark.parametrize(
@@ -88,15 +88,15 @@ def test_a_named_lock_without_a_row_is_free_and_exits_3():
     ],
 )
 def test_status_exit_code_for_a_named_lock(holder, expires_in_s, code):
-    found = admin.statuses(LeaseSnapshot(NOW, (record(holder, expires_in_s),)), LOCK)
-    assert admin.status_exit_code(found, LOCK) == code
+    found = views.statuses(LeaseSnapshot(NOW, (record(holder, expires_in_s),)), LOCK)
+    assert views.status_exit_code(found, LOCK) == code
     # Without --lock-id, listing succeeds whatever the states.
-    assert admin.status_exit_code(found, None) == 0
+    assert views.status_exit_code(found, None) == 0
 
 
 def test_json_document_shape_is_stable():
-    found = admin.statuses(LeaseSnapshot(NOW, (record(),)), None)
-    document = json.loads(json.dumps(admin.status_document(found, NOW)))
+    found = views.statuses(LeaseSnapshot(NOW, (record(),)), None)
+    document = json.loads(json.dumps(views.status_document(found, NOW)))
     assert document == {
         "version": 1,
         "database_time": "2026-11-27T02:40:01.250Z",
@@ -124,12 +124,12 @@ def test_json_document_shape_is_stable():
 
 def test_an_integer_lock_is_shown_by_its_key():
     rec = record(key=-42, name=None)
-    status = admin.lock_status(rec, NOW)
+    status = views.lock_status(rec, NOW)
     assert (status.lock, status.name) == ("-42", None)
 
 
 def test_text_cells_for_each_state():
-    held = admin.status_cells(admin.lock_status(record(), NOW))
+    held = views.status_cells(views.lock_status(record(), NOW))
     assert held == (
         "nightly-backup",
         str(LOCK.key),
@@ -145,7 +145,7 @@ def test_text_cells_for_each_state():
         "-",
         "./backup.sh --full",
     )
-    expired = admin.status_cells(admin.lock_status(record(expires_in_s=-125), NOW))
+    expired = views.status_cells(views.lock_status(record(expires_in_s=-125), NOW))
     assert expired[2:8] == (
         "expired",
         "db1 pid 4242",
@@ -154,7 +154,7 @@ def test_text_cells_for_each_state():
         "2m05s ago",
         "2.5s ago",
     )
-    free = admin.status_cells(admin.lock_status(record(None), NOW))
+    free = views.status_cells(views.lock_status(record(None), NOW))
     # A free lock keeps its last token, time and command, with no holder.
     assert free[2:] == (
         "free",
@@ -169,17 +169,17 @@ def test_text_cells_for_each_state():
         "-",
         "./backup.sh --full",
     )
-    never = admin.status_cells(admin.never_taken(LOCK))
+    never = views.status_cells(views.never_taken(LOCK))
     assert never[2:] == ("free", *["-"] * 10)
 
 
 def test_a_multi_line_command_stays_on_one_row():
-    cells = admin.status_cells(admin.lock_status(record(command="a\nb\tc"), NOW))
+    cells = views.status_cells(views.lock_status(record(command="a\nb\tc"), NOW))
     assert cells[-1] == "a b c"
 
 
 def test_plain_table_aligns_columns_and_strips_trailing_space():
-    text = admin.plain_table(("A", "LONGER"), [("wide cell", "x"), ("b", "")])
+    text = views.plain_table(("A", "LONGER"), [("wide cell", "x"), ("b", "")])
     assert text == "A          LONGER\nwide cell  x\nb\n"
 
 
@@ -197,7 +197,7 @@ def test_plain_table_aligns_columns_and_strips_trailing_space():
     ],
 )
 def test_human_duration(seconds, text):
-    assert admin.human_duration(seconds) == text
+    assert views.human_duration(seconds) == text
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_human_duration(seconds, text):
 )
 def test_release_report(action, holder, expires_in_s, code, needle):
     result = ReleaseResult(action, record(holder, expires_in_s), NOW)
-    report = admin.release_report(result, LOCK)
+    report = views.release_report(result, LOCK)
     assert report.exit_code == code
     assert needle in report.message
     assert "\n" not in report.message
@@ -222,7 +222,7 @@ def test_release_report(action, holder, expires_in_s, code, needle):
 
 def test_release_report_when_the_token_changed():
     result = ReleaseResult(ReleaseAction.changed_hands, record(), NOW)
-    report = admin.release_report(result, LOCK, token=6)
+    report = views.release_report(result, LOCK, token=6)
     assert report.exit_code == EXIT_BUSY
     assert report.message.startswith(
         "nightly-backup has fencing token 7 now, not 6: it changed hands since"
@@ -230,7 +230,7 @@ def test_release_report_when_the_token_changed():
 
 
 def test_release_of_a_lock_never_taken():
-    report = admin.release_report(ReleaseResult(ReleaseAction.unknown, None, NOW), LOCK)
+    report = views.release_report(ReleaseResult(ReleaseAction.unknown, None, NOW), LOCK)
     assert (report.exit_code, report.message) == (
         EXIT_STATUS_FREE,
         "nightly-backup has never been taken; nothing to release",
@@ -238,8 +238,8 @@ def test_release_of_a_lock_never_taken():
 
 
 def test_iso_utc():
-    assert admin.iso_utc(None) is None
-    assert admin.iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == (
+    assert views.iso_utc(None) is None
+    assert views.iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == (
         "2026-01-02T03:04:05.000Z"
     )
 
@@ -270,12 +270,12 @@ def last_run(**kw: object) -> RunRecord:
 def test_status_shows_each_locks_last_run():
     other = parse_lock_id("other")
     snapshot = LeaseSnapshot(NOW, (record(None),))
-    found = admin.statuses(snapshot, None, [last_run(), last_run(lock_key=other.key)])
+    found = views.statuses(snapshot, None, [last_run(), last_run(lock_key=other.key)])
     assert [s.last_run for s in found] == [last_run()]
-    cells = admin.status_cells(found[0])
-    at = admin.COLUMNS.index("LAST RUN (UTC)")
+    cells = views.status_cells(found[0])
+    at = views.COLUMNS.index("LAST RUN (UTC)")
     assert cells[at : at + 4] == ("2026-11-27 01:40:01", "db2", "ok", "2m05s")
-    [lock] = admin.status_document(found, NOW)["locks"]
+    [lock] = views.status_document(found, NOW)["locks"]
     assert lock["last_run"] == {
         "token": 6,
         "host": "db2",
@@ -289,5 +289,81 @@ def test_status_shows_each_locks_last_run():
 
 
 def test_a_never_taken_lock_can_still_show_no_run():
-    found = admin.statuses(LeaseSnapshot(NOW, ()), LOCK, [])
+    found = views.statuses(LeaseSnapshot(NOW, ()), LOCK, [])
     assert found[0].last_run is None
+
+
+def run(**fields) -> RunRecord:
+    base = {
+        "lock_key": 7,
+        "lock_name": "nightly",
+        "token": 3,
+        "holder": "h:1:n",
+        "host": "node-a",
+        "pid": 1234,
+        "command": "./backup.sh",
+        "window_start": None,
+        "started_at": datetime(2026, 11, 27, 2, 0, 1, tzinfo=UTC),
+        "finished_at": datetime(2026, 11, 27, 2, 0, 3, 250000, tzinfo=UTC),
+        "exit_status": 0,
+        "outcome": "ok",
+        "duration_s": 2.25,
+    }
+    return RunRecord(**{**base, **fields})
+
+
+def test_the_history_table_aligns_and_shows_the_window_only_when_there_is_one():
+    """Numbers on the right, the command last; WINDOW only for --once-per runs."""
+    lines = views.history_table(
+        [run(), run(token=12, outcome="lost", exit_status=None)]
+    ).splitlines()
+    assert lines[0].split() == [
+        *("STARTED", "(UTC)", "LOCK", "TOKEN", "HOST", "PID", "OUTCOME", "EXIT"),
+        *("DURATION", "COMMAND"),
+    ]
+    assert lines[1].split() == [
+        *("2026-11-27", "02:00:01", "nightly", "3", "node-a", "1234", "ok", "0"),
+        *("2.2s", "./backup.sh"),
+    ]
+    assert lines[2].split()[6:8] == ["lost", "-"]
+    assert lines[1].index(" 3 ") > lines[2].index("12") - 1  # right-aligned tokens
+    assert len({line.index("./backup.sh") for line in lines[1:]}) == 1
+    window = datetime(2026, 11, 27, tzinfo=UTC)
+    windowed = views.history_table([run(window_start=window)]).splitlines()
+    assert "WINDOW" in windowed[0]
+    assert "2026-11-27T00:00:00.000Z" in windowed[1]
+    assert views.history_table([]) == "no runs recorded\n"
+
+
+def test_the_history_document_shape_is_stable():
+    """history --json: keys, ISO 8601 UTC with milliseconds, the key as a string."""
+    assert views.history_document([run(lock_name=None)]) == [
+        {
+            "lock": "7",
+            "lock_key": "7",
+            "token": 3,
+            "holder": "h:1:n",
+            "host": "node-a",
+            "pid": 1234,
+            "command": "./backup.sh",
+            "window": None,
+            "started_at": "2026-11-27T02:00:01.000Z",
+            "finished_at": "2026-11-27T02:00:03.250Z",
+            "duration_s": 2.25,
+            "exit_status": 0,
+            "outcome": "ok",
+        }
+    ]
+
+
+def test_status_and_history_print_instants_and_durations_alike():
+    """One run seen by status --json and history --json has the same timestamps,
+    and its duration reads the same in both tables."""
+    last = run(lock_key=LOCK.key)
+    found = views.statuses(LeaseSnapshot(NOW, (record(),)), LOCK, [last])
+    status_run = views.status_document(found, NOW)["locks"][0]["last_run"]
+    [history_run] = views.history_document([last])
+    for key in ("started_at", "finished_at", "duration_s"):
+        assert status_run[key] == history_run[key], key
+    status_took = views.status_cells(found[0])[views.COLUMNS.index("TOOK")]
+    assert status_took in views.history_table([last])
