@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -36,6 +38,7 @@ from leaderrun.errors import (
     BusyError,
     ConfigError,
     LeaderrunError,
+    signal_status,
 )
 from leaderrun.lease import parse_lock_id
 from leaderrun.logsink import SinkHandler, stderr_sink
@@ -166,10 +169,20 @@ def _dropped_notice(dropped: int) -> bytes:
 
 
 def _error_line(message: str, event: str = "error") -> str:
-    """One line of our own on stderr, in the requested format."""
-    if _State.log_format is LogFormat.json:
-        return json.dumps({"level": "error", "event": event, "message": message}) + "\n"
-    return f"leaderrun: {message}\n"
+    """One error line of our own, formatted as every log line is (text or JSON).
+
+    Also before logging is set up (a usage error), in the requested format.
+    """
+    record = logging.makeLogRecord(
+        {
+            "name": log.name,
+            "levelno": logging.ERROR,
+            "levelname": "ERROR",
+            "msg": message,
+            "event": event,
+        }
+    )
+    return _Formatter(_State.log_format, _State.secrets).format(record) + "\n"
 
 
 def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat, dsn: str) -> None:
@@ -208,16 +221,14 @@ def _operator_store(dsn: str, schema: str, env: Mapping[str, str]) -> ManagedSto
     return open_store(dsn, check_schema(schema), env, create=False)
 
 
-def _labels(ctx: typer.Context, names: Sequence[str]) -> dict[str, str]:
-    """For options set from the environment, name the variable in messages."""
+def _labels(ctx: typer.Context) -> dict[str, str]:
+    """For every option set from the environment, its variable, to name in messages."""
     labels: dict[str, str] = {}
-    for name in names:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name == "ENVIRONMENT":
-            for param in ctx.command.params:
-                if param.name == name and isinstance(param, typer.core.TyperOption):
-                    envvar = param.envvar
-                    labels[name] = envvar if isinstance(envvar, str) else name
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name or "")
+        envvar = getattr(param, "envvar", None)
+        if source is not None and source.name == "ENVIRONMENT" and envvar:
+            labels[param.name or ""] = envvar if isinstance(envvar, str) else envvar[0]
     return labels
 
 
@@ -413,41 +424,16 @@ def run(
 ) -> None:
     """Take the lock and run COMMAND while holding it; skip if another node has it."""
     env, _ = _start(dsn, verbose, quiet, log_format)
-    options = RawRunOptions(
-        lock_id=lock_id,
-        dsn=dsn,
-        schema=schema,
-        lease_duration=lease_duration,
-        renew_interval=renew_interval,
-        jitter=jitter,
-        kill_grace=kill_grace,
-        wait=wait,
-        wait_timeout=wait_timeout,
-        busy_exit_code=busy_exit_code,
-        min_hold=min_hold,
-        once_per=once_per,
-        once_per_offset=once_per_offset,
-        retry_failed=retry_failed,
-        max_runtime=max_runtime,
-        history_keep=history_keep,
-        watchdog="off" if no_watchdog else watchdog,
-        labels=_labels(
-            ctx,
-            (
-                "lease_duration",
-                "renew_interval",
-                "jitter",
-                "kill_grace",
-                "wait_timeout",
-                "min_hold",
-                "once_per",
-                "once_per_offset",
-                "max_runtime",
-                "history_keep",
-                "watchdog",
-            ),
-        ),
-    )
+    # The function's signature is the one list of the options: their values and
+    # the variables they came from are read from click's context, by name.
+    given = {
+        f.name: ctx.params[f.name]
+        for f in fields(RawRunOptions)
+        if f.name in ctx.params
+    }
+    if no_watchdog:
+        given["watchdog"] = "off"
+    options = RawRunOptions(**given, labels=_labels(ctx))
     settings = run_settings(options, tuple(command or ()), env)
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
     from leaderrun.backends import open_store
@@ -707,7 +693,7 @@ def _requested_log_format(args: Sequence[str], env: Mapping[str, str]) -> LogFor
 
 
 def _fail(message: str, exit_code: int) -> NoReturn:
-    stderr_sink().write(_error_line(redact(message, _State.secrets)).encode())
+    stderr_sink().write(_error_line(message).encode())
     sys.exit(exit_code)
 
 
@@ -751,9 +737,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         hint = " (see leaderrun --help)" if code == EXIT_USAGE else ""
         _fail(f"{message}{hint}", code)
     except typer.Abort:
-        _fail("aborted", 128 + 2)
+        _fail("aborted", signal_status(signal.SIGINT))
     except KeyboardInterrupt:
-        _fail("interrupted", 128 + 2)
+        _fail("interrupted", signal_status(signal.SIGINT))
     except Exception as exc:  # the one boundary: no traceback unless -v
         if _State.verbose:
             _print_traceback()

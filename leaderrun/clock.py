@@ -8,25 +8,8 @@ cannot be overslept. The wall clock (``time.time()``) never enters lease math.
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 
 def boottime() -> float:
     """Seconds on ``CLOCK_BOOTTIME``: monotonic, and counting through suspend."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-class Clock(Protocol):
-    """A source of instants in seconds, for code that is tested with a fake."""
-
-    def now(self) -> float:
-        """The current instant, in seconds on a monotonic scale."""
-        ...
-
-
-class SystemClock:
-    """The real clock: :func:`boottime`."""
-
-    def now(self) -> float:
-        """The current instant on ``CLOCK_BOOTTIME``."""
-        return boottime()

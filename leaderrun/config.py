@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from leaderrun.dsnfile import DSN_FILE_ENV, read_dsn_file
-from leaderrun.errors import ConfigError
+from leaderrun.errors import EXIT_BUSY, ConfigError
 from leaderrun.lease import LockId, Timing, make_timing, parse_lock_id
 from leaderrun.runs import DEFAULT_HISTORY_KEEP, OncePer
 
 DEFAULT_SCHEMA = "public"
 """The schema of the lease table when ``--schema`` is not given."""
 
-DEFAULT_BUSY_EXIT_CODE = 75
-"""EX_TEMPFAIL: what a node that did not get the lock exits with."""
 
 MAX_IDENTIFIER_BYTES = 63
 """PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)."""
@@ -259,11 +257,7 @@ def run_settings(
             "no command given; put it after --, e.g. "
             "leaderrun --lock-id nightly-backup -- ./backup.sh"
         )
-    busy = (
-        DEFAULT_BUSY_EXIT_CODE
-        if options.busy_exit_code is None
-        else options.busy_exit_code
-    )
+    busy = EXIT_BUSY if options.busy_exit_code is None else options.busy_exit_code
     if not 0 <= busy <= 255:
         label = options.label("busy_exit_code", "--busy-exit-code")
         raise ConfigError(f"{label} {busy} must be between 0 and 255")

@@ -19,6 +19,11 @@ EXIT_NOT_FOUND = 127  # as a shell does
 EXIT_STATUS_FREE = 3  # `status`: the lock is free (the LSB "not running" code)
 
 
+def signal_status(signum: int) -> int:
+    """A shell's exit status for death by signal ``signum``: 128 + N."""
+    return 128 + signum
+
+
 class LeaderrunError(Exception):
     """leaderrun failed."""
 
@@ -94,7 +99,7 @@ class CancelledError(LeaderrunError):
     def __init__(self, signum: int, message: str | None = None) -> None:
         super().__init__(message)
         self.signum = signum
-        self.exit_code = 128 + signum
+        self.exit_code = signal_status(signum)
 
 
 class NotLeaderError(LeaderrunError):

@@ -32,6 +32,7 @@ from leaderrun.errors import (
     CancelledError,
     CommandNotExecutableError,
     CommandNotFoundError,
+    signal_status,
 )
 from leaderrun.lease import SUPERVISOR_TICK_S
 from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog, libc
@@ -187,7 +188,7 @@ def _die_with_parent(parent_pid: int) -> None:
     # gone (killed between fork and prctl), no signal would ever come: give up.
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
-        os._exit(128 + signal.SIGKILL)
+        os._exit(signal_status(signal.SIGKILL))
 
 
 def become_subreaper() -> None:
@@ -639,4 +640,4 @@ def job_control_ignored() -> Iterator[None]:
 
 def exit_status(returncode: int) -> int:
     """A shell's exit status for a child status: the code, or 128+N for signal N."""
-    return 128 - returncode if returncode < 0 else returncode
+    return signal_status(-returncode) if returncode < 0 else returncode

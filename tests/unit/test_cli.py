@@ -203,18 +203,41 @@ def test_bad_duration_from_the_environment_names_the_variable(
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("LEADERRUN_BUSY_EXIT_CODE", "300", "LEADERRUN_BUSY_EXIT_CODE 300 must be"),
+        ("LEADERRUN_WATCHDOG", "maybe", "LEADERRUN_WATCHDOG 'maybe' must be on,"),
+        ("LEADERRUN_ONCE_PER", "soon", "LEADERRUN_ONCE_PER 'soon' is not a"),
+        ("LEADERRUN_HISTORY_KEEP", "0", "LEADERRUN_HISTORY_KEEP 0 must be"),
+    ],
+)
+def test_every_bad_value_from_the_environment_names_its_variable(
+    capfd, monkeypatch, variable, value, message
+):
+    """Whatever the option, a bad value from its twin is named as the variable:
+    the labels come from the command's own list of options, not a copy of it."""
+    monkeypatch.setenv(variable, value)
+    code, _, err = run_main(capfd, "--lock-id", "x", "--", "true")
+    assert code == EXIT_USAGE
+    assert only_line(err).startswith(f"leaderrun: {message}"), err
+
+
 # --- JSON output --------------------------------------------------------------------
 
 
 def test_json_error_is_one_object(capfd):
-    """With --log-format json the error is a single JSON object on one line."""
+    """With --log-format json the error is a single JSON object on one line, of
+    the same shape as every other log line (time, level, event, message, pid)."""
     code, _, err = run_main(capfd, "--log-format", "json", "--lock-id", "x")
     assert code == EXIT_USAGE
-    assert json.loads(only_line(err)) == {
-        "level": "error",
-        "event": "error",
-        "message": NO_COMMAND,
-    }
+    entry = json.loads(only_line(err))
+    assert set(entry) == {"time", "level", "event", "message", "pid"}
+    assert (entry["level"], entry["event"], entry["message"]) == (
+        "error",
+        "error",
+        NO_COMMAND,
+    )
 
 
 def test_json_from_the_environment_applies_to_errors(capfd, monkeypatch):
