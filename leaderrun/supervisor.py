@@ -535,7 +535,8 @@ class Supervisor:
         watchdog = self.watchdog
         if watchdog is None or not watchdog.died():
             return None
-        poller.unregister(watchdog.pidfd)
+        if watchdog.pidfd >= 0:
+            poller.unregister(watchdog.pidfd)
         watchdog.close()
         self.watchdog = None
         if self.watchdog_required:

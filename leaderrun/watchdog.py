@@ -108,7 +108,7 @@ class Watchdog:
         """Fork the watchdog; call from the main thread, before any lease is taken.
 
         Raises:
-            OSError: it could not be forked (a pids limit) or watched.
+            OSError: it could not be forked (a pids limit).
         """
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
@@ -144,8 +144,8 @@ class Watchdog:
         try:
             self.pidfd = os.pidfd_open(self.pid)
         except OSError:
-            self.close()
-            raise
+            # No pidfds here (Linux < 5.3, a seccomp profile): died() reads /proc.
+            self.pidfd = -1
 
     def arm(self, pgid: int, deadline_s: float) -> None:
         """Watch the process group ``pgid`` (the child's) with its first deadline.
@@ -174,9 +174,11 @@ class Watchdog:
         self.fed_deadline_s = math.inf
 
     def died(self) -> bool:
-        """Whether the watchdog process is gone (it is never our child to reap)."""
-        if self.pidfd < 0:
+        """Whether the watchdog process is gone (or a zombie: it runs nothing)."""
+        if self.pid is None or self._write_fd < 0:
             return False
+        if self.pidfd < 0:
+            return not procfs.running(self.pid)
         ready, _, _ = select.select([self.pidfd], [], [], 0)
         return bool(ready)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -148,3 +149,26 @@ def test_a_watchdog_that_stopped_reading_never_blocks_the_supervisor():
     assert sent == [(2, 0, 12.0), (3, 0, 20.0)]
     watchdog.close()
     os.close(read_fd)
+
+
+def test_without_pidfds_the_watchdog_still_runs_and_its_death_is_seen(monkeypatch):
+    """On a kernel without pidfds (ENOSYS) the watchdog is not given up: whether
+    it died is read from /proc instead."""
+
+    def no_pidfds(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    watchdog = Watchdog(kill_grace_s=0.5)
+    watchdog.start()
+    try:
+        assert watchdog.pid is not None
+        assert watchdog.pidfd == -1
+        assert not watchdog.died()
+        os.kill(watchdog.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not watchdog.died():
+            assert time.monotonic() < deadline, "the death was never seen"
+            time.sleep(0.01)
+    finally:
+        watchdog.close()
