@@ -49,6 +49,7 @@ WORK_S = 1.0
 STEP_DOWN_BOUND_S = 10.0
 """How long release()/stop() may take while a callback is stuck (generous)."""
 
+
 @contextlib.contextmanager
 def renewals_refused(pg_admin, key: int, pid: int) -> Iterator[None]:
     """Make the database refuse the renewals of process ``pid`` on lock ``key``.
