@@ -37,7 +37,6 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import select
 import socket
 import sys
@@ -46,7 +45,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.clock import boottime
 from leaderrun.config import (
     RawRunOptions,
@@ -56,19 +54,16 @@ from leaderrun.config import (
     timing_from,
 )
 from leaderrun.errors import ConfigError, DatabaseUnavailableError
-from leaderrun.heartbeat import LeaseState, Renewer
+from leaderrun.holding import Backoff, Grant, HeldLease, make_claim, release_or_expire
 from leaderrun.lease import (
     DEFAULT_LEASE_S,
-    Lease,
     LockId,
     Timing,
-    kill_deadline,
-    make_holder,
     make_timing,
     parse_lock_id,
     retry_delay_s,
 )
-from leaderrun.store import Claim, LeaseSession, LeaseStore
+from leaderrun.store import LeaseSession, LeaseStore
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -78,9 +73,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("leaderrun")
 
 _T = TypeVar("_T")
-
-RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
-"""Pauses (seconds) between campaign attempts while the database is unusable."""
 
 STEP_BUSY_S = 0.05
 """What ``poll()`` returns (seconds) when another thread runs the campaign steps."""
@@ -160,17 +152,15 @@ def use_elector(elector: LeaderElector | None) -> Iterator[LeaderElector | None]
 
 
 @dataclass(eq=False)
-class _Term:
+class _Term(HeldLease):
     """One stretch of leadership: from the acquire until the lease is handed back.
 
-    A term *ends* (``is_leader()`` turns false) at once, on any thread; it is
+    The held lease (its state and renewer), plus the campaign's bookkeeping. A
+    term *ends* (``is_leader()`` turns false) at once, on any thread; it is
     *finished* (``on_lost``, then the release or not) by the thread that drives
     the campaign, one step at a time (see ``LeaderElector._finish``).
     """
 
-    lease: Lease
-    state: LeaseState
-    renewer: Renewer
     calls: dict[int, int] = field(default_factory=dict)
     """Leader-only calls in flight, by thread ident (``LeaderElector.leading``)."""
     reason: str | None = None
@@ -187,10 +177,6 @@ class _Term:
     """Held while the renewer is stopped: its session is handed over once."""
     finished: threading.Event = field(default_factory=threading.Event)
     """Set once the term is finished: released, or left to expire."""
-
-
-def _nothing() -> None:
-    """No way to interrupt a store's statement from outside: it is left to end."""
 
 
 class LeaderElector:
@@ -286,13 +272,9 @@ class LeaderElector:
         self.on_lost = on_lost
         self.clock = clock
         self.unit_random = unit_random
-        host = host or socket.gethostname()
-        pid = os.getpid()
-        self.claim = Claim(
-            holder=make_holder(host, pid, secrets.token_hex(8)),
-            host=host,
-            pid=pid,
-            command=f"{os.path.basename(sys.argv[0] or 'python')} (LeaderElector)",
+        self.claim = make_claim(
+            host or socket.gethostname(),
+            f"{os.path.basename(sys.argv[0] or 'python')} (LeaderElector)",
         )
         self.last_error: str | None = None
         """The last campaign failure (database unusable), or None."""
@@ -308,7 +290,7 @@ class LeaderElector:
         self._driving = threading.Lock()
         self._session: LeaseSession | None = None
         self._next_attempt_s = -float("inf")
-        self._failures = 0
+        self._backoff = Backoff()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -612,42 +594,35 @@ class LeaderElector:
         try:
             if self._session is None:
                 self._session = self.store.connect()
-            t_sent_s = self.clock()
+            t_sent_s = self.clock()  # local-deadline: before it is sent
             result = self._session.acquire(self.lock, self.claim, timing.lease_s)
         except Exception as exc:  # StatementTimeoutError included: retried
             self._campaign_failed(exc)
             return
-        self._failures = 0
+        self._backoff.reset()
         self.last_error = None
-        lease = result.lease
-        if lease is None:
+        if result.lease is None:
             delay_s = retry_delay_s(result.expires_in_s, timing, self.unit_random())
             self._next_attempt_s = self.clock() + delay_s
             log.debug("%s is held; retrying in %.3gs", self.lock, delay_s)
             return
-        session, self._session = self._session, None
-        elapsed_s = self.clock() - t_sent_s
-        if elapsed_s >= timing.kill_deadline_s:
-            # The grant came so late that its deadline has passed already.
-            log.warning(
-                "the acquire took %.3gs, past the deadline; giving the lease back",
-                elapsed_s,
-            )
-            self._give_back(session, lease)
+        grant = Grant(result.lease, t_sent_s, self._session)
+        self._session = None  # the term's now, or the release's
+        if not grant.usable(self.clock(), timing):
+            release_or_expire(self.store, grant.session, grant.lease, timing)
             self._next_attempt_s = self.clock()
             return
-        state = LeaseState(kill_deadline(t_sent_s, timing))
-        renewer = Renewer(
+        self._start_term(grant)
+
+    def _start_term(self, grant: Grant) -> None:
+        """Lead with ``grant``: a term starts, unless ``stop()`` came first."""
+        term = _Term.of(
+            grant,
             self.store,
-            session,
-            lease,
-            timing,
-            state,
-            t_sent_s=t_sent_s,
+            self.timing,
             clock=self.clock,
             unit_random=self.unit_random,
         )
-        term = _Term(lease, state, renewer)
         with self._changed:
             # Checked with the term's start under one lock: a stop() either
             # comes first and no term starts, or comes after and ends it.
@@ -655,12 +630,13 @@ class LeaderElector:
             if not stopping:
                 self._term = term
                 if self._thread is not None:
-                    renewer.start()
+                    term.start_renewing()
                 self._changed.notify_all()
         if stopping:
-            self._give_back(session, lease)
-            state.close()
+            release_or_expire(self.store, grant.session, grant.lease, self.timing)
+            term.close()
             return
+        lease = grant.lease
         log.info(
             "elected leader of %s (fencing token %d)",
             self.lock,
@@ -675,8 +651,7 @@ class LeaderElector:
         if self._session is not None:
             self._session.close()
             self._session = None
-        pause_s = RECONNECT_BACKOFF_S[min(self._failures, len(RECONNECT_BACKOFF_S) - 1)]
-        self._failures += 1
+        pause_s = self._backoff.next_pause_s()
         message = getattr(exc, "message", None) or repr(exc)
         self.last_error = message
         if isinstance(exc, DatabaseUnavailableError | ConfigError):
@@ -810,11 +785,10 @@ class LeaderElector:
         with term.renewing:
             session, term.session = term.session, None
         if give_back:
-            self._give_back(session, term.lease)
+            release_or_expire(self.store, session, term.lease, self.timing)
         elif session is not None:
             session.close()
-        if not term.renewer.alive():
-            term.state.close()  # else a stuck renewal may still write to it
+        term.close()
         with self._lock:
             self._ending = None
         term.finished.set()
@@ -848,50 +822,6 @@ class LeaderElector:
             session = term.renewer.stop(timeout_s)
             if session is not None:
                 term.session = session
-
-    def _give_back(self, session: LeaseSession | None, lease: Lease) -> None:
-        """Release ``lease`` (on ``session``, or a new one), then close it; bounded.
-
-        A release still running after two attempt budgets (a connect, then the
-        statement) is left behind with its connection, which is closed once the
-        statement returns; the lease then expires on its own.
-        """
-        opened: list[LeaseSession] = [] if session is None else [session]
-
-        def release() -> bool:
-            if not opened:
-                opened.append(self.store.connect())
-            return opened[0].release(lease)
-
-        def close() -> None:
-            for each in opened:
-                each.close()
-
-        bound_s = 2 * self.timing.attempt_budget_s
-        try:
-            released = call_bounded(
-                release,
-                bound_s,
-                interrupt=_nothing,
-                cleanup=close,
-                name="leaderrun-release",
-            )
-        except CallTimedOut:
-            log.warning(
-                "the release of %s took longer than %.3gs; leaving it (the lease "
-                "will expire)",
-                lease.lock,
-                bound_s,
-            )
-            return
-        except Exception as exc:
-            close()
-            message = getattr(exc, "message", None) or repr(exc)
-            log.warning("could not release (the lease will expire): %s", message)
-            return
-        close()
-        if released:
-            log.info("released %s", lease.lock, extra={"event": "released"})
 
     def _call(self, callback: Callable[[_T], object] | None, arg: _T) -> None:
         if callback is None:

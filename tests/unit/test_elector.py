@@ -7,8 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from leaderrun import ConfigError, LeaderElector, UnsafeTimingError
-from leaderrun import elector as elector_module
+from leaderrun import ConfigError, LeaderElector, UnsafeTimingError, holding
 from leaderrun.clock import boottime
 from leaderrun.elector import LOST_DEADLINE, LOST_RELEASED, LOST_STOPPED
 from leaderrun.heartbeat import Renewer
@@ -255,8 +254,8 @@ def test_a_grant_that_comes_after_the_deadline_is_given_back(make, clock, store)
         def renew(self, lease, lease_s):
             return self.inner.renew(lease, lease_s)
 
-        def release(self, lease):
-            return self.inner.release(lease)
+        def release(self, lease, end=None):
+            return self.inner.release(lease, end)
 
         def close(self):
             self.inner.close()
@@ -569,7 +568,7 @@ def test_a_stop_while_a_term_starts_leaves_no_term(threaded, monkeypatch):
         stopped.wait(WAIT_S)
         return real_renewer(*args, **kwargs)
 
-    monkeypatch.setattr(elector_module, "Renewer", renewer)
+    monkeypatch.setattr(holding, "Renewer", renewer)
     elector = threaded().start()
     assert setting_up.wait(WAIT_S)
     elector.stop(timeout_s=0.1)  # the campaign thread is setting up the term
