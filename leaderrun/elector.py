@@ -125,6 +125,49 @@ class _Current:
     lock = threading.Lock()
 
 
+def open_elector_store(
+    dsn: str | None,
+    env: Mapping[str, str],
+    *,
+    schema: str = "public",
+    connection_factory: ConnectionFactory | None = None,
+    attempt_budget_s: float,
+) -> LeaseStore:
+    """The lease store ``LeaderElector(dsn=...)`` campaigns on, ready to connect.
+
+    ``dsn`` None falls back to ``LEADERRUN_DSN``, then ``DATABASE_URL``, then
+    libpq's ``PG*`` variables, all read from ``env`` alone (``{}`` is an empty
+    environment). The DSN picks PostgreSQL or SQLite, as on the command line;
+    a ``connection_factory`` always means PostgreSQL. Errors name the
+    constructor's parameters. psycopg is imported only for PostgreSQL.
+
+    Raises:
+        ConfigError: no database given, or an invalid DSN or schema.
+    """
+    resolved_dsn, _ = resolve_dsn(
+        dsn or env.get("LEADERRUN_DSN"), env, PARAMETERS["dsn"]
+    )
+    schema = check_schema(schema, PARAMETERS["schema"])
+    if connection_factory is None:
+        from leaderrun.backends import open_store
+
+        return open_store(
+            resolved_dsn,
+            schema,
+            env,
+            attempt_budget_s=attempt_budget_s,
+            labels=PARAMETERS,
+        )
+    from leaderrun.postgres import PostgresLeaseStore
+
+    return PostgresLeaseStore(
+        "" if dsn is None else resolved_dsn,
+        schema,
+        attempt_budget_s=attempt_budget_s,
+        connection_factory=connection_factory,
+    )
+
+
 def current_elector() -> LeaderElector | None:
     """The elector that module-level :func:`leaderrun.is_leader` asks, if any.
 
@@ -241,32 +284,15 @@ class LeaderElector:
         self.timing: Timing = make_timing(
             lease_s, renew_interval_s, jitter_s, kill_grace_s, labels=PARAMETERS
         )
-        environ = os.environ if env is None else env
         if store is None:
-            resolved_dsn, _ = resolve_dsn(
-                dsn or environ.get("LEADERRUN_DSN"), environ, PARAMETERS["dsn"]
+            # The public entry point: the process environment only by default.
+            store = open_elector_store(
+                dsn,
+                os.environ if env is None else env,
+                schema=schema,
+                connection_factory=connection_factory,
+                attempt_budget_s=self.timing.attempt_budget_s,
             )
-            schema = check_schema(schema, PARAMETERS["schema"])
-            if connection_factory is None:
-                # The DSN picks PostgreSQL or SQLite, as on the command line.
-                from leaderrun.backends import open_store
-
-                store = open_store(
-                    resolved_dsn,
-                    schema,
-                    environ,
-                    attempt_budget_s=self.timing.attempt_budget_s,
-                    labels=PARAMETERS,
-                )
-            else:
-                from leaderrun.postgres import PostgresLeaseStore  # psycopg: now
-
-                store = PostgresLeaseStore(
-                    "" if dsn is None else resolved_dsn,
-                    schema,
-                    attempt_budget_s=self.timing.attempt_budget_s,
-                    connection_factory=connection_factory,
-                )
         self.store: LeaseStore = store
         self.on_elected = on_elected
         self.on_lost = on_lost
