@@ -271,15 +271,45 @@ class Run:
             return math.inf
         return started_s + s.wait_timeout_s
 
-    def _connect(self, contender: _Contender, inbox: SignalInbox) -> None:
-        """Open the contender's session; a waiting contender retries on failure."""
-        try:
-            with inbox.cancelling():
-                session = self.store.connect()
-        except DatabaseUnavailableError as exc:
-            self._reconnect(contender, inbox, exc)
+    def _connect(
+        self,
+        contender: _Contender,
+        inbox: SignalInbox,
+        error: DatabaseUnavailableError | None = None,
+    ) -> None:
+        """Open the contender's session; after a failure, back off first.
+
+        Each failure (``error``: the one that brought us here) is retried
+        after a pause until the wait is over, and then raised: without
+        ``--wait`` at once, so an unreachable database exits 69. A waiter
+        started mid-failover (every host down, or a standby) retries.
+        """
+        contender.close()
+        while True:
+            if error is not None:
+                self._back_off(contender, inbox, error)
+            try:
+                with inbox.cancelling():
+                    session = self.store.connect()
+            except DatabaseUnavailableError as exc:
+                error = exc
+                continue
+            contender.own(session)
             return
-        contender.own(session)
+
+    def _back_off(
+        self,
+        contender: _Contender,
+        inbox: SignalInbox,
+        error: DatabaseUnavailableError,
+    ) -> None:
+        """Pause after ``error`` before the next try, or raise it: the wait is over."""
+        if self.clock() >= contender.give_up_s:
+            raise error
+        pause_s = contender.backoff.next_pause_s()
+        log.warning("%s; retrying in %gs", error.message, pause_s)
+        left_s = max(0.0, contender.give_up_s - self.clock())
+        self._cancel_on(inbox.wait(min(pause_s, left_s)), contender)
 
     def _ask(self, contender: _Contender, inbox: SignalInbox) -> AcquireResult | None:
         """Send one acquire statement; None if it failed and we reconnected.
@@ -305,7 +335,7 @@ class Run:
         except SchemaMissingError:
             raise  # waiting cannot create the table
         except DatabaseUnavailableError as exc:
-            self._reconnect(contender, inbox, exc)
+            self._connect(contender, inbox, exc)
             return None
         contender.backoff.reset()
         return result
@@ -385,21 +415,57 @@ class Run:
         its whole group and releases the lease (exit 125): a child is never left
         running unsupervised with the lease held.
         """
+        # Before the child: nothing that may fail comes between its fork and
+        # the supervisor. The renewer owns the grant's session from here on.
+        held = HeldLease.of(
+            grant,
+            self.store,
+            self.settings.timing,
+            clock=self.clock,
+            unit_random=self.unit_random,
+        )
+        child = self._start_child(grant, held, watchdog)
+        outcome = self._run_child(child, held, inbox, watchdog, pidfds=pidfds)
+        self._disarm(watchdog)
+        self._release_last(held, outcome)
+        child.close()
+        held.close()
+        return self._exit_status(outcome)
+
+    def _start_child(
+        self, grant: Grant, held: HeldLease, watchdog: Watchdog | None
+    ) -> Child:
+        """Fork the command from the main thread; if it cannot start, release.
+
+        Raises:
+            LeaderrunError: the command did not start (not found, not
+                executable, no resources); the lease was released unused.
+        """
         s = self.settings
-        lease = grant.lease
         # After the watchdog was forked, so that it is not one of our children.
         become_subreaper()
-        env = child_environment(self.env, lease, s, grant.window_start)
+        env = child_environment(self.env, grant.lease, s, grant.window_start)
         helpers = () if watchdog is None or watchdog.pid is None else (watchdog.pid,)
         try:
-            child = Child(s.command, env, helpers)
+            return Child(s.command, env, helpers)
         except LeaderrunError as exc:
             end = self._end(RunOutcome.failed, exc.exit_code, started=False)
-            release_or_expire(self.store, grant.session, lease, s.timing, end)
+            session = held.renewer.stop(0.0)  # never started: it hands it back
+            release_or_expire(self.store, session, grant.lease, s.timing, end)
+            held.close()
             raise
-        held = HeldLease.of(
-            grant, self.store, s.timing, clock=self.clock, unit_random=self.unit_random
-        )
+
+    def _run_child(
+        self,
+        child: Child,
+        held: HeldLease,
+        inbox: SignalInbox,
+        watchdog: Watchdog | None,
+        *,
+        pidfds: bool,
+    ) -> Outcome:
+        """Renew, and supervise from the main thread until the group is gone."""
+        s = self.settings
         runtime_deadline_s = (
             None if s.max_runtime_s is None else self.clock() + s.max_runtime_s
         )
@@ -424,17 +490,31 @@ class Run:
                 # main thread, whose life its parent-death signal is tied to
                 # (child-dies-with-us).
                 held.start_renewing()
-                outcome = supervisor.run()
+                return supervisor.run()
             except Exception as exc:
                 # Stop first (a signal), then say why: nothing may wait before it.
                 supervisor.stop(f"leaderrun failed after the command started: {exc}")
                 log.exception("leaderrun failed after the command started")
-                outcome = Outcome(
+                return Outcome(
                     child.returncode,
                     failure=str(exc),
                     unstoppable=supervisor.unstoppable,
                 )
-        self._disarm(watchdog)
+
+    def _release_last(self, held: HeldLease, outcome: Outcome) -> None:
+        """The group is gone: stop renewing and release, closing the run.
+
+        Not while a process of the command that we could not stop still runs:
+        then the lease ends on its own (``release-last``). The release is
+        bounded (``release_or_expire``): one still hanging is left behind, and
+        the lease expires.
+        """
+        if outcome.unstoppable:
+            held.renewer.stop(0.0)
+            log.error(
+                "not releasing %s: the lease expires on its own", self.settings.lock
+            )
+            return
         status = None if outcome.returncode is None else exit_status(outcome.returncode)
         run_outcome = classify(
             outcome.returncode,
@@ -443,15 +523,14 @@ class Run:
         )
         if outcome.failure is not None:
             run_outcome = RunOutcome.killed
-        if outcome.unstoppable:
-            # Never released while one of them runs: the lease ends on its own
-            # (release-last).
-            held.renewer.stop(0.0)
-            log.error("not releasing %s: the lease expires on its own", s.lock)
-        else:
-            self._finish(held, self._end(run_outcome, status))
-        child.close()
-        held.close()
+        timing = self.settings.timing
+        session = held.renewer.stop(timing.attempt_budget_s)
+        end = self._end(run_outcome, status)
+        release_or_expire(self.store, session, held.lease, timing, end)
+
+    def _exit_status(self, outcome: Outcome) -> int:
+        """The exit status for how the run ended; says why on stderr."""
+        s = self.settings
         if outcome.failure is not None or outcome.unstoppable:
             return EXIT_INTERNAL
         if outcome.timed_out:
@@ -505,15 +584,6 @@ class Run:
         """The end of a run cancelled by a signal before its command started."""
         return self._end(RunOutcome.killed, None, started=False)
 
-    def _finish(self, held: HeldLease, end: RunEnd) -> None:
-        """Stop renewing and release; the child's group is already gone.
-
-        The release is bounded (``release_or_expire``): one still hanging is
-        left behind, and the lease expires on its own (``release-last``).
-        """
-        session = held.renewer.stop(self.settings.timing.attempt_budget_s)
-        release_or_expire(self.store, session, held.lease, self.settings.timing, end)
-
     def _cancel_on(
         self, signals: list[int], contender: _Contender, lease: Lease | None = None
     ) -> None:
@@ -532,35 +602,6 @@ class Run:
                 self.store, session, lease, self.settings.timing, self._unstarted
             )
         raise CancelledError(cancelling[0], CANCELLED)
-
-    def _reconnect(
-        self,
-        contender: _Contender,
-        inbox: SignalInbox,
-        error: DatabaseUnavailableError,
-    ) -> None:
-        """The database failed: connect again, backing off, until the wait is over.
-
-        Without ``--wait`` the wait is over at once, and the error is raised:
-        an unreachable database exits 69. A waiter started mid-failover (every
-        host down, or a standby) retries.
-        """
-        contender.close()
-        while True:
-            if self.clock() >= contender.give_up_s:
-                raise error
-            pause_s = contender.backoff.next_pause_s()
-            log.warning("%s; retrying in %gs", error.message, pause_s)
-            left_s = max(0.0, contender.give_up_s - self.clock())
-            self._cancel_on(inbox.wait(min(pause_s, left_s)), contender)
-            try:
-                with inbox.cancelling():
-                    session = self.store.connect()
-            except DatabaseUnavailableError as exc:
-                error = exc
-                continue
-            contender.own(session)
-            return
 
     def _busy_message(self, result: AcquireResult) -> str:
         s = self.settings
