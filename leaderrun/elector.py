@@ -18,6 +18,9 @@ Threads (see ``docs/library.md``):
   shared with the command line) renews while leading, each attempt on a worker
   thread with a budget, so that a hung socket cannot stall it.
 
+A term is a :class:`leaderrun.holding.HeldLease`, taken, kept and given back as
+the command line does (``leaderrun.holding``).
+
 A term *ends* at once, on whichever thread notices or asks (``is_leader()`` is
 false from then on), and is then *finished* by the campaign thread: ``on_lost``,
 then, for a ``release()`` or ``stop()`` only, the release once no leader-only
@@ -811,6 +814,8 @@ class LeaderElector:
         with term.renewing:
             session, term.session = term.session, None
         if give_back:
+            # Only once on_lost returned and no leader-only work of the term
+            # runs: the library's release-last.
             release_or_expire(self.store, session, term.lease, self.timing)
         elif session is not None:
             session.close()

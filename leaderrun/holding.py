@@ -17,8 +17,8 @@ module is that way:
   (``child-dies-with-us``);
 - :func:`release` and :func:`release_or_expire`: give the lease back, once
   nothing of the term runs any more (``release-last``), or say that it will
-  expire; the latter within a bound, like every statement
-  (``bounded-statements``).
+  expire; the latter within a bound of its own, on top of the store's bound
+  on each statement (``bounded-statements``).
 
 The rule names are those of ``docs/safety.md``.
 """
@@ -49,7 +49,7 @@ RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 def make_claim(host: str, command: str) -> Claim:
     """This process's claim on a lock: ``host:pid:nonce``, and what ``status`` shows.
 
-    A fresh nonce per process start (``unique-holder``): a restarted holder can
+    A fresh nonce for every claim (``unique-holder``): a restarted holder can
     never renew or release the lease of its predecessor, whose child may still
     be alive.
     """
