@@ -18,6 +18,9 @@ Threads (see ``docs/library.md``):
   shared with the command line) renews while leading, each attempt on a worker
   thread with a budget, so that a hung socket cannot stall it.
 
+A term is a :class:`leaderrun.holding.HeldLease`, taken, kept and given back as
+the command line does (``leaderrun.holding``).
+
 A term *ends* at once, on whichever thread notices or asks (``is_leader()`` is
 false from then on), and is then *finished* by the campaign thread: ``on_lost``,
 then, for a ``release()`` or ``stop()`` only, the release once no leader-only
@@ -37,7 +40,6 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import select
 import socket
 import sys
@@ -46,7 +48,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.clock import boottime
 from leaderrun.config import (
     RawRunOptions,
@@ -56,19 +57,16 @@ from leaderrun.config import (
     timing_from,
 )
 from leaderrun.errors import ConfigError, DatabaseUnavailableError
-from leaderrun.heartbeat import LeaseState, Renewer
+from leaderrun.holding import Backoff, Grant, HeldLease, make_claim, release_or_expire
 from leaderrun.lease import (
     DEFAULT_LEASE_S,
-    Lease,
     LockId,
     Timing,
-    kill_deadline,
-    make_holder,
     make_timing,
     parse_lock_id,
     retry_delay_s,
 )
-from leaderrun.store import Claim, LeaseSession, LeaseStore
+from leaderrun.store import LeaseSession, LeaseStore
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -78,9 +76,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("leaderrun")
 
 _T = TypeVar("_T")
-
-RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
-"""Pauses (seconds) between campaign attempts while the database is unusable."""
 
 STEP_BUSY_S = 0.05
 """What ``poll()`` returns (seconds) when another thread runs the campaign steps."""
@@ -133,6 +128,49 @@ class _Current:
     lock = threading.Lock()
 
 
+def open_elector_store(
+    dsn: str | None,
+    env: Mapping[str, str],
+    *,
+    schema: str = "public",
+    connection_factory: ConnectionFactory | None = None,
+    attempt_budget_s: float,
+) -> LeaseStore:
+    """The lease store ``LeaderElector(dsn=...)`` campaigns on, ready to connect.
+
+    ``dsn`` None falls back to ``LEADERRUN_DSN``, then ``DATABASE_URL``, then
+    libpq's ``PG*`` variables, all read from ``env`` alone (``{}`` is an empty
+    environment). The DSN picks PostgreSQL or SQLite, as on the command line;
+    a ``connection_factory`` always means PostgreSQL. Errors name the
+    constructor's parameters. psycopg is imported only for PostgreSQL.
+
+    Raises:
+        ConfigError: no database given, or an invalid DSN or schema.
+    """
+    resolved_dsn, _ = resolve_dsn(
+        dsn or env.get("LEADERRUN_DSN"), env, PARAMETERS["dsn"]
+    )
+    schema = check_schema(schema, PARAMETERS["schema"])
+    if connection_factory is None:
+        from leaderrun.backends import open_store
+
+        return open_store(
+            resolved_dsn,
+            schema,
+            env,
+            attempt_budget_s=attempt_budget_s,
+            labels=PARAMETERS,
+        )
+    from leaderrun.postgres import PostgresLeaseStore
+
+    return PostgresLeaseStore(
+        "" if dsn is None else resolved_dsn,
+        schema,
+        attempt_budget_s=attempt_budget_s,
+        connection_factory=connection_factory,
+    )
+
+
 def current_elector() -> LeaderElector | None:
     """The elector that module-level :func:`leaderrun.is_leader` asks, if any.
 
@@ -160,17 +198,15 @@ def use_elector(elector: LeaderElector | None) -> Iterator[LeaderElector | None]
 
 
 @dataclass(eq=False)
-class _Term:
+class _Term(HeldLease):
     """One stretch of leadership: from the acquire until the lease is handed back.
 
-    A term *ends* (``is_leader()`` turns false) at once, on any thread; it is
+    The held lease (its state and renewer), plus the campaign's bookkeeping. A
+    term *ends* (``is_leader()`` turns false) at once, on any thread; it is
     *finished* (``on_lost``, then the release or not) by the thread that drives
     the campaign, one step at a time (see ``LeaderElector._finish``).
     """
 
-    lease: Lease
-    state: LeaseState
-    renewer: Renewer
     calls: dict[int, int] = field(default_factory=dict)
     """Leader-only calls in flight, by thread ident (``LeaderElector.leading``)."""
     reason: str | None = None
@@ -187,10 +223,6 @@ class _Term:
     """Held while the renewer is stopped: its session is handed over once."""
     finished: threading.Event = field(default_factory=threading.Event)
     """Set once the term is finished: released, or left to expire."""
-
-
-def _nothing() -> None:
-    """No way to interrupt a store's statement from outside: it is left to end."""
 
 
 class LeaderElector:
@@ -255,44 +287,23 @@ class LeaderElector:
         self.timing: Timing = make_timing(
             lease_s, renew_interval_s, jitter_s, kill_grace_s, labels=PARAMETERS
         )
-        environ = os.environ if env is None else env
         if store is None:
-            resolved_dsn, _ = resolve_dsn(
-                dsn or environ.get("LEADERRUN_DSN"), environ, PARAMETERS["dsn"]
+            # The public entry point: the process environment only by default.
+            store = open_elector_store(
+                dsn,
+                os.environ if env is None else env,
+                schema=schema,
+                connection_factory=connection_factory,
+                attempt_budget_s=self.timing.attempt_budget_s,
             )
-            schema = check_schema(schema, PARAMETERS["schema"])
-            if connection_factory is None:
-                # The DSN picks PostgreSQL or SQLite, as on the command line.
-                from leaderrun.backends import open_store
-
-                store = open_store(
-                    resolved_dsn,
-                    schema,
-                    environ,
-                    attempt_budget_s=self.timing.attempt_budget_s,
-                    labels=PARAMETERS,
-                )
-            else:
-                from leaderrun.postgres import PostgresLeaseStore  # psycopg: now
-
-                store = PostgresLeaseStore(
-                    "" if dsn is None else resolved_dsn,
-                    schema,
-                    attempt_budget_s=self.timing.attempt_budget_s,
-                    connection_factory=connection_factory,
-                )
         self.store: LeaseStore = store
         self.on_elected = on_elected
         self.on_lost = on_lost
         self.clock = clock
         self.unit_random = unit_random
-        host = host or socket.gethostname()
-        pid = os.getpid()
-        self.claim = Claim(
-            holder=make_holder(host, pid, secrets.token_hex(8)),
-            host=host,
-            pid=pid,
-            command=f"{os.path.basename(sys.argv[0] or 'python')} (LeaderElector)",
+        self.claim = make_claim(
+            host or socket.gethostname(),
+            f"{os.path.basename(sys.argv[0] or 'python')} (LeaderElector)",
         )
         self.last_error: str | None = None
         """The last campaign failure (database unusable), or None."""
@@ -308,7 +319,7 @@ class LeaderElector:
         self._driving = threading.Lock()
         self._session: LeaseSession | None = None
         self._next_attempt_s = -float("inf")
-        self._failures = 0
+        self._backoff = Backoff()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -612,42 +623,35 @@ class LeaderElector:
         try:
             if self._session is None:
                 self._session = self.store.connect()
-            t_sent_s = self.clock()
+            t_sent_s = self.clock()  # local-deadline: before it is sent
             result = self._session.acquire(self.lock, self.claim, timing.lease_s)
         except Exception as exc:  # StatementTimeoutError included: retried
             self._campaign_failed(exc)
             return
-        self._failures = 0
+        self._backoff.reset()
         self.last_error = None
-        lease = result.lease
-        if lease is None:
+        if result.lease is None:
             delay_s = retry_delay_s(result.expires_in_s, timing, self.unit_random())
             self._next_attempt_s = self.clock() + delay_s
             log.debug("%s is held; retrying in %.3gs", self.lock, delay_s)
             return
-        session, self._session = self._session, None
-        elapsed_s = self.clock() - t_sent_s
-        if elapsed_s >= timing.kill_deadline_s:
-            # The grant came so late that its deadline has passed already.
-            log.warning(
-                "the acquire took %.3gs, past the deadline; giving the lease back",
-                elapsed_s,
-            )
-            self._give_back(session, lease)
+        grant = Grant(result.lease, t_sent_s, self._session)
+        self._session = None  # the term's now, or the release's
+        if not grant.usable(self.clock(), timing):
+            release_or_expire(self.store, grant.session, grant.lease, timing)
             self._next_attempt_s = self.clock()
             return
-        state = LeaseState(kill_deadline(t_sent_s, timing))
-        renewer = Renewer(
+        self._start_term(grant)
+
+    def _start_term(self, grant: Grant) -> None:
+        """Lead with ``grant``: a term starts, unless ``stop()`` came first."""
+        term = _Term.of(
+            grant,
             self.store,
-            session,
-            lease,
-            timing,
-            state,
-            t_sent_s=t_sent_s,
+            self.timing,
             clock=self.clock,
             unit_random=self.unit_random,
         )
-        term = _Term(lease, state, renewer)
         with self._changed:
             # Checked with the term's start under one lock: a stop() either
             # comes first and no term starts, or comes after and ends it.
@@ -655,12 +659,13 @@ class LeaderElector:
             if not stopping:
                 self._term = term
                 if self._thread is not None:
-                    renewer.start()
+                    term.start_renewing()
                 self._changed.notify_all()
         if stopping:
-            self._give_back(session, lease)
-            state.close()
+            release_or_expire(self.store, grant.session, grant.lease, self.timing)
+            term.close()
             return
+        lease = grant.lease
         log.info(
             "elected leader of %s (fencing token %d)",
             self.lock,
@@ -675,8 +680,7 @@ class LeaderElector:
         if self._session is not None:
             self._session.close()
             self._session = None
-        pause_s = RECONNECT_BACKOFF_S[min(self._failures, len(RECONNECT_BACKOFF_S) - 1)]
-        self._failures += 1
+        pause_s = self._backoff.next_pause_s()
         message = getattr(exc, "message", None) or repr(exc)
         self.last_error = message
         if isinstance(exc, DatabaseUnavailableError | ConfigError):
@@ -810,11 +814,12 @@ class LeaderElector:
         with term.renewing:
             session, term.session = term.session, None
         if give_back:
-            self._give_back(session, term.lease)
+            # Only once on_lost returned and no leader-only work of the term
+            # runs: the library's release-last.
+            release_or_expire(self.store, session, term.lease, self.timing)
         elif session is not None:
             session.close()
-        if not term.renewer.alive():
-            term.state.close()  # else a stuck renewal may still write to it
+        term.close()
         with self._lock:
             self._ending = None
         term.finished.set()
@@ -848,50 +853,6 @@ class LeaderElector:
             session = term.renewer.stop(timeout_s)
             if session is not None:
                 term.session = session
-
-    def _give_back(self, session: LeaseSession | None, lease: Lease) -> None:
-        """Release ``lease`` (on ``session``, or a new one), then close it; bounded.
-
-        A release still running after two attempt budgets (a connect, then the
-        statement) is left behind with its connection, which is closed once the
-        statement returns; the lease then expires on its own.
-        """
-        opened: list[LeaseSession] = [] if session is None else [session]
-
-        def release() -> bool:
-            if not opened:
-                opened.append(self.store.connect())
-            return opened[0].release(lease)
-
-        def close() -> None:
-            for each in opened:
-                each.close()
-
-        bound_s = 2 * self.timing.attempt_budget_s
-        try:
-            released = call_bounded(
-                release,
-                bound_s,
-                interrupt=_nothing,
-                cleanup=close,
-                name="leaderrun-release",
-            )
-        except CallTimedOut:
-            log.warning(
-                "the release of %s took longer than %.3gs; leaving it (the lease "
-                "will expire)",
-                lease.lock,
-                bound_s,
-            )
-            return
-        except Exception as exc:
-            close()
-            message = getattr(exc, "message", None) or repr(exc)
-            log.warning("could not release (the lease will expire): %s", message)
-            return
-        close()
-        if released:
-            log.info("released %s", lease.lock, extra={"event": "released"})
 
     def _call(self, callback: Callable[[_T], object] | None, arg: _T) -> None:
         if callback is None:

@@ -16,6 +16,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from leaderrun.clock import boottime
 from leaderrun.errors import DatabaseUnavailableError
@@ -26,6 +27,19 @@ log = logging.getLogger("leaderrun")
 
 RETRY_AFTER_FAILURE_S = 0.25
 """Pause (seconds) between a failed renewal attempt and the next one."""
+
+
+class Renewal(Enum):
+    """The outcome of one renewal attempt, or of one turn of the renewal loop."""
+
+    renewed = "renewed"
+    """The lease was extended, and the reply came in time to count."""
+    lost = "lost"
+    """Renewing is over: the lease is gone (the store matched no row, or the
+    deadline passed), or the stop has begun and no renewal may count any more."""
+    failed = "failed"
+    """Nothing is known: the statement failed, timed out or came back late.
+    Retried soon; the deadline decides."""
 
 
 class LeaseState:
@@ -174,14 +188,14 @@ class Renewer:
     def _main(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # the thread must never die silently (F25)
+        except BaseException as exc:  # never die silently (fault F25)
             log.exception("the renewal thread failed")
             self.state.lose(f"the renewal thread failed: {exc!r}")
             raise
 
     def _loop(self) -> None:
         while not self._stop.wait(max(0.0, self.next_renewal_s() - self.clock())):
-            if self.renew_once() is False:
+            if self.renew_once() is Renewal.lost:
                 return
 
     def next_renewal_s(self) -> float:
@@ -191,30 +205,30 @@ class Renewer:
             self._next_s = self._last_sent_s + delay_s
         return self._next_s
 
-    def renew_once(self) -> bool | None:
+    def renew_once(self) -> Renewal:
         """One renewal, its outcome published to ``state``; schedules the next one.
 
         The renewal thread calls this in a loop; a caller that never started the
-        thread (a test on a fake clock) may call it directly when it is due.
-        Returns True (renewed in time), False (renewing is over: the lease was
-        lost, reported to ``state``, or the stop has begun) or None (failed or
-        late; retried soon, and the deadline decides). Past the deadline it
-        sends nothing and reports the loss.
+        thread (a test on a fake clock, the elector's ``poll()``) may call it
+        directly when it is due. ``Renewal.lost`` means renewing is over (a
+        loss is reported to ``state``); ``Renewal.failed``, that the next
+        attempt comes soon. Past the deadline it sends nothing and reports the
+        loss.
         """
         if self.state.settled():
             # The supervisor is stopping the child (or the lease is lost): no
             # later renewal can count (local-deadline), so send none.
-            return False
+            return Renewal.lost
         t_sent_s = self.clock()
         deadline_s, _ = self.state.snapshot()
         if t_sent_s >= deadline_s:
             # Woken past the deadline (leaderrun was stopped, or the machine
             # slept): the child must be stopped before anything else, so do not
-            # renew first (lease-safety F2, F15).
+            # renew first (local-deadline; fault F2 in docs/safety.md).
             self.state.lose("the kill deadline passed before the next renewal")
-            return False
+            return Renewal.lost
         outcome = self.attempt()
-        if outcome is True:
+        if outcome is Renewal.renewed:
             if self.state.extend(t_sent_s, self.clock(), self.timing):
                 if self.failed_attempts:
                     log.warning(
@@ -228,27 +242,32 @@ class Renewer:
                 delay_s = renewal_delay_s(self.timing, self.unit_random())
                 self._next_s = t_sent_s + delay_s
                 log.debug("renewed %s (token %s)", self.lease.lock, self.lease.token)
-                return True
+                return Renewal.renewed
             if self.state.settled():
-                return False  # frozen while this attempt was under way
+                return Renewal.lost  # frozen while this attempt was under way
             log.warning("a renewal reply came after the kill deadline; ignored")
             self._next_s = self._last_sent_s
-            return None
-        if outcome is False:
+            return Renewal.failed
+        if outcome is Renewal.lost:
             self.state.lose(
                 "the lease was taken over or released by an operator "
                 f"(token {self.lease.token} is no longer current)"
             )
-            return False
+            return Renewal.lost
         # Back off a little, then retry until the deadline decides.
         self._last_sent_s = self.clock()
         self._next_s = self._last_sent_s + RETRY_AFTER_FAILURE_S
-        return None
+        return Renewal.failed
 
-    def attempt(self) -> bool | None:
-        """One renewal within the attempt budget: True, False (lost), None (failed)."""
+    def attempt(self) -> Renewal:
+        """One renewal statement within the attempt budget, on a worker thread.
+
+        ``Renewal.renewed`` if the store extended the lease (whether in time is
+        for ``state`` to judge), ``Renewal.lost`` if it matched no row (taken
+        over or released), ``Renewal.failed`` if it failed or was abandoned.
+        """
         slot = self._slot
-        result: list[bool | None] = [None]
+        result = [Renewal.failed]
         done = threading.Event()
 
         def work() -> None:
@@ -256,7 +275,8 @@ class Renewer:
                 try:
                     if slot.session is None:
                         slot.session = self.store.connect()
-                    result[0] = slot.session.renew(self.lease, self.timing.lease_s)
+                    renewed = slot.session.renew(self.lease, self.timing.lease_s)
+                    result[0] = Renewal.renewed if renewed else Renewal.lost
                 except DatabaseUnavailableError as exc:
                     self.failed_attempts += 1
                     level = (
@@ -287,4 +307,4 @@ class Renewer:
             slot.drop()
             slot.busy.release()
         self._slot = _Slot(None)
-        return None
+        return Renewal.failed

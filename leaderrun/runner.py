@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import secrets
 import shlex
-import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 
 from leaderrun.clock import boottime
@@ -37,10 +33,17 @@ from leaderrun.errors import (
     SystemResourceError,
 )
 from leaderrun.handoff import Handoff
-from leaderrun.heartbeat import LeaseState, Renewer
-from leaderrun.lease import Lease, kill_deadline, make_holder, retry_delay_s
+from leaderrun.holding import (
+    Backoff,
+    Grant,
+    HeldLease,
+    make_claim,
+    release,
+    release_or_expire,
+)
+from leaderrun.lease import Lease, retry_delay_s
 from leaderrun.runs import RunEnd, RunOutcome, classify
-from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
+from leaderrun.store import AcquireResult, LeaseSession, LeaseStore
 from leaderrun.supervisor import (
     CANCELLING_SIGNALS,
     Child,
@@ -59,19 +62,8 @@ from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
 log = logging.getLogger("leaderrun")
 
-RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
-"""Pauses between reconnects of a waiting contender whose database went away."""
-
-
-@dataclass
-class Acquired:
-    """A lease just taken, the instant its statement was sent, and its session."""
-
-    lease: Lease
-    t_sent_s: float
-    session: LeaseSession
-    window_start: datetime | None = None
-    """With ``--once-per``: the start of the window this run belongs to."""
+CANCELLED = "cancelled by a signal while waiting for the lock; nothing ran"
+"""What a run cancelled before its command started says."""
 
 
 def child_environment(
@@ -98,6 +90,51 @@ def child_environment(
     if window is not None:
         child["LEADERRUN_WINDOW"] = window
     return child
+
+
+class _Contender:
+    """The acquire loop's state, and the one owner of its session.
+
+    Used as a ``with`` block: on leaving it the session is closed, unless a
+    grant took it along (:meth:`hand_over`).
+    """
+
+    def __init__(self, give_up_s: float) -> None:
+        self.give_up_s = give_up_s
+        """When waiting for the lock ends (without ``--wait``: at the start)."""
+        self.backoff = Backoff()
+        self.t_sent_s = 0.0
+        """When the last acquire statement was sent, on the run's clock."""
+        self._session: LeaseSession | None = None
+
+    def __enter__(self) -> _Contender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def session(self) -> LeaseSession:
+        """The open session; there is one from the connect until the hand-over."""
+        if self._session is None:
+            raise LeaderrunError("the acquire loop used its session while it had none")
+        return self._session
+
+    def own(self, session: LeaseSession) -> None:
+        """Take ``session`` as the one to ask on, closing the previous one."""
+        self.close()
+        self._session = session
+
+    def hand_over(self) -> LeaseSession:
+        """Give the session up to a grant or a release, which close it."""
+        session, self._session = self.session, None
+        return session
+
+    def close(self) -> None:
+        """Close the session, if the contender still has one."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
 
 
 class Run:
@@ -127,13 +164,7 @@ class Run:
         self.env = env
         self.clock = clock
         self.unit_random = unit_random
-        pid = os.getpid()
-        self.claim = Claim(
-            holder=make_holder(host, pid, secrets.token_hex(8)),
-            host=host,
-            pid=pid,
-            command=shlex.join(settings.command),
-        )
+        self.claim = make_claim(host, shlex.join(settings.command))
 
     def __call__(self) -> int:
         """Run to the end and return leaderrun's exit status.
@@ -196,7 +227,7 @@ class Run:
         log.debug("watchdog started (pid %s)", watchdog.pid)
         return watchdog
 
-    def acquire(self, inbox: SignalInbox) -> Acquired:
+    def acquire(self, inbox: SignalInbox) -> Grant:
         """Take the lease, waiting for it if asked; cancellable by a signal.
 
         Raises:
@@ -210,105 +241,170 @@ class Run:
         finally:
             handoff.close()  # before the child starts: it needs no LISTEN
 
-    def _acquire(self, inbox: SignalInbox, handoff: Handoff) -> Acquired:
+    def _acquire(self, inbox: SignalInbox, handoff: Handoff) -> Grant:
+        """Ask until the lease is granted; each step is a method, and owns no session.
+
+        The contender owns the session: whichever way this ends but a grant (a
+        busy lock, a signal, a failure), it closes it.
+        """
+        with _Contender(self._give_up_s()) as contender:
+            self._connect(contender, inbox)
+            while True:
+                self._cancel_on(inbox.take(), contender)
+                result = self._ask(contender, inbox)
+                if result is None:
+                    continue  # the database failed, and we reconnected: ask again
+                if result.lease is None:
+                    self._wait_turn(contender, inbox, handoff, result)
+                    continue
+                grant = self._take(contender, inbox, result.lease, result.window_start)
+                if grant is not None:
+                    return grant
+                # Granted too late to use, and given back: ask again.
+
+    def _give_up_s(self) -> float:
+        """When waiting for the lock ends: at once without ``--wait``."""
         s = self.settings
         started_s = self.clock()
         if not s.wait:
-            give_up_s = started_s
-        elif s.wait_timeout_s is None:
-            give_up_s = math.inf
-        else:
-            give_up_s = started_s + s.wait_timeout_s
-        failures = 0
-        try:
-            with inbox.cancelling():
-                session = self.store.connect()
-        except DatabaseUnavailableError as exc:
-            # Unreachable at the start: exit 69 at once, unless told to wait. A
-            # waiter started mid-failover (every host down or a standby) retries.
-            if not s.wait or self.clock() >= give_up_s:
-                raise
-            session = self._reconnect(inbox, exc, failures, give_up_s)
-            failures += 1
+            return started_s
+        if s.wait_timeout_s is None:
+            return math.inf
+        return started_s + s.wait_timeout_s
+
+    def _connect(
+        self,
+        contender: _Contender,
+        inbox: SignalInbox,
+        error: DatabaseUnavailableError | None = None,
+    ) -> None:
+        """Open the contender's session; after a failure, back off first.
+
+        Each failure (``error``: the one that brought us here) is retried
+        after a pause until the wait is over, and then raised: without
+        ``--wait`` at once, so an unreachable database exits 69. A waiter
+        started mid-failover (every host down, or a standby) retries.
+        """
+        contender.close()
         while True:
-            self._cancel_on(inbox.take(), session, None)
-            log.debug("acquiring %s", s.lock)
-            t_sent_s = self.clock()
+            if error is not None:
+                self._back_off(contender, inbox, error)
             try:
-                # A signal while the statement waits (a row lock, a frozen
-                # server) cancels it and ends the run with nothing started.
                 with inbox.cancelling():
-                    result = session.acquire(
-                        s.lock,
-                        self.claim,
-                        s.timing.lease_s,
-                        once_per=s.once_per,
-                        history_keep=s.history_keep,
-                    )
-            except SchemaMissingError:
-                session.close()
-                raise
+                    session = self.store.connect()
             except DatabaseUnavailableError as exc:
-                session.close()
-                if not s.wait or self.clock() >= give_up_s:
-                    raise
-                session = self._reconnect(inbox, exc, failures, give_up_s)
-                failures += 1
+                error = exc
                 continue
-            except BaseException:
-                session.close()
-                raise
-            failures = 0
-            if result.lease is not None:
-                self._cancel_on(inbox.take(), session, result.lease, self._unstarted)
-                elapsed_s = self.clock() - t_sent_s
-                if elapsed_s < s.timing.kill_deadline_s:
-                    log.info(
-                        "acquired %s (fencing token %d)",
-                        s.lock,
-                        result.lease.token,
-                        extra={"event": "acquired", "token": result.lease.token},
-                    )
-                    return Acquired(
-                        result.lease, t_sent_s, session, result.window_start
-                    )
-                # local-deadline: the reply came so late that the child could not be
-                # stopped in time; do not start it.
-                log.warning(
-                    "the acquire took %.3gs, past the kill deadline; not starting",
-                    elapsed_s,
-                )
-                # The lease was unusable: the run is closed as lost.
-                unused = self._end(RunOutcome.lost, None, started=False)
-                self._release(session, result.lease, unused)
-                if not s.wait:
-                    session.close()
-                    raise DatabaseUnavailableError(
-                        f"the database took {elapsed_s:.3g}s to grant the lease, longer"
-                        " than the kill deadline allows; use a longer --lease-duration"
-                    )
-                continue
-            if result.window_done:
-                # Waiting cannot help: the window stays done until it ends.
-                session.close()
-                raise BusyError(self._window_message(result))
-            now_s = self.clock()
-            if now_s >= give_up_s:
-                session.close()
-                raise BusyError(self._busy_message(result))
+            contender.own(session)
+            return
+
+    def _back_off(
+        self,
+        contender: _Contender,
+        inbox: SignalInbox,
+        error: DatabaseUnavailableError,
+    ) -> None:
+        """Pause after ``error`` before the next try, or raise it: the wait is over."""
+        if self.clock() >= contender.give_up_s:
+            raise error
+        pause_s = contender.backoff.next_pause_s()
+        log.warning("%s; retrying in %gs", error.message, pause_s)
+        left_s = max(0.0, contender.give_up_s - self.clock())
+        self._cancel_on(inbox.wait(min(pause_s, left_s)), contender)
+
+    def _ask(self, contender: _Contender, inbox: SignalInbox) -> AcquireResult | None:
+        """Send one acquire statement; None if it failed and we reconnected.
+
+        Raises:
+            SchemaMissingError: there is no lease table to use.
+            DatabaseUnavailableError: it failed, and the wait (if any) is over.
+        """
+        s = self.settings
+        log.debug("acquiring %s", s.lock)
+        contender.t_sent_s = self.clock()  # local-deadline: before it is sent
+        try:
+            # A signal while the statement waits (a row lock, a frozen
+            # server) cancels it and ends the run with nothing started.
             with inbox.cancelling():
-                listening = handoff.listen()
-            if listening:
-                continue  # a release just before the LISTEN went unheard: look again
-            delay_s = retry_delay_s(result.expires_in_s, s.timing, self.unit_random())
-            log.debug("%s is held; retrying in %.3gs", s.lock, delay_s)
-            if handoff.wait(inbox.fileno(), min(delay_s, give_up_s - now_s)):
-                log.debug("%s was released; trying now", s.lock)
-            self._cancel_on(inbox.take(), session, None)
+                result = contender.session.acquire(
+                    s.lock,
+                    self.claim,
+                    s.timing.lease_s,
+                    once_per=s.once_per,
+                    history_keep=s.history_keep,
+                )
+        except SchemaMissingError:
+            raise  # waiting cannot create the table
+        except DatabaseUnavailableError as exc:
+            self._connect(contender, inbox, exc)
+            return None
+        contender.backoff.reset()
+        return result
+
+    def _take(
+        self,
+        contender: _Contender,
+        inbox: SignalInbox,
+        lease: Lease,
+        window_start: datetime | None,
+    ) -> Grant | None:
+        """The lease was granted: take it, unless a signal came or the grant is late.
+
+        A late grant (``local-deadline``) is released unused, its run closed as
+        lost; then None, to ask again, or without ``--wait`` an error.
+        """
+        s = self.settings
+        self._cancel_on(inbox.take(), contender, lease)
+        grant = Grant(lease, contender.t_sent_s, contender.session, window_start)
+        now_s = self.clock()
+        if grant.usable(now_s, s.timing):
+            log.info(
+                "acquired %s (fencing token %d)",
+                s.lock,
+                lease.token,
+                extra={"event": "acquired", "token": lease.token},
+            )
+            contender.hand_over()
+            return grant
+        release(grant.session, lease, self._end(RunOutcome.lost, None, started=False))
+        if not s.wait:
+            raise DatabaseUnavailableError(
+                f"the database took {now_s - grant.t_sent_s:.3g}s to grant the lease, "
+                "longer than the kill deadline allows; use a longer --lease-duration"
+            )
+        return None
+
+    def _wait_turn(
+        self,
+        contender: _Contender,
+        inbox: SignalInbox,
+        handoff: Handoff,
+        result: AcquireResult,
+    ) -> None:
+        """Held elsewhere: give up if the wait is over, else sleep until a retry.
+
+        Raises:
+            BusyError: the ``--once-per`` window already ran, or the wait is over.
+        """
+        s = self.settings
+        if result.window_done:
+            # Waiting cannot help: the window stays done until it ends.
+            raise BusyError(self._window_message(result))
+        now_s = self.clock()
+        if now_s >= contender.give_up_s:
+            raise BusyError(self._busy_message(result))
+        with inbox.cancelling():
+            listening = handoff.listen()
+        if listening:
+            return  # a release just before the LISTEN went unheard: look again
+        delay_s = retry_delay_s(result.expires_in_s, s.timing, self.unit_random())
+        log.debug("%s is held; retrying in %.3gs", s.lock, delay_s)
+        if handoff.wait(inbox.fileno(), min(delay_s, contender.give_up_s - now_s)):
+            log.debug("%s was released; trying now", s.lock)
 
     def supervise(
         self,
-        acquired: Acquired,
+        grant: Grant,
         inbox: SignalInbox,
         watchdog: Watchdog | None = None,
         *,
@@ -320,64 +416,106 @@ class Run:
         its whole group and releases the lease (exit 125): a child is never left
         running unsupervised with the lease held.
         """
+        # Before the child: nothing that may fail comes between its fork and
+        # the supervisor. The renewer owns the grant's session from here on.
+        held = HeldLease.of(
+            grant,
+            self.store,
+            self.settings.timing,
+            clock=self.clock,
+            unit_random=self.unit_random,
+        )
+        child = self._start_child(grant, held, watchdog)
+        outcome = self._run_child(child, held, inbox, watchdog, pidfds=pidfds)
+        self._disarm(watchdog)
+        self._release_last(held, outcome)
+        child.close()
+        held.close()
+        return self._exit_status(outcome)
+
+    def _start_child(
+        self, grant: Grant, held: HeldLease, watchdog: Watchdog | None
+    ) -> Child:
+        """Fork the command from the main thread; if it cannot start, release.
+
+        Raises:
+            LeaderrunError: the command did not start (not found, not
+                executable, no resources); the lease was released unused.
+        """
         s = self.settings
-        lease = acquired.lease
-        state = LeaseState(kill_deadline(acquired.t_sent_s, s.timing))
         # After the watchdog was forked, so that it is not one of our children.
         become_subreaper()
-        env = child_environment(self.env, lease, s, acquired.window_start)
+        env = child_environment(self.env, grant.lease, s, grant.window_start)
         helpers = () if watchdog is None or watchdog.pid is None else (watchdog.pid,)
         try:
-            child = Child(s.command, env, helpers)
+            return Child(s.command, env, helpers)
         except LeaderrunError as exc:
             end = self._end(RunOutcome.failed, exc.exit_code, started=False)
-            self._release(acquired.session, lease, end)
-            acquired.session.close()
+            session = held.renewer.stop(0.0)  # never started: it hands it back
+            release_or_expire(self.store, session, grant.lease, s.timing, end)
+            held.close()
             raise
+
+    def _run_child(
+        self,
+        child: Child,
+        held: HeldLease,
+        inbox: SignalInbox,
+        watchdog: Watchdog | None,
+        *,
+        pidfds: bool,
+    ) -> Outcome:
+        """Renew, and supervise from the main thread until the group is gone."""
+        s = self.settings
         runtime_deadline_s = (
             None if s.max_runtime_s is None else self.clock() + s.max_runtime_s
         )
         supervisor = Supervisor(
             child,
             inbox,
-            state,
+            held.state,
             s.timing.kill_grace_s,
             self.clock,
             runtime_deadline_s=runtime_deadline_s,
             watchdog=watchdog,
             watchdog_required=s.watchdog is WatchdogMode.required,
         )
-        # Only now may another thread start: the child was forked from the main
-        # thread, so its parent-death signal is tied to this thread's life.
-        renewer = Renewer(
-            self.store,
-            acquired.session,
-            lease,
-            s.timing,
-            state,
-            t_sent_s=acquired.t_sent_s,
-            clock=self.clock,
-            unit_random=self.unit_random,
-        )
         with job_control_ignored():
             try:
                 if watchdog is not None:
-                    deadline_s, _ = state.snapshot()
+                    deadline_s, _ = held.state.snapshot()
                     watchdog.arm(child.pgid, deadline_s + WATCHDOG_LATE_S)
                 if pidfds:
                     child.watch()
-                renewer.start()
-                outcome = supervisor.run()
+                # Only now may another thread start: the child was forked from the
+                # main thread, whose life its parent-death signal is tied to
+                # (child-dies-with-us).
+                held.start_renewing()
+                return supervisor.run()
             except Exception as exc:
                 # Stop first (a signal), then say why: nothing may wait before it.
                 supervisor.stop(f"leaderrun failed after the command started: {exc}")
                 log.exception("leaderrun failed after the command started")
-                outcome = Outcome(
+                return Outcome(
                     child.returncode,
                     failure=str(exc),
                     unstoppable=supervisor.unstoppable,
                 )
-        self._disarm(watchdog)
+
+    def _release_last(self, held: HeldLease, outcome: Outcome) -> None:
+        """The group is gone: stop renewing and release, closing the run.
+
+        Not while a process of the command that we could not stop still runs:
+        then the lease ends on its own (``release-last``). The release is
+        bounded (``release_or_expire``): one still hanging is left behind, and
+        the lease expires.
+        """
+        if outcome.unstoppable:
+            held.renewer.stop(0.0)
+            log.error(
+                "not releasing %s: the lease expires on its own", self.settings.lock
+            )
+            return
         status = None if outcome.returncode is None else exit_status(outcome.returncode)
         run_outcome = classify(
             outcome.returncode,
@@ -386,15 +524,14 @@ class Run:
         )
         if outcome.failure is not None:
             run_outcome = RunOutcome.killed
-        if outcome.unstoppable:
-            # Never released while one of them runs: the lease ends on its own.
-            renewer.stop(0.0)
-            log.error("not releasing %s: the lease expires on its own", s.lock)
-        else:
-            self._finish(renewer, lease, self._end(run_outcome, status))
-        child.close()
-        if not renewer.alive():
-            state.close()  # else a stuck renewal may still write to it
+        timing = self.settings.timing
+        session = held.renewer.stop(timing.attempt_budget_s)
+        end = self._end(run_outcome, status)
+        release_or_expire(self.store, session, held.lease, timing, end)
+
+    def _exit_status(self, outcome: Outcome) -> int:
+        """The exit status for how the run ended; says why on stderr."""
+        s = self.settings
         if outcome.failure is not None or outcome.unstoppable:
             return EXIT_INTERNAL
         if outcome.timed_out:
@@ -448,114 +585,24 @@ class Run:
         """The end of a run cancelled by a signal before its command started."""
         return self._end(RunOutcome.killed, None, started=False)
 
-    def _finish(self, renewer: Renewer, lease: Lease, end: RunEnd) -> None:
-        """Stop renewing and release; the child's group is already gone.
-
-        Bounded: a release can hang where a renewal would have been abandoned
-        (a commit waiting for a synchronous standby that is gone). Then it is
-        left behind, and the lease expires on its own.
-        """
-        session = renewer.stop(self.settings.timing.attempt_budget_s)
-        self._bounded(lambda: self._connect_and_release(session, lease, end))
-
-    def _bounded(self, release: Callable[[], None]) -> None:
-        """Run ``release`` in a daemon thread; wait two attempt budgets at most.
-
-        A fresh connection may take one budget, the statement another. A release
-        still hanging after that is left behind: the lease expires on its own.
-        """
-        limit_s = 2 * self.settings.timing.attempt_budget_s
-        done = threading.Event()
-
-        def work() -> None:
-            try:
-                release()
-            finally:
-                done.set()
-
-        threading.Thread(target=work, name="leaderrun-release", daemon=True).start()
-        if not done.wait(limit_s):
-            log.warning(
-                "the release took longer than %.3gs; leaving it (the lease will "
-                "expire)",
-                limit_s,
-            )
-
-    def _connect_and_release(
-        self, session: LeaseSession | None, lease: Lease, end: RunEnd
-    ) -> None:
-        if session is None:
-            try:
-                session = self.store.connect()
-            except DatabaseUnavailableError as exc:
-                log.warning(
-                    "could not release (the lease will expire): %s", exc.message
-                )
-                return
-        self._release(session, lease, end)
-        session.close()
-
-    def _release(
-        self, session: LeaseSession, lease: Lease, end: RunEnd | None = None
-    ) -> None:
-        try:
-            if session.release(lease, end):
-                log.info("released %s", lease.lock, extra={"event": "released"})
-            else:
-                log.info("%s was no longer ours to release", lease.lock)
-        except DatabaseUnavailableError as exc:
-            log.warning("could not release (the lease will expire): %s", exc.message)
-
     def _cancel_on(
-        self,
-        signals: list[int],
-        session: LeaseSession,
-        lease: Lease | None,
-        end: RunEnd | None = None,
+        self, signals: list[int], contender: _Contender, lease: Lease | None = None
     ) -> None:
-        """Cancel cleanly if a cancelling signal arrived: release, close, raise."""
+        """Cancel cleanly if a cancelling signal arrived: give back, close, raise.
+
+        A granted ``lease`` is released as a run that never started, bounded
+        like the release at exit so that a cancel cannot hang on it; its session
+        goes with it, closed by the thread that may still be using it.
+        """
         cancelling = [n for n in signals if n in CANCELLING_SIGNALS]
         if not cancelling:
             return
-        if lease is None:
-            session.close()
-        else:
-            # Bounded like the release at exit, so a cancel cannot hang on it;
-            # the session is closed by the thread that may still be using it.
-            def release_and_close() -> None:
-                self._release(session, lease, end)
-                session.close()
-
-            self._bounded(release_and_close)
-        raise CancelledError(
-            cancelling[0],
-            "cancelled by a signal while waiting for the lock; nothing ran",
-        )
-
-    def _reconnect(
-        self,
-        inbox: SignalInbox,
-        error: DatabaseUnavailableError,
-        failures: int,
-        give_up_s: float,
-    ) -> LeaseSession:
-        """Reconnect a waiting contender, backing off, until the wait runs out."""
-        while True:
-            pause_s = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
-            log.warning("%s; retrying in %gs", error.message, pause_s)
-            signals = inbox.wait(min(pause_s, max(0.0, give_up_s - self.clock())))
-            cancelling = [n for n in signals if n in CANCELLING_SIGNALS]
-            if cancelling:
-                raise CancelledError(
-                    cancelling[0], "cancelled by a signal while waiting for the lock"
-                )
-            try:
-                with inbox.cancelling():
-                    return self.store.connect()
-            except DatabaseUnavailableError as exc:
-                if self.clock() >= give_up_s:
-                    raise
-                error, failures = exc, failures + 1
+        if lease is not None:
+            session = contender.hand_over()
+            release_or_expire(
+                self.store, session, lease, self.settings.timing, self._unstarted
+            )
+        raise CancelledError(cancelling[0], CANCELLED)
 
     def _busy_message(self, result: AcquireResult) -> str:
         s = self.settings

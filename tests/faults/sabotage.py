@@ -24,7 +24,7 @@ def sabotage(mode: str) -> None:
     original = heartbeat.Renewer.attempt
     calls = [0]
 
-    def attempt(self: heartbeat.Renewer) -> bool | None:
+    def attempt(self: heartbeat.Renewer) -> heartbeat.Renewal:
         calls[0] += 1
         if calls[0] > GOOD_RENEWALS:
             sys.stderr.write(f"sabotage: renewal thread {mode}s now\n")

@@ -7,10 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from leaderrun import ConfigError, LeaderElector, UnsafeTimingError
-from leaderrun import elector as elector_module
+from leaderrun import ConfigError, LeaderElector, UnsafeTimingError, holding
 from leaderrun.clock import boottime
-from leaderrun.elector import LOST_DEADLINE, LOST_RELEASED, LOST_STOPPED
+from leaderrun.elector import (
+    LOST_DEADLINE,
+    LOST_RELEASED,
+    LOST_STOPPED,
+    open_elector_store,
+)
 from leaderrun.heartbeat import Renewer
 from leaderrun.testing import FakeClock, InMemoryLeaseStore
 
@@ -255,8 +259,8 @@ def test_a_grant_that_comes_after_the_deadline_is_given_back(make, clock, store)
         def renew(self, lease, lease_s):
             return self.inner.renew(lease, lease_s)
 
-        def release(self, lease):
-            return self.inner.release(lease)
+        def release(self, lease, end=None):
+            return self.inner.release(lease, end)
 
         def close(self):
             self.inner.close()
@@ -569,7 +573,7 @@ def test_a_stop_while_a_term_starts_leaves_no_term(threaded, monkeypatch):
         stopped.wait(WAIT_S)
         return real_renewer(*args, **kwargs)
 
-    monkeypatch.setattr(elector_module, "Renewer", renewer)
+    monkeypatch.setattr(holding, "Renewer", renewer)
     elector = threaded().start()
     assert setting_up.wait(WAIT_S)
     elector.stop(timeout_s=0.1)  # the campaign thread is setting up the term
@@ -641,6 +645,16 @@ def test_an_empty_env_is_an_empty_environment(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://db/app")
     with pytest.raises(ConfigError, match="no database given"):
         LeaderElector("x", env={})
+
+
+def test_the_store_is_opened_from_the_environment_it_is_given(monkeypatch, tmp_path):
+    """open_elector_store reads the env passed to it, never the process's own."""
+    monkeypatch.setenv("LEADERRUN_DSN", "postgresql://db/app")
+    given = {"LEADERRUN_DSN": f"sqlite://{tmp_path}/leases.db"}
+    store = open_elector_store(None, given, attempt_budget_s=1.0)
+    assert store.describe() == f"sqlite://{tmp_path}/leases.db"
+    with pytest.raises(ConfigError, match="no database given"):
+        open_elector_store(None, {}, attempt_budget_s=1.0)
 
 
 def test_from_env_names_the_variables_in_an_unsafe_timing(store):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from leaderrun.clock import boottime
-from leaderrun.heartbeat import LeaseState, Renewer
+from leaderrun.heartbeat import LeaseState, Renewal, Renewer
 from leaderrun.lease import Lease, Timing, kill_deadline, make_timing, parse_lock_id
 from leaderrun.store import Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
@@ -214,42 +214,42 @@ def test_lose_wakes_the_supervisor_and_keeps_the_first_reason(state):
 
 
 def test_attempt_renews_while_the_lease_is_ours(holders):
-    """An attempt on a lease still ours returns True and extends it in the store."""
+    """An attempt on a lease still ours renews it, extending it in the store."""
     holder = holders(DEFAULT, FakeClock())
     holder.store.clock.advance(10.0)
-    assert holder.renewer.attempt() is True
+    assert holder.renewer.attempt() is Renewal.renewed
     assert holder.store.statements["renew"] == 1
     row = holder.store.rows[LOCK.key]
     assert row.expires_at_s == holder.store.clock() + DEFAULT.lease_s
 
 
 def test_attempt_reports_a_takeover_as_lost(holders):
-    """After someone else took the lock, an attempt returns False: lost for certain."""
+    """After someone else took the lock, an attempt reports it lost, for certain."""
     holder = holders(DEFAULT, FakeClock())
     holder.store.take_over(LOCK)
-    assert holder.renewer.attempt() is False
+    assert holder.renewer.attempt() is Renewal.lost
 
 
 def test_attempt_fails_while_unavailable_and_reconnects_after(holders):
-    """An unreachable store gives None (unknown); once back, a new session renews."""
+    """An unreachable store is a failed attempt; once back, a new session renews."""
     holder = holders(DEFAULT, FakeClock())
     holder.store.available = False
-    assert holder.renewer.attempt() is None
+    assert holder.renewer.attempt() is Renewal.failed
     assert holder.session.closed, "the failed session is dropped"
-    assert holder.renewer.attempt() is None, "connecting fails too"
+    assert holder.renewer.attempt() is Renewal.failed, "connecting fails too"
     holder.store.available = True
-    assert holder.renewer.attempt() is True
+    assert holder.renewer.attempt() is Renewal.renewed
     assert len(holder.store.sessions) == 2
     assert not holder.store.sessions[1].closed
 
 
 def test_an_attempt_that_hangs_is_abandoned_after_its_budget(holders):
-    """A renewal stuck in the store is given up after the attempt budget: None."""
+    """A renewal stuck in the store is given up after the attempt budget: failed."""
     holder = holders(HUNG, FakeClock())
     assert HUNG.attempt_budget_s == pytest.approx(0.5, abs=0.01)
     holder.store.gate.clear()
     started_s = time.monotonic()
-    assert holder.renewer.attempt() is None
+    assert holder.renewer.attempt() is Renewal.failed
     assert time.monotonic() - started_s >= HUNG.attempt_budget_s - 0.001
     assert holder.store.in_call == 1, "returned while the call is still stuck"
 
@@ -258,11 +258,11 @@ def test_the_abandoned_session_is_closed_once_the_hung_call_returns(holders):
     """The stuck session is closed when its call returns; the next one is fresh."""
     holder = holders(HUNG, FakeClock())
     holder.store.gate.clear()
-    assert holder.renewer.attempt() is None
+    assert holder.renewer.attempt() is Renewal.failed
     assert not holder.session.closed, "closed under the feet of a running statement"
     holder.store.gate.set()
     wait_until(lambda: holder.session.closed, "the abandoned session was closed")
-    assert holder.renewer.attempt() is True
+    assert holder.renewer.attempt() is Renewal.renewed
     assert len(holder.store.sessions) == 2
 
 
@@ -332,7 +332,7 @@ def test_renew_once_sends_nothing_after_freeze(holders):
     """Driven by hand (the elector's poll), a frozen state sends no statement."""
     holder = holders()
     holder.state.freeze()
-    assert holder.renewer.renew_once() is False
+    assert holder.renewer.renew_once() is Renewal.lost
     assert holder.store.statements["renew"] == 0
 
 

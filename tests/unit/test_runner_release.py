@@ -11,7 +11,7 @@ import pytest
 from leaderrun.config import RawRunOptions, run_settings
 from leaderrun.errors import CancelledError
 from leaderrun.lease import Lease
-from leaderrun.runner import Run
+from leaderrun.runner import Run, _Contender
 from leaderrun.runs import RunEnd
 from leaderrun.store import Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
@@ -54,9 +54,12 @@ def test_a_cancel_does_not_wait_for_a_hanging_release(caplog):
     assert lease is not None
     run = Run(settings, store, {}, host="host")
 
+    contender = _Contender(give_up_s=0.0)
+    contender.own(session)
+
     began_s = time.monotonic()
     with pytest.raises(CancelledError) as cancelled:
-        run._cancel_on([signal.SIGTERM], session, lease)
+        run._cancel_on([signal.SIGTERM], contender, lease)
     waited_s = time.monotonic() - began_s
 
     assert cancelled.value.exit_code == 128 + signal.SIGTERM
