@@ -40,14 +40,14 @@ if str(ROOT) not in sys.path:
 
 from bench.cluster import postgres  # noqa: E402
 from leaderrun import __version__  # noqa: E402
-from leaderrun.postgres import (  # noqa: E402
+from leaderrun.runs import DEFAULT_HISTORY_KEEP  # noqa: E402
+from leaderrun.stores.postgres import (  # noqa: E402
     _ACQUIRE,
     _RELEASE,
     PostgresLeaseStore,
     _statement,
     setup_sql,
 )
-from leaderrun.runs import DEFAULT_HISTORY_KEEP  # noqa: E402
 
 BIN = Path(sys.executable).parent
 LEADERRUN = str(BIN / "leaderrun")

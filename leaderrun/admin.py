@@ -18,7 +18,7 @@ from typing import Any
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import LockId
 from leaderrun.runs import RunRecord
-from leaderrun.store import (
+from leaderrun.stores.base import (
     REVOKED_HOLDER,
     LeaseRecord,
     LeaseSnapshot,

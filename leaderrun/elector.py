@@ -68,12 +68,12 @@ from leaderrun.lease import (
     parse_lock_id,
     retry_delay_s,
 )
-from leaderrun.store import Claim, LeaseSession, LeaseStore
+from leaderrun.stores.base import Claim, LeaseSession, LeaseStore
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from leaderrun.postgres import ConnectionFactory
+    from leaderrun.stores.postgres import ConnectionFactory
 
 log = logging.getLogger("leaderrun")
 
@@ -263,7 +263,7 @@ class LeaderElector:
             schema = check_schema(schema, PARAMETERS["schema"])
             if connection_factory is None:
                 # The DSN picks PostgreSQL or SQLite, as on the command line.
-                from leaderrun.backends import open_store
+                from leaderrun.stores import open_store
 
                 store = open_store(
                     resolved_dsn,
@@ -273,7 +273,7 @@ class LeaderElector:
                     labels=PARAMETERS,
                 )
             else:
-                from leaderrun.postgres import PostgresLeaseStore  # psycopg: now
+                from leaderrun.stores.postgres import PostgresLeaseStore  # psycopg: now
 
                 store = PostgresLeaseStore(
                     "" if dsn is None else resolved_dsn,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from leaderrun.clock import boottime
 from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, Timing, kill_deadline, renewal_delay_s, reply_in_time
-from leaderrun.store import LeaseSession, LeaseStore
+from leaderrun.stores.base import LeaseSession, LeaseStore
 
 log = logging.getLogger("leaderrun")
 

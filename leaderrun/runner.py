@@ -40,7 +40,7 @@ from leaderrun.handoff import Handoff
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import Lease, kill_deadline, make_holder, retry_delay_s
 from leaderrun.runs import RunEnd, RunOutcome, classify, iso_utc
-from leaderrun.store import AcquireResult, Claim, LeaseSession, LeaseStore
+from leaderrun.stores.base import AcquireResult, Claim, LeaseSession, LeaseStore
 from leaderrun.supervisor import (
     CANCELLING_SIGNALS,
     Child,

@@ -21,7 +21,7 @@ from leaderrun.config import DEFAULT_SCHEMA
 from leaderrun.errors import ConfigError
 from leaderrun.lease import LockId
 from leaderrun.runs import RunRecord
-from leaderrun.store import InitOutcome, LeaseStore, OperatorStore
+from leaderrun.stores.base import InitOutcome, LeaseStore, OperatorStore
 
 SQLITE_SCHEME = "sqlite"
 """The URI scheme of the embedded store: ``sqlite:///absolute/path.db``."""
@@ -148,8 +148,8 @@ def open_store(
                 f"{schema_label} {schema!r} is for PostgreSQL; a SQLite file has "
                 f"one leader_lease table (drop {schema_label}, or use another file)"
             )
-        from leaderrun.host import vouched_fs_types
-        from leaderrun.sqlite import SqliteLeaseStore
+        from leaderrun.stores.host import vouched_fs_types
+        from leaderrun.stores.sqlite import SqliteLeaseStore
 
         return SqliteLeaseStore(
             path,
@@ -158,7 +158,7 @@ def open_store(
             vouched_fs=vouched_fs_types(env),
         )
     # psycopg costs ~100 ms to import: only a PostgreSQL run pays for it.
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.stores.postgres import PostgresLeaseStore
 
     return PostgresLeaseStore(
         dsn, schema, attempt_budget_s=attempt_budget_s, create=create

@@ -1,7 +1,7 @@
 """The lease store interface, free of any database driver.
 
 A store hands out sessions; each session is one connection, used by one thread
-at a time. The PostgreSQL implementation lives in ``leaderrun.postgres`` (the
+at a time. The PostgreSQL implementation lives in ``leaderrun.stores.postgres`` (the
 only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
 """
 

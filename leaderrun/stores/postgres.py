@@ -51,7 +51,7 @@ from leaderrun.handoff import ListenRefusedError
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
 from leaderrun.runs import OncePer, RunEnd, RunOutcome, RunRecord
-from leaderrun.store import (
+from leaderrun.stores.base import (
     REVOKED_HOLDER,
     AcquireResult,
     Claim,

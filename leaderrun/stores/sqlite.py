@@ -1,7 +1,7 @@
 """The SQLite lease store: leases in one file, for every process of one host.
 
 The only module that imports ``sqlite3``. It keeps the PostgreSQL store's
-semantics (``leaderrun.postgres``): one ``leader_lease`` row per lock, taken by
+semantics (``leaderrun.stores.postgres``): one ``leader_lease`` row per lock, taken by
 an upsert only when it is free or expired, renewed and released by a
 compare-and-swap on holder and token, and never deleted, so the fencing token
 only grows.
@@ -37,7 +37,7 @@ it up at once and a stuck disk cannot hold the caller past ``busy_s`` plus
 token handed to a child must not be handed out again after a power cut.
 
 Where: WAL needs shared memory and POSIX locks of one kernel, so the file must
-be on a file system known to be local (:mod:`leaderrun.host`).
+be on a file system known to be local (:mod:`leaderrun.stores.host`).
 """
 
 from __future__ import annotations
@@ -63,17 +63,9 @@ from leaderrun.errors import (
     SchemaMissingError,
     StatementTimeoutError,
 )
-from leaderrun.host import (
-    VOLATILE_FS_TYPES,
-    HostClock,
-    Instant,
-    fs_refusal,
-    mount_fs_type,
-    read_mountinfo,
-)
 from leaderrun.lease import Lease, LockId
 from leaderrun.runs import OncePer, RunEnd, RunRecord, window_start_s
-from leaderrun.store import (
+from leaderrun.stores.base import (
     REVOKED_HOLDER,
     AcquireResult,
     Claim,
@@ -85,6 +77,14 @@ from leaderrun.store import (
     ReleaseResult,
     key_collision,
     release_outcome,
+)
+from leaderrun.stores.host import (
+    VOLATILE_FS_TYPES,
+    HostClock,
+    Instant,
+    fs_refusal,
+    mount_fs_type,
+    read_mountinfo,
 )
 
 log = logging.getLogger("leaderrun")
@@ -534,7 +534,8 @@ class SqliteLeaseStore(OperatorQueries):
             the renewal attempt budget, so a wait never outlasts an attempt.
         create: create the tables on first use if the file has none.
         vouched_fs: file system types the operator vouches are local
-            (``LEADERRUN_SQLITE_LOCAL_FS``, :func:`leaderrun.host.vouched_fs_types`).
+            (``LEADERRUN_SQLITE_LOCAL_FS``,
+            :func:`leaderrun.stores.host.vouched_fs_types`).
         clock: the host's clocks; read from ``/proc`` by default.
 
     Raises:

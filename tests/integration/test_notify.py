@@ -12,14 +12,14 @@ from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.postgres import (
+from leaderrun.runs import RunEnd, RunOutcome
+from leaderrun.stores.base import Claim
+from leaderrun.stores.postgres import (
     MAX_CHANNEL_BYTES,
     PostgresLeaseStore,
     PostgresListener,
     release_channel,
 )
-from leaderrun.runs import RunEnd, RunOutcome
-from leaderrun.store import Claim
 
 pytestmark = pytest.mark.pg
 

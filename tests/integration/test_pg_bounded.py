@@ -28,9 +28,14 @@ from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.postgres import RUN_TABLE, TABLE, PostgresLeaseStore, PostgresSession
 from leaderrun.runs import RunEnd, RunOutcome
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
+from leaderrun.stores.postgres import (
+    RUN_TABLE,
+    TABLE,
+    PostgresLeaseStore,
+    PostgresSession,
+)
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 

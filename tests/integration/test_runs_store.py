@@ -17,9 +17,9 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.postgres import RUN_TABLE, TABLE, PostgresLeaseStore, window_sql
 from leaderrun.runs import OncePer, RunEnd, RunOutcome, window_start_s
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.stores.base import AcquireResult, Claim
+from leaderrun.stores.postgres import RUN_TABLE, TABLE, PostgresLeaseStore, window_sql
 
 pytestmark = pytest.mark.pg
 

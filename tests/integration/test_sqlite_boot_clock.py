@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from leaderrun.clock import boottime
-from leaderrun.host import HostClock
 from leaderrun.lease import Lease, LockId, parse_lock_id
 from leaderrun.runs import OncePer, iso_utc
-from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
-from leaderrun.store import Claim, ReleaseAction
+from leaderrun.stores.base import Claim, ReleaseAction
+from leaderrun.stores.host import HostClock
+from leaderrun.stores.sqlite import SqliteLeaseStore, SqliteSession
 from tests.helpers.sqlite_clocks import SetClock, ShiftedWall, other_boot_id
 
 LEASE_S = 30.0

@@ -25,8 +25,8 @@ from leaderrun.errors import (
     StatementTimeoutError,
 )
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.sqlite import STATEMENT_ALLOWANCE_S, SqliteLeaseStore
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
+from leaderrun.stores.sqlite import STATEMENT_ALLOWANCE_S, SqliteLeaseStore
 from tests.helpers.sqlite_clocks import StuckClock
 
 LEASE_S = 30.0

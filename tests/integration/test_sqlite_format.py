@@ -21,8 +21,8 @@ from leaderrun.errors import (
     SchemaMissingError,
 )
 from leaderrun.lease import parse_lock_id
-from leaderrun.sqlite import APPLICATION_ID, FORMAT, SqliteLeaseStore
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
+from leaderrun.stores.sqlite import APPLICATION_ID, FORMAT, SqliteLeaseStore
 from tests.helpers import sqlite_format0 as format0
 from tests.helpers.sqlite_clocks import SetClock
 

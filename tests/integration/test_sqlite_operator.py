@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.sqlite import SqliteLeaseStore
-from leaderrun.store import REVOKED_HOLDER, Claim
+from leaderrun.stores.base import REVOKED_HOLDER, Claim
+from leaderrun.stores.sqlite import SqliteLeaseStore
 
 pytestmark = pytest.mark.slow
 

@@ -25,10 +25,10 @@ from leaderrun.errors import (
     LeaderrunError,
     SchemaMissingError,
 )
-from leaderrun.host import VOLATILE_FS_TYPES
 from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
-from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
+from leaderrun.stores.host import VOLATILE_FS_TYPES
+from leaderrun.stores.sqlite import SqliteLeaseStore, SqliteSession
 
 CONTENDER = str(Path(__file__).parent.parent / "helpers" / "sqlite_contender.py")
 LEASE_S = 30.0

@@ -22,9 +22,9 @@ from leaderrun.errors import (
     SchemaMissingError,
 )
 from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
-from leaderrun.postgres import TABLE, PostgresLeaseStore, PostgresSession
 from leaderrun.redact import MASK, dsn_secrets
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.stores.base import AcquireResult, Claim
+from leaderrun.stores.postgres import TABLE, PostgresLeaseStore, PostgresSession
 
 pytestmark = pytest.mark.pg
 

@@ -16,7 +16,7 @@ import pytest
 
 from leaderrun.errors import StatementTimeoutError
 from leaderrun.lease import parse_lock_id
-from leaderrun.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres import PostgresLeaseStore
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, readline
 from tests.integration.test_pg_bounded import (
     BOUND_S,

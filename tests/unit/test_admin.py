@@ -12,7 +12,7 @@ from leaderrun.admin import LockState
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import parse_lock_id
 from leaderrun.runs import RunRecord
-from leaderrun.store import (
+from leaderrun.stores.base import (
     REVOKED_HOLDER,
     LeaseRecord,
     LeaseSnapshot,

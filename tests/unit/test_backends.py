@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from leaderrun.backends import (
+from leaderrun.errors import EXIT_USAGE, ConfigError
+from leaderrun.stores import (
     NO_DSN_MESSAGE,
     configured,
     is_sqlite,
@@ -15,8 +16,7 @@ from leaderrun.backends import (
     sqlite_path,
     table_label,
 )
-from leaderrun.errors import EXIT_USAGE, ConfigError
-from leaderrun.sqlite import SqliteLeaseStore
+from leaderrun.stores.sqlite import SqliteLeaseStore
 
 
 @pytest.mark.parametrize(

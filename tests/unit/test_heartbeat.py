@@ -18,7 +18,7 @@ import pytest
 from leaderrun.clock import boottime
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import Lease, Timing, kill_deadline, make_timing, parse_lock_id
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
 from tests.helpers.waiting import wait_until
 

@@ -25,7 +25,7 @@ from leaderrun.runs import (
     iso_utc,
     window_start_s,
 )
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.stores.base import AcquireResult, Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore
 
 # --- windows ----------------------------------------------------------------------

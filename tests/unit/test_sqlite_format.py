@@ -2,8 +2,8 @@
 
 import pytest
 
-from leaderrun.host import Instant
-from leaderrun.sqlite import (
+from leaderrun.stores.host import Instant
+from leaderrun.stores.sqlite import (
     APPLICATION_ID,
     FORMAT,
     RUN_TABLE,

@@ -6,7 +6,7 @@ import pytest
 
 from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.stores.base import AcquireResult, Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore
 
 LEASE_S = 30.0
