@@ -616,7 +616,7 @@ def init(
 
             typer.echo(sqlite_setup_sql(), nl=False)
             return
-        from leaderrun.stores.postgres import setup_sql
+        from leaderrun.stores.postgres_sql import setup_sql
 
         if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
             raise ConfigError(

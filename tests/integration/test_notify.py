@@ -14,12 +14,8 @@ from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId, parse_lock_id
 from leaderrun.runs import RunEnd, RunOutcome
 from leaderrun.stores.base import Claim
-from leaderrun.stores.postgres import (
-    MAX_CHANNEL_BYTES,
-    PostgresLeaseStore,
-    PostgresListener,
-    release_channel,
-)
+from leaderrun.stores.postgres import PostgresLeaseStore, PostgresListener
+from leaderrun.stores.postgres_sql import MAX_CHANNEL_BYTES, release_channel
 
 pytestmark = pytest.mark.pg
 

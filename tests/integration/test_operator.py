@@ -23,8 +23,9 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
 from leaderrun.lease import LockId, parse_lock_id
-from leaderrun.stores.base import REVOKED_HOLDER, Claim
-from leaderrun.stores.postgres import TABLE, PostgresLeaseStore, setup_sql
+from leaderrun.stores.base import REVOKED_HOLDER, TABLE, Claim
+from leaderrun.stores.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres_sql import setup_sql
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 

@@ -29,13 +29,8 @@ from psycopg.rows import TupleRow
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
 from leaderrun.lease import Lease, LockId, parse_lock_id
 from leaderrun.runs import RunEnd, RunOutcome
-from leaderrun.stores.base import Claim
-from leaderrun.stores.postgres import (
-    RUN_TABLE,
-    TABLE,
-    PostgresLeaseStore,
-    PostgresSession,
-)
+from leaderrun.stores.base import RUN_TABLE, TABLE, Claim
+from leaderrun.stores.postgres import PostgresLeaseStore, PostgresSession
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 

@@ -24,14 +24,9 @@ from psycopg.rows import TupleRow
 from leaderrun.errors import DatabaseUnavailableError, SchemaMissingError
 from leaderrun.lease import LockId, parse_lock_id
 from leaderrun.runs import OncePer
-from leaderrun.stores.base import Claim, InitOutcome
-from leaderrun.stores.postgres import (
-    RUN_TABLE,
-    TABLE,
-    TABLE_COLUMNS,
-    PostgresLeaseStore,
-    foreign_table,
-)
+from leaderrun.stores.base import RUN_TABLE, TABLE, Claim, InitOutcome
+from leaderrun.stores.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres_sql import TABLE_COLUMNS, foreign_table
 from tests.integration.test_pg_bounded import Attempt, open_transaction
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]

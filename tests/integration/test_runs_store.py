@@ -18,8 +18,9 @@ from psycopg.rows import TupleRow
 
 from leaderrun.lease import Lease, LockId, parse_lock_id
 from leaderrun.runs import OncePer, RunEnd, RunOutcome, window_start_s
-from leaderrun.stores.base import AcquireResult, Claim
-from leaderrun.stores.postgres import RUN_TABLE, TABLE, PostgresLeaseStore, window_sql
+from leaderrun.stores.base import RUN_TABLE, TABLE, AcquireResult, Claim
+from leaderrun.stores.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres_sql import window_sql
 
 pytestmark = pytest.mark.pg
 

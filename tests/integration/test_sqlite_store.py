@@ -336,7 +336,7 @@ def test_a_connection_left_in_a_transaction_is_caught(session, lock):
     lease = session.acquire(lock, claim(1), LEASE_S).lease
     assert lease is not None
     session._conn.execute("BEGIN")
-    with pytest.raises(LeaderrunError, match="left open"):
+    with pytest.raises(LeaderrunError, match="left in a transaction"):
         session.renew(lease, LEASE_S)
     session._conn.execute("ROLLBACK")
 

@@ -11,7 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("psycopg", "typer", "rich")
-OWNERS = {"leaderrun.cli", "leaderrun.stores.postgres", "leaderrun.__main__"}
+OWNERS = {
+    "leaderrun.cli",
+    "leaderrun.stores.postgres",
+    "leaderrun.stores.postgres_sql",
+    "leaderrun.__main__",
+}
 """The modules that own a heavy library (typer and rich; psycopg), and the entry."""
 
 CORE_MODULES = [
