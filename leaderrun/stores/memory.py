@@ -1,11 +1,13 @@
-"""The in-memory lease store: the SQL stores' contract, in a dictionary.
+"""The in-memory lease store: the whole store contract, in a dictionary.
 
-A test double (``leaderrun.testing`` re-exports it), and the reference the
-contract suite (``tests/contract``) holds the SQL stores to. It keeps their
-semantics: acquire takes a free or expired lock and bumps its fencing token,
-renewal is a compare-and-swap on holder and token, release keeps the row. Its
-"database time" is the clock it is given, so a test moves a lease to its expiry
-by advancing the clock.
+A test double (``leaderrun.testing`` re-exports it) that keeps the SQL stores'
+semantics, operators' side and run history included, so code built on
+leaderrun, and the command line's views of a store, can be tested without a
+database; the contract suite (``tests/contract``) runs the same tests on it as
+on PostgreSQL and SQLite. Acquire takes a free or expired lock and bumps its
+fencing token, renewal is a compare-and-swap on holder and token, release
+keeps the row. Its "database time" is the clock it is given, so a test moves a
+lease to its expiry by advancing the clock.
 """
 
 from __future__ import annotations
@@ -17,8 +19,28 @@ from datetime import UTC, datetime
 
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
 from leaderrun.lease import Lease, LockId
-from leaderrun.runs import OncePer, RunEnd, RunOutcome, window_start_s
-from leaderrun.stores.base import AcquireResult, Claim, key_collision
+from leaderrun.runs import (
+    RUNNING,
+    OncePer,
+    RunEnd,
+    RunOutcome,
+    RunRecord,
+    window_start_s,
+)
+from leaderrun.stores.base import (
+    MAX_COMMAND_CHARS,
+    REVOKED_HOLDER,
+    AcquireResult,
+    Claim,
+    InitOutcome,
+    LeaseRecord,
+    LeaseSnapshot,
+    ManagedStore,
+    ReleaseAction,
+    ReleaseResult,
+    key_collision,
+    release_outcome,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,10 @@ class LeaseRow:
     window_start_s: float | None = None
     window_ok: bool | None = None
 
+    def live(self, now_s: float) -> bool:
+        """Whether the lease is held at ``now_s`` (by a holder, or revoked)."""
+        return self.holder is not None and self.expires_at_s > now_s
+
 
 @dataclass
 class RunRow:
@@ -53,19 +79,22 @@ class RunRow:
     finished_at_s: float | None = None
     exit_status: int | None = None
     outcome: str | None = None
+    pid: int | None = None
+    command: str | None = None
 
 
-class InMemoryLeaseStore:
+class InMemoryLeaseStore(ManagedStore):
     """Leases in a dictionary, with the SQL's semantics and a given clock.
 
     Args:
-        clock: the "database clock"; a :class:`FakeClock` in tests.
+        clock: the "database clock"; a :class:`~leaderrun.testing.FakeClock`
+            in tests.
 
     Set ``available = False`` to make every connect and statement fail as an
     unreachable database does, or put kinds of statement ("acquire", "renew",
-    "release") in ``failing`` to make only those time out (as behind a row
-    lock) while the rest are answered. ``statements`` counts the statements
-    run, by kind.
+    "release", "snapshot", "operator_release", "history") in ``failing`` to
+    make only those time out (as behind a row lock) while the rest are
+    answered. ``statements`` counts the lease statements run, by kind.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -77,6 +106,9 @@ class InMemoryLeaseStore:
         self.runs: dict[tuple[int, int], RunRow] = {}
         """The run history, by (lock key, token)."""
         self.statements: dict[str, int] = {"acquire": 0, "renew": 0, "release": 0}
+        self.initialized = False
+        """Whether ``init`` ran, or a lock was taken: the "tables" exist."""
+        # Held by every statement: each is atomic, as one SQL statement is.
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -91,6 +123,13 @@ class InMemoryLeaseStore:
         """
         self._check()
         return InMemorySession(self)
+
+    def init(self) -> InitOutcome:
+        """Created the first time, current after: there is nothing to upgrade."""
+        self._check()
+        with self._lock:
+            created, self.initialized = not self.initialized, True
+        return InitOutcome.created if created else InitOutcome.current
 
     def take_over(self, lock: LockId, holder: str = "thief") -> LeaseRow:
         """Give the lock to ``holder`` with a new token, as a forced takeover would."""
@@ -110,159 +149,9 @@ class InMemoryLeaseStore:
                 f"the in-memory {kind} timed out (the test made it fail)"
             )
 
-    def _acquire(
-        self,
-        lock: LockId,
-        claim: Claim,
-        lease_s: float,
-        once_per: OncePer | None = None,
-        history_keep: int | None = None,
-    ) -> AcquireResult:
-        with self._lock:
-            self._check("acquire")
-            self.statements["acquire"] += 1
-            now_s = self.clock()
-            row = self.rows.get(lock.key)
-            if row is not None and row.name != lock.name:
-                raise key_collision(lock, row.name)
-            window_s = (
-                None
-                if once_per is None
-                else window_start_s(now_s, once_per.period_s, once_per.offset_s)
-            )
-            done = (
-                once_per is not None
-                and row is not None
-                and row.window_start_s == window_s
-                and not (once_per.retry_failed and row.window_ok is not True)
-            )
-            if not done and (
-                row is None or row.holder is None or row.expires_at_s <= now_s
-            ):
-                token = 1 if row is None else row.token + 1
-                # Without --once-per, the row keeps the window of the last run
-                # that had one, as the SQL's coalesce does.
-                old_window_s, old_ok = (
-                    (row.window_start_s, row.window_ok)
-                    if row is not None and window_s is None
-                    else (window_s, None)
-                )
-                self.rows[lock.key] = LeaseRow(
-                    key=lock.key,
-                    name=lock.name,
-                    holder=claim.holder,
-                    token=token,
-                    acquired_at_s=now_s,
-                    renewed_at_s=now_s,
-                    expires_at_s=now_s + lease_s,
-                    host=claim.host,
-                    pid=claim.pid,
-                    command=claim.command,
-                    window_start_s=old_window_s,
-                    window_ok=old_ok,
-                )
-                if history_keep is not None:
-                    self._record_start(row, lock, claim, token, window_s, history_keep)
-                return AcquireResult(
-                    lease=Lease(lock, claim.holder, token),
-                    window_start=_utc(window_s),
-                )
-            if row is None:
-                return AcquireResult(lease=None)
-            return AcquireResult(
-                lease=None,
-                holder=row.holder,
-                holder_host=row.host,
-                holder_pid=row.pid,
-                expires_in_s=row.expires_at_s - now_s,
-                window_start=_utc(window_s),
-                window_done=done,
-            )
-
-    def _record_start(
-        self,
-        previous: LeaseRow | None,
-        lock: LockId,
-        claim: Claim,
-        token: int,
-        window_s: float | None,
-        keep: int,
-    ) -> None:
-        """The SQL's history CTEs: close dead holders' runs, record, prune."""
-        now_s = self.clock()
-        for (key, run_token), run in list(self.runs.items()):
-            if key != lock.key:
-                continue
-            if run_token <= token - keep:
-                del self.runs[(key, run_token)]
-            elif run.finished_at_s is None:
-                last_seen_s = (
-                    previous.renewed_at_s
-                    if previous is not None and previous.token == run_token
-                    else now_s
-                )
-                run.finished_at_s, run.outcome = last_seen_s, RunOutcome.lost.value
-        self.runs[(lock.key, token)] = RunRow(
-            key=lock.key,
-            name=lock.name,
-            token=token,
-            holder=claim.holder,
-            host=claim.host,
-            window_start_s=window_s,
-            started_at_s=now_s,
-        )
-
-    def _renew(self, lease: Lease, lease_s: float) -> bool:
-        with self._lock:
-            self._check("renew")
-            self.statements["renew"] += 1
-            row = self.rows.get(lease.lock.key)
-            if row is None or (row.holder, row.token) != (lease.holder, lease.token):
-                return False
-            now_s = self.clock()
-            if row.expires_at_s <= now_s:  # as the SQL: an expired lease stays so
-                return False
-            self.rows[lease.lock.key] = replace(
-                row, renewed_at_s=now_s, expires_at_s=now_s + lease_s
-            )
-            return True
-
-    def _release(self, lease: Lease, end: RunEnd | None = None) -> bool:
-        with self._lock:
-            self._check("release")
-            self.statements["release"] += 1
-            now_s = self.clock()
-            run = self.runs.get((lease.lock.key, lease.token))
-            if (
-                end is not None
-                and run is not None
-                and run.holder == lease.holder
-                and (run.finished_at_s is None or run.outcome == RunOutcome.lost)
-            ):
-                if run.finished_at_s is None:
-                    run.finished_at_s = now_s
-                run.exit_status = end.exit_status
-                run.outcome = end.outcome.value
-            row = self.rows.get(lease.lock.key)
-            if row is None or (row.holder, row.token) != (lease.holder, lease.token):
-                return False
-            hold_until_s = row.acquired_at_s + (0.0 if end is None else end.min_hold_s)
-            window_ok = None if end is None else end.window_ok
-            self.rows[lease.lock.key] = replace(
-                row,
-                holder=row.holder if hold_until_s > now_s else None,
-                expires_at_s=max(now_s, hold_until_s),
-                window_ok=row.window_ok if window_ok is None else window_ok,
-            )
-            return True
-
-
-def _utc(epoch_s: float | None) -> datetime | None:
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, UTC)
-
 
 class InMemorySession:
-    """A session on an :class:`InMemoryLeaseStore`."""
+    """A session on an :class:`InMemoryLeaseStore`; each method is one statement."""
 
     def __init__(self, store: InMemoryLeaseStore) -> None:
         self.store = store
@@ -282,19 +171,273 @@ class InMemorySession:
         With ``once_per``, refuse when the store clock's window already ran;
         with ``history_keep``, record the run and prune, as the SQL does.
         """
-        return self.store._acquire(lock, claim, lease_s, once_per, history_keep)
+        store = self.store
+        with store._lock:
+            store._check("acquire")
+            store.statements["acquire"] += 1
+            store.initialized = True
+            now_s = store.clock()
+            row = store.rows.get(lock.key)
+            if row is not None and row.name != lock.name:
+                raise key_collision(lock, row.name)
+            window_s = (
+                None
+                if once_per is None
+                else window_start_s(now_s, once_per.period_s, once_per.offset_s)
+            )
+            done = (
+                once_per is not None
+                and row is not None
+                and row.window_start_s == window_s
+                and not (once_per.retry_failed and row.window_ok is not True)
+            )
+            if row is not None and (done or row.live(now_s)):
+                return AcquireResult(
+                    lease=None,
+                    holder=row.holder,
+                    holder_host=row.host,
+                    holder_pid=row.pid,
+                    expires_in_s=row.expires_at_s - now_s,
+                    window_start=_utc(window_s),
+                    window_done=done,
+                )
+            token = 1 if row is None else row.token + 1
+            # Without --once-per, the row keeps the window of the last run that
+            # had one, as the SQL's coalesce does.
+            keep_window = row is not None and window_s is None
+            store.rows[lock.key] = LeaseRow(
+                key=lock.key,
+                name=lock.name,
+                holder=claim.holder,
+                token=token,
+                acquired_at_s=now_s,
+                renewed_at_s=now_s,
+                expires_at_s=now_s + lease_s,
+                host=claim.host,
+                pid=claim.pid,
+                command=claim.command[:MAX_COMMAND_CHARS],
+                window_start_s=row.window_start_s if keep_window and row else window_s,
+                window_ok=row.window_ok if keep_window and row else None,
+            )
+            if history_keep is not None:
+                self._record_start(row, lock, claim, token, window_s, history_keep)
+            return AcquireResult(
+                lease=Lease(lock, claim.holder, token), window_start=_utc(window_s)
+            )
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
-        """Extend our lease; False if it is no longer ours."""
-        return self.store._renew(lease, lease_s)
+        """Extend our lease; False if it is no longer ours, or expired."""
+        store = self.store
+        with store._lock:
+            store._check("renew")
+            store.statements["renew"] += 1
+            row = store.rows.get(lease.lock.key)
+            if row is None or (row.holder, row.token) != (lease.holder, lease.token):
+                return False
+            now_s = store.clock()
+            if row.expires_at_s <= now_s:  # as the SQL: an expired lease stays so
+                return False
+            store.rows[lease.lock.key] = replace(
+                row, renewed_at_s=now_s, expires_at_s=now_s + lease_s
+            )
+            return True
 
     def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
         """End our lease now, keeping the row and its token.
 
         With ``end``, close the run and hold the lease for ``--min-hold``.
         """
-        return self.store._release(lease, end)
+        store = self.store
+        with store._lock:
+            store._check("release")
+            store.statements["release"] += 1
+            now_s = store.clock()
+            run = store.runs.get((lease.lock.key, lease.token))
+            if (
+                end is not None
+                and run is not None
+                and run.holder == lease.holder
+                and (run.finished_at_s is None or run.outcome == RunOutcome.lost)
+            ):
+                if run.finished_at_s is None:
+                    run.finished_at_s = now_s
+                run.exit_status = end.exit_status
+                run.outcome = end.outcome.value
+            row = store.rows.get(lease.lock.key)
+            if row is None or (row.holder, row.token) != (lease.holder, lease.token):
+                return False
+            hold_until_s = row.acquired_at_s + (0.0 if end is None else end.min_hold_s)
+            window_ok = None if end is None else end.window_ok
+            store.rows[lease.lock.key] = replace(
+                row,
+                holder=row.holder if hold_until_s > now_s else None,
+                expires_at_s=max(now_s, hold_until_s),
+                window_ok=row.window_ok if window_ok is None else window_ok,
+            )
+            return True
+
+    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
+        """Every lock's row, or only ``lock``'s, and the store's now."""
+        store = self.store
+        with store._lock:
+            store._check("snapshot")
+            now_s = store.clock()
+            rows = [
+                row
+                for row in store.rows.values()
+                if lock is None or row.key == lock.key
+            ]
+        rows.sort(key=lambda row: (row.name is None, row.name or "", row.key))
+        return LeaseSnapshot(_at(now_s), tuple(_record(row) for row in rows))
+
+    def operator_release(
+        self, lock: LockId, *, force: bool, token: int | None = None
+    ) -> ReleaseResult:
+        """An operator's release, decided as the SQL's conditional UPDATE does."""
+        store = self.store
+
+        def update() -> ReleaseResult | None:
+            with store._lock:
+                store._check("operator_release")
+                now_s = store.clock()
+                row = store.rows.get(lock.key)
+                if row is None or row.holder is None:
+                    return None
+                if token is not None and row.token != token:
+                    return None
+                expired = row.expires_at_s <= now_s
+                if not (expired or (force and row.holder != REVOKED_HOLDER)):
+                    return None
+                row = replace(row, holder=None if expired else REVOKED_HOLDER)
+                store.rows[lock.key] = row
+            action = ReleaseAction.freed if expired else ReleaseAction.revoked
+            return ReleaseResult(action, _record(row), _at(now_s))
+
+        return release_outcome(lock, token, update, lambda: self.snapshot(lock))
+
+    def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
+        """The newest ``limit`` runs, of one lock or of all, newest first."""
+        runs = self._runs(lock)
+        runs.sort(
+            key=lambda run: (-run.started_at.timestamp(), run.lock_key, -run.token)
+        )
+        return runs[:limit]
+
+    def last_runs(self) -> list[RunRecord]:
+        """The newest run of every lock that has one, by lock key."""
+        newest: dict[int, RunRecord] = {}
+        for run in self._runs(None):
+            if run.lock_key not in newest or run.token > newest[run.lock_key].token:
+                newest[run.lock_key] = run
+        return [newest[key] for key in sorted(newest)]
 
     def close(self) -> None:
         """Mark the session closed."""
         self.closed = True
+
+    def _runs(self, lock: LockId | None) -> list[RunRecord]:
+        """The history's runs (of ``lock``, or all), as the SQL's views show them."""
+        store = self.store
+        with store._lock:
+            store._check("history")
+            now_s = store.clock()
+            return [
+                _run_record(run, store.rows.get(run.key), now_s)
+                for run in store.runs.values()
+                if lock is None or run.key == lock.key
+            ]
+
+    def _record_start(
+        self,
+        previous: LeaseRow | None,
+        lock: LockId,
+        claim: Claim,
+        token: int,
+        window_s: float | None,
+        keep: int,
+    ) -> None:
+        """The SQL's history CTEs: close dead holders' runs, record, prune."""
+        store = self.store
+        now_s = store.clock()
+        for (key, run_token), run in list(store.runs.items()):
+            if key != lock.key:
+                continue
+            if run_token <= token - keep:
+                del store.runs[(key, run_token)]
+            elif run.finished_at_s is None:
+                last_seen_s = (
+                    previous.renewed_at_s
+                    if previous is not None and previous.token == run_token
+                    else now_s
+                )
+                run.finished_at_s, run.outcome = last_seen_s, RunOutcome.lost.value
+        store.runs[(lock.key, token)] = RunRow(
+            key=lock.key,
+            name=lock.name,
+            token=token,
+            holder=claim.holder,
+            host=claim.host,
+            window_start_s=window_s,
+            started_at_s=now_s,
+            pid=claim.pid,
+            command=claim.command[:MAX_COMMAND_CHARS],
+        )
+
+
+def _at(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _utc(epoch_s: float | None) -> datetime | None:
+    return None if epoch_s is None else _at(epoch_s)
+
+
+def _record(row: LeaseRow) -> LeaseRecord:
+    return LeaseRecord(
+        key=row.key,
+        name=row.name,
+        holder=row.holder,
+        token=row.token,
+        acquired_at=_at(row.acquired_at_s),
+        renewed_at=_at(row.renewed_at_s),
+        expires_at=_at(row.expires_at_s),
+        host=row.host,
+        pid=row.pid,
+        command=row.command,
+    )
+
+
+def _run_record(run: RunRow, lease: LeaseRow | None, now_s: float) -> RunRecord:
+    """A run as ``history`` shows it.
+
+    One with no outcome is running while its lease (same token) is live, and
+    otherwise lost.
+    """
+    same_term = lease is not None and lease.token == run.token
+    if run.outcome is not None:
+        outcome = run.outcome
+    elif same_term and lease is not None and lease.live(now_s):
+        outcome = RUNNING
+    else:
+        outcome = RunOutcome.lost.value
+    if run.finished_at_s is not None:
+        end_s = run.finished_at_s
+    elif same_term and lease is not None:
+        end_s = min(lease.renewed_at_s, now_s)
+    else:
+        end_s = now_s
+    return RunRecord(
+        lock_key=run.key,
+        lock_name=run.name,
+        token=run.token,
+        holder=run.holder,
+        host=run.host,
+        pid=run.pid,
+        command=run.command,
+        window_start=_utc(run.window_start_s),
+        started_at=_at(run.started_at_s),
+        finished_at=_utc(run.finished_at_s),
+        exit_status=run.exit_status,
+        outcome=outcome,
+        duration_s=end_s - run.started_at_s,
+    )
