@@ -1,11 +1,11 @@
 """Where leases live; which store a DSN names: PostgreSQL, or SQLite for one host.
 
-The stores and what they share are in the modules of this package:
-:mod:`~leaderrun.stores.base` (the contract, and the SQL stores' shared
-session), :mod:`~leaderrun.stores.postgres` with its statements in
-:mod:`~leaderrun.stores.postgres_sql`, :mod:`~leaderrun.stores.sqlite` with
-what it needs of the host in :mod:`~leaderrun.stores.host`, and
-:mod:`~leaderrun.stores.memory` for tests.
+The stores and what they share are the modules of this package:
+:mod:`~leaderrun.stores.base` (the contract), :mod:`~leaderrun.stores.sql` (the
+session the SQL stores share), :mod:`~leaderrun.stores.postgres` with its
+statements in :mod:`~leaderrun.stores.postgres_sql`,
+:mod:`~leaderrun.stores.sqlite` with what it needs of the host in
+:mod:`~leaderrun.stores.host`, and :mod:`~leaderrun.stores.memory` for tests.
 
 ``--dsn sqlite:///var/lib/leaderrun/leases.db`` picks the embedded store; any
 other DSN (a ``postgresql://`` URI or ``key=value`` pairs) is PostgreSQL's. With

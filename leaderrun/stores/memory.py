@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
@@ -36,8 +36,8 @@ from leaderrun.stores.base import (
     LeaseRecord,
     LeaseSnapshot,
     ManagedStore,
-    ReleaseAction,
     ReleaseResult,
+    from_row,
     key_collision,
     release_outcome,
 )
@@ -296,7 +296,7 @@ class InMemorySession:
         """An operator's release, decided as the SQL's conditional UPDATE does."""
         store = self.store
 
-        def update() -> ReleaseResult | None:
+        def update() -> LeaseSnapshot | None:
             with store._lock:
                 store._check("operator_release")
                 now_s = store.clock()
@@ -310,8 +310,7 @@ class InMemorySession:
                     return None
                 row = replace(row, holder=None if expired else REVOKED_HOLDER)
                 store.rows[lock.key] = row
-            action = ReleaseAction.freed if expired else ReleaseAction.revoked
-            return ReleaseResult(action, _record(row), _at(now_s))
+            return LeaseSnapshot(_at(now_s), (_record(row),))
 
         return release_outcome(lock, token, update, lambda: self.snapshot(lock))
 
@@ -393,51 +392,41 @@ def _utc(epoch_s: float | None) -> datetime | None:
 
 
 def _record(row: LeaseRow) -> LeaseRecord:
-    return LeaseRecord(
-        key=row.key,
-        name=row.name,
-        holder=row.holder,
-        token=row.token,
-        acquired_at=_at(row.acquired_at_s),
-        renewed_at=_at(row.renewed_at_s),
-        expires_at=_at(row.expires_at_s),
-        host=row.host,
-        pid=row.pid,
-        command=row.command,
-    )
+    return from_row(LeaseRecord, asdict(row), _at, _LEASE_FIELDS)
+
+
+_LEASE_FIELDS = {
+    f"{name}_at": f"{name}_at_s" for name in ("acquired", "renewed", "expires")
+}
+"""The row's field behind each :class:`LeaseRecord` time."""
+
+_RUN_FIELDS = {
+    "lock_key": "key",
+    "lock_name": "name",
+    **{name: f"{name}_s" for name in ("window_start", "started_at", "finished_at")},
+}
+"""The run's field behind each :class:`RunRecord` field of another name."""
 
 
 def _run_record(run: RunRow, lease: LeaseRow | None, now_s: float) -> RunRecord:
     """A run as ``history`` shows it.
 
     One with no outcome is running while its lease (same token) is live, and
-    otherwise lost.
+    otherwise lost; one that has not finished has lasted until its lease's
+    last renewal, or until now.
     """
-    same_term = lease is not None and lease.token == run.token
+    term = lease if lease is not None and lease.token == run.token else None
     if run.outcome is not None:
         outcome = run.outcome
-    elif same_term and lease is not None and lease.live(now_s):
+    elif term is not None and term.live(now_s):
         outcome = RUNNING
     else:
         outcome = RunOutcome.lost.value
     if run.finished_at_s is not None:
         end_s = run.finished_at_s
-    elif same_term and lease is not None:
-        end_s = min(lease.renewed_at_s, now_s)
+    elif term is not None:
+        end_s = min(term.renewed_at_s, now_s)
     else:
         end_s = now_s
-    return RunRecord(
-        lock_key=run.key,
-        lock_name=run.name,
-        token=run.token,
-        holder=run.holder,
-        host=run.host,
-        pid=run.pid,
-        command=run.command,
-        window_start=_utc(run.window_start_s),
-        started_at=_at(run.started_at_s),
-        finished_at=_utc(run.finished_at_s),
-        exit_status=run.exit_status,
-        outcome=outcome,
-        duration_s=end_s - run.started_at_s,
-    )
+    row = {**asdict(run), "outcome": outcome, "duration_s": end_s - run.started_at_s}
+    return from_row(RunRecord, row, _at, _RUN_FIELDS)

@@ -1,7 +1,7 @@
 """The PostgreSQL lease store: connections, the session's dialect, the listener.
 
 The statements are in :mod:`leaderrun.stores.postgres_sql`; what the session
-does with them it shares with SQLite (:class:`leaderrun.stores.base.SqlSession`).
+does with them it shares with SQLite (:class:`leaderrun.stores.sql.SqlSession`).
 This module opens connections and runs statements on them, and maps psycopg's
 errors to leaderrun's. Connections carry no session state (``no-session-state``,
 docs/safety.md): autocommit, no SET, no advisory locks, no prepared
@@ -50,19 +50,13 @@ from leaderrun.handoff import ListenRefusedError
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
 from leaderrun.runs import RunEnd
-from leaderrun.stores.base import (
-    RUN_TABLE,
-    TABLE,
-    InitOutcome,
-    Row,
-    SqlSession,
-    SqlStore,
-)
+from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome, Row
 from leaderrun.stores.postgres_sql import (
     CREATE,
     INSPECT,
     LISTEN,
     LOCK_TIMEOUT,
+    MISSING_GRANTS,
     OPERATOR_PRIVILEGES,
     QUERIES,
     RUN_PRIVILEGES,
@@ -77,6 +71,7 @@ from leaderrun.stores.postgres_sql import (
     release_channel,
     statement,
 )
+from leaderrun.stores.sql import SqlSession, SqlStore
 
 log = logging.getLogger("leaderrun")
 
@@ -370,15 +365,6 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
             session.close()
             raise
         return PostgresListener(session.wire, channel, self.clean)
-
-    def stuck(self, what: str, bound_s: float) -> str:
-        """The message for a statement that was given up after its bound."""
-        return (
-            f"the {what} did not finish within {bound_s:.3g}s on "
-            f"{self.describe()} and was cancelled: another session's open "
-            "transaction likely holds the row or table it needs (look for 'idle "
-            "in transaction' in pg_stat_activity), or the server is frozen"
-        )
 
     def _open(self, purpose: str) -> _Wire:
         """A connection in autocommit, without prepared statements (no session state).
@@ -695,7 +681,12 @@ class PostgresSession(SqlSession):
         self.wire.close()
 
     def _stuck(self, what: str, bound_s: float) -> str:
-        return self._store.stuck(what, bound_s)
+        return (
+            f"the {what} did not finish within {bound_s:.3g}s on "
+            f"{self._store.describe()} and was cancelled: another session's open "
+            "transaction likely holds the row or table it needs (look for 'idle "
+            "in transaction' in pg_stat_activity), or the server is frozen"
+        )
 
     def _given_up(self, what: str) -> str:
         return (
@@ -783,17 +774,7 @@ def _missing_grants(conn: psycopg.Connection[Any], schema: str) -> str:
     grantee = sql.Identifier(role).as_string()
     try:
         row = conn.execute(
-            # By oid from the catalog: without USAGE on the schema the table
-            # could not be named, yet its grants still count.
-            "SELECT has_schema_privilege(%(schema)s, 'USAGE'), "
-            "ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p, "
-            "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %(schema)s AND c.relname = %(table)s "
-            "AND NOT has_table_privilege(c.oid, p)), "
-            "ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p, "
-            "pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %(schema)s AND c.relname = %(runs)s "
-            "AND NOT has_table_privilege(c.oid, p))",
+            MISSING_GRANTS,
             {
                 "schema": schema,
                 "table": TABLE,

@@ -4,7 +4,7 @@ Every lease statement is a single autocommit statement whose times come from the
 server's ``now()`` (``database-clock``, ``one-statement``, docs/safety.md).
 Schema and table are always quoted identifiers (:func:`statement` fills them
 in), and every value is a bound parameter. :data:`QUERIES` names the statements
-the shared SQL session runs (:data:`leaderrun.stores.base.QUERIES`); the store
+the shared SQL session runs (:data:`leaderrun.stores.sql.QUERIES`); the store
 in :mod:`leaderrun.stores.postgres` runs them.
 
 Which tables are leaderrun's (``own-tables-only``): its own are told by their
@@ -21,7 +21,8 @@ from typing import LiteralString
 from psycopg import sql
 
 from leaderrun.errors import ForeignTableError, SchemaMissingError
-from leaderrun.stores.base import RUN_TABLE, TABLE, columns_of
+from leaderrun.stores.base import RUN_TABLE, TABLE
+from leaderrun.stores.sql import columns_of
 
 # {create} is CREATE TABLE IF NOT EXISTS in the SQL printed for a DBA (safe to
 # repeat), and a plain CREATE TABLE when leaderrun runs it, in one transaction
@@ -481,7 +482,7 @@ QUERIES: Mapping[str, LiteralString] = {
     "history": HISTORY,
     "last_runs": LAST_RUNS,
 }
-"""The statement of each query the shared SQL session names (``base.QUERIES``)."""
+"""The statement of each query the shared SQL session names (``sql.QUERIES``)."""
 
 # By oid from the catalog: without USAGE on the schema the table could not be
 # named, yet its grants still count.

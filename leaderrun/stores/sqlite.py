@@ -64,15 +64,7 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import LockId
 from leaderrun.runs import window_start_s
-from leaderrun.stores.base import (
-    RUN_TABLE,
-    TABLE,
-    InitOutcome,
-    Row,
-    SqlSession,
-    SqlStore,
-    columns_of,
-)
+from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome, Row
 from leaderrun.stores.host import (
     VOLATILE_FS_TYPES,
     HostClock,
@@ -81,6 +73,7 @@ from leaderrun.stores.host import (
     mount_fs_type,
     read_mountinfo,
 )
+from leaderrun.stores.sql import SqlSession, SqlStore, columns_of
 
 log = logging.getLogger("leaderrun")
 
@@ -684,7 +677,7 @@ class SqliteSession(SqlSession):
     Every method is one call on a worker thread, bounded by the store's
     ``bound_s``; a call that finds the file's write lock taken is retried
     there for at most ``busy_s``. A call given up leaves the session dead (see
-    :class:`~leaderrun.stores.base.SqlSession`).
+    :class:`~leaderrun.stores.sql.SqlSession`).
     """
 
     _store: SqliteLeaseStore
@@ -822,7 +815,7 @@ class SqliteSession(SqlSession):
         self, name: str, params: Mapping[str, Any], lock: LockId | None
     ) -> list[Row]:
         what = _WHAT[name].format(lock=repr(str(lock)))
-        unit = _UNITS[name]
+        unit = QUERIES[name]
         if name in _READS:
             return self._call(
                 what,
@@ -1045,7 +1038,7 @@ def _statement(statement: str) -> Unit:
     return lambda conn, params: _fetch(conn, statement, params)
 
 
-_UNITS: Mapping[str, Unit] = {
+QUERIES: Mapping[str, Unit] = {
     "acquire": _acquire,
     "renew": _statement(_RENEW),
     "release": _release,
@@ -1054,7 +1047,7 @@ _UNITS: Mapping[str, Unit] = {
     "history": _statement(_HISTORY),
     "last_runs": _statement(_LAST_RUNS),
 }
-"""The SQLite twin of each query the shared SQL session names (``base.QUERIES``)."""
+"""The SQLite twin of each query the shared SQL session names (``sql.QUERIES``)."""
 
 _READS = frozenset({"snapshot", "history", "last_runs"})
 """The queries that only read: no write transaction, no write lock."""
