@@ -17,30 +17,21 @@ from pathlib import Path
 import pytest
 
 from leaderrun.clock import boottime
-from leaderrun.lease import Lease, LockId, parse_lock_id
+from leaderrun.lease import Lease, LockId
 from leaderrun.runs import OncePer, iso_utc
-from leaderrun.stores.base import Claim, ReleaseAction
+from leaderrun.stores.base import ReleaseAction
 from leaderrun.stores.host import HostClock
 from leaderrun.stores.sqlite import SqliteLeaseStore, SqliteSession
 from tests.helpers.sqlite_clocks import SetClock, ShiftedWall, other_boot_id
+from tests.stores import LEASE_S, claim
 
-LEASE_S = 30.0
 STEP_S = 120.0
 """A wall-clock step well past any lease here, as in the fault scenario."""
-
-
-def claim(n: int) -> Claim:
-    return Claim(holder=f"host:{n}:nonce", host="host", pid=n, command="job")
 
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "leases.db"
-
-
-@pytest.fixture
-def lock() -> LockId:
-    return parse_lock_id("nightly-backup")
 
 
 @pytest.fixture
