@@ -38,6 +38,10 @@ MAX_COMMAND_CHARS = 1000
 """The command shown in ``status`` is cut to this many characters."""
 
 
+Row = Mapping[str, Any]
+"""One row of a store's table or query, by column name."""
+
+
 def key_collision(lock: LockId, other_name: str | None) -> ConfigError:
     """The error for a lock whose 64-bit key a lock of another name already uses.
 
@@ -79,6 +83,40 @@ class AcquireResult:
     """With ``once_per``: the current window's start, in database time."""
     window_done: bool = False
     """With ``once_per``: refused because the current window already ran."""
+
+
+def acquire_result(
+    lock: LockId,
+    claim: Claim,
+    row: Row | None,
+    to_datetime: Callable[[Any], datetime],
+) -> AcquireResult:
+    """What one acquire decided, from its row (``acquire`` in ``sql.QUERIES``).
+
+    No row: someone took the lock just before. A refused row whose lock name is
+    not ``lock``'s is another lock on the same key: refused for good.
+
+    Raises:
+        ConfigError: ``lock``'s key is another lock name's.
+    """
+    if row is None:
+        return AcquireResult(lease=None)
+    window = row["window_start"]
+    window_start = None if window is None else to_datetime(window)
+    if row["acquired"]:
+        lease = Lease(lock, claim.holder, int(row["token"]))
+        return AcquireResult(lease=lease, window_start=window_start)
+    if row["lock_name"] != lock.name:
+        raise key_collision(lock, row["lock_name"])
+    return AcquireResult(
+        lease=None,
+        holder=row["holder"],
+        holder_host=row["host"],
+        holder_pid=row["pid"],
+        expires_in_s=row["expires_in_s"],
+        window_start=window_start,
+        window_done=bool(row["window_done"]),
+    )
 
 
 class LeaseSession(Protocol):
@@ -337,9 +375,6 @@ def release_outcome(
         f"could not release {lock}: its row kept changing; try again"
     )
 
-
-Row = Mapping[str, Any]
-"""One row of a store's table or query, by column name."""
 
 _R = TypeVar("_R")
 

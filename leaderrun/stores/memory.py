@@ -37,8 +37,8 @@ from leaderrun.stores.base import (
     LeaseSnapshot,
     ManagedStore,
     ReleaseResult,
+    acquire_result,
     from_row,
-    key_collision,
     release_outcome,
 )
 
@@ -178,8 +178,6 @@ class InMemorySession:
             store.initialized = True
             now_s = store.clock()
             row = store.rows.get(lock.key)
-            if row is not None and row.name != lock.name:
-                raise key_collision(lock, row.name)
             window_s = (
                 None
                 if once_per is None
@@ -191,16 +189,19 @@ class InMemorySession:
                 and row.window_start_s == window_s
                 and not (once_per.retry_failed and row.window_ok is not True)
             )
-            if row is not None and (done or row.live(now_s)):
-                return AcquireResult(
-                    lease=None,
-                    holder=row.holder,
-                    holder_host=row.host,
-                    holder_pid=row.pid,
-                    expires_in_s=row.expires_at_s - now_s,
-                    window_start=_utc(window_s),
-                    window_done=done,
-                )
+            if row is not None and (done or row.live(now_s) or row.name != lock.name):
+                refused = {
+                    "acquired": False,
+                    "token": row.token,
+                    "holder": row.holder,
+                    "host": row.host,
+                    "pid": row.pid,
+                    "expires_in_s": row.expires_at_s - now_s,
+                    "lock_name": row.name,
+                    "window_start": window_s,
+                    "window_done": done,
+                }
+                return acquire_result(lock, claim, refused, _at)
             token = 1 if row is None else row.token + 1
             # Without --once-per, the row keeps the window of the last run that
             # had one, as the SQL's coalesce does.
@@ -221,9 +222,8 @@ class InMemorySession:
             )
             if history_keep is not None:
                 self._record_start(row, lock, claim, token, window_s, history_keep)
-            return AcquireResult(
-                lease=Lease(lock, claim.holder, token), window_start=_utc(window_s)
-            )
+            taken = {"acquired": True, "token": token, "window_start": window_s}
+            return acquire_result(lock, claim, taken, _at)
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease; False if it is no longer ours, or expired."""

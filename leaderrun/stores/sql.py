@@ -40,8 +40,8 @@ from leaderrun.stores.base import (
     ManagedStore,
     ReleaseResult,
     Row,
+    acquire_result,
     from_row,
-    key_collision,
     release_outcome,
 )
 
@@ -228,28 +228,10 @@ class SqlSession(ABC):
                 unused.token,
             )
             row = self._acquire_row(lock, params)
-        if row is None:
-            # The row did not exist when the statement looked, yet another one
-            # inserted it first: someone just took the lock.
-            return AcquireResult(lease=None)
-        window_start = self._time(row["window_start"])
-        if row["acquired"]:
-            token = int(row["token"])
-            self._store.answered(lock, claim.holder, token)
-            return AcquireResult(
-                lease=Lease(lock, claim.holder, token), window_start=window_start
-            )
-        if row["lock_name"] != lock.name:
-            raise key_collision(lock, row["lock_name"])
-        return AcquireResult(
-            lease=None,
-            holder=row["holder"],
-            holder_host=row["host"],
-            holder_pid=row["pid"],
-            expires_in_s=row["expires_in_s"],
-            window_start=window_start,
-            window_done=bool(row["window_done"]),
-        )
+        result = acquire_result(lock, claim, row, self._to_datetime)
+        if result.lease is not None:
+            self._store.answered(lock, claim.holder, result.lease.token)
+        return result
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease by ``lease_s`` from the store's now; False if lost."""
@@ -340,7 +322,11 @@ class SqlSession(ABC):
 
     @abstractmethod
     def _create_missing(self) -> bool:
-        """Create leaderrun's missing tables; whether the failed call is worth again."""
+        """Create leaderrun's missing tables; True if the failed call is worth a retry.
+
+        False, having changed nothing, when the tables that are there are not
+        this version's own: the failed call's error says so.
+        """
 
     @abstractmethod
     def _has_run_table(self) -> bool:

@@ -1,10 +1,12 @@
 """The SQLite lease store: leases in one file, for every process of one host.
 
-The only module that imports ``sqlite3``. It keeps the PostgreSQL store's
-semantics (``leaderrun.stores.postgres``): one ``leader_lease`` row per lock, taken by
-an upsert only when it is free or expired, renewed and released by a
-compare-and-swap on holder and token, and never deleted, so the fencing token
-only grows.
+The only module that imports ``sqlite3``. It keeps the store contract
+(:mod:`leaderrun.stores.base`) as PostgreSQL does: one ``leader_lease`` row per
+lock, taken by an upsert only when it is free or expired, renewed and released
+by a compare-and-swap on holder and token, and never deleted, so the fencing
+token only grows. What it does as PostgreSQL does is the shared session's
+(:class:`leaderrun.stores.sql.SqlSession`); this module has its queries, each
+one write transaction (:data:`QUERIES`), its file and its errors.
 
 Time: the host's ``CLOCK_BOOTTIME`` decides (``docs/safety.md``, *On one host,
 the host's unsteppable clock decides*). A lease row keeps its expiry in boot
