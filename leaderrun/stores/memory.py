@@ -12,8 +12,9 @@ lease to its expiry by advancing the clock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 
@@ -141,6 +142,18 @@ class InMemoryLeaseStore(ManagedStore):
             )
             return self.rows[lock.key]
 
+    @contextlib.contextmanager
+    def statement(self, kind: str) -> Iterator[float]:
+        """Run one statement of ``kind``: atomic, counted, failing as asked.
+
+        Yields the store's now. Raises as ``available`` and ``failing`` say.
+        """
+        with self._lock:
+            self._check(kind)
+            if kind in self.statements:
+                self.statements[kind] += 1
+            yield self.clock()
+
     def _check(self, kind: str | None = None) -> None:
         if not self.available:
             raise DatabaseUnavailableError("the in-memory store is unavailable")
@@ -172,11 +185,8 @@ class InMemorySession:
         with ``history_keep``, record the run and prune, as the SQL does.
         """
         store = self.store
-        with store._lock:
-            store._check("acquire")
-            store.statements["acquire"] += 1
+        with store.statement("acquire") as now_s:
             store.initialized = True
-            now_s = store.clock()
             row = store.rows.get(lock.key)
             window_s = (
                 None
@@ -228,13 +238,10 @@ class InMemorySession:
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease; False if it is no longer ours, or expired."""
         store = self.store
-        with store._lock:
-            store._check("renew")
-            store.statements["renew"] += 1
+        with store.statement("renew") as now_s:
             row = store.rows.get(lease.lock.key)
             if row is None or (row.holder, row.token) != (lease.holder, lease.token):
                 return False
-            now_s = store.clock()
             if row.expires_at_s <= now_s:  # as the SQL: an expired lease stays so
                 return False
             store.rows[lease.lock.key] = replace(
@@ -248,10 +255,7 @@ class InMemorySession:
         With ``end``, close the run and hold the lease for ``--min-hold``.
         """
         store = self.store
-        with store._lock:
-            store._check("release")
-            store.statements["release"] += 1
-            now_s = store.clock()
+        with store.statement("release") as now_s:
             run = store.runs.get((lease.lock.key, lease.token))
             if (
                 end is not None
@@ -279,9 +283,7 @@ class InMemorySession:
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Every lock's row, or only ``lock``'s, and the store's now."""
         store = self.store
-        with store._lock:
-            store._check("snapshot")
-            now_s = store.clock()
+        with store.statement("snapshot") as now_s:
             rows = [
                 row
                 for row in store.rows.values()
@@ -297,9 +299,7 @@ class InMemorySession:
         store = self.store
 
         def update() -> LeaseSnapshot | None:
-            with store._lock:
-                store._check("operator_release")
-                now_s = store.clock()
+            with store.statement("operator_release") as now_s:
                 row = store.rows.get(lock.key)
                 if row is None or row.holder is None:
                     return None
@@ -337,9 +337,7 @@ class InMemorySession:
     def _runs(self, lock: LockId | None) -> list[RunRecord]:
         """The history's runs (of ``lock``, or all), as the SQL's views show them."""
         store = self.store
-        with store._lock:
-            store._check("history")
-            now_s = store.clock()
+        with store.statement("history") as now_s:
             return [
                 _run_record(run, store.rows.get(run.key), now_s)
                 for run in store.runs.values()
