@@ -40,14 +40,14 @@ if str(ROOT) not in sys.path:
 
 from bench.cluster import postgres  # noqa: E402
 from leaderrun import __version__  # noqa: E402
-from leaderrun.postgres import (  # noqa: E402
-    _ACQUIRE,
-    _RELEASE,
-    PostgresLeaseStore,
-    _statement,
-    setup_sql,
-)
 from leaderrun.runs import DEFAULT_HISTORY_KEEP  # noqa: E402
+from leaderrun.stores.postgres import PostgresLeaseStore  # noqa: E402
+from leaderrun.stores.postgres_sql import (  # noqa: E402
+    ACQUIRE,
+    RELEASE,
+    setup_sql,
+    statement,
+)
 
 BIN = Path(sys.executable).parent
 LEADERRUN = str(BIN / "leaderrun")
@@ -229,8 +229,8 @@ def bench_startup(dsn: str, runs: int, out: Results) -> float:
     }
     with admin(dsn) as conn:
         PostgresLeaseStore(dsn).init()
-        for name, template in (("acquire", _ACQUIRE), ("release", _RELEASE)):
-            statements[name] = _statement(template, "public").as_string(conn)
+        for name, template in (("acquire", ACQUIRE), ("release", RELEASE)):
+            statements[name] = statement(template, "public").as_string(conn)
     sql_file = Path(tempfile.mkstemp(prefix="bench-sql-", suffix=".json")[1])
     sql_file.write_text(json.dumps(statements))
     lock_key = random.randrange(1, 2**62)

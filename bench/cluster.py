@@ -29,9 +29,9 @@ def postgres(
     if dsn:
         yield dsn, None
         return
-    from tests.pg import LocalPgCluster, _find_bindir
+    from tests.pg import LocalPgCluster, find_bindir
 
-    bindir = _find_bindir()
+    bindir = find_bindir()
     if bindir is None:
         sys.exit("bench: no initdb/pg_ctl found; install PostgreSQL or pass a DSN")
     cluster = LocalPgCluster(bindir)

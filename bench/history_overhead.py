@@ -16,9 +16,9 @@ import uuid
 
 from bench.cluster import postgres
 from leaderrun.lease import parse_lock_id
-from leaderrun.postgres import PostgresLeaseStore
 from leaderrun.runs import OncePer, RunEnd, RunOutcome
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
+from leaderrun.stores.postgres import PostgresLeaseStore
 
 
 def measure(dsn: str, rounds: int) -> None:

@@ -45,7 +45,7 @@ from leaderrun.logsink import SinkHandler, stderr_sink
 from leaderrun.redact import MASK, dsn_secrets, redact
 
 if TYPE_CHECKING:
-    from leaderrun.backends import ManagedStore
+    from leaderrun.stores import ManagedStore
 
 SUBCOMMANDS = ("run", "status", "release", "init", "history")
 """Every subcommand; any other first argument is the bare form of ``run``."""
@@ -216,7 +216,7 @@ def _start(
 def _operator_store(dsn: str, schema: str, env: Mapping[str, str]) -> ManagedStore:
     """The store for status, release and history, which never create the tables."""
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
-    from leaderrun.backends import open_store
+    from leaderrun.stores import open_store
 
     return open_store(dsn, check_schema(schema), env, create=False)
 
@@ -436,8 +436,8 @@ def run(
     options = RawRunOptions(**given, labels=_labels(ctx))
     settings = run_settings(options, tuple(command or ()), env)
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
-    from leaderrun.backends import open_store
     from leaderrun.runner import run_command
+    from leaderrun.stores import open_store
 
     store = open_store(
         settings.dsn,
@@ -593,15 +593,15 @@ def init(
 ) -> None:
     """Create the leader_lease table if it does not exist (safe to repeat)."""
     env, dsn_value = _start(dsn, verbose, quiet, log_format)
-    from leaderrun.backends import is_sqlite, open_store, table_label
+    from leaderrun.stores import is_sqlite, open_store, table_label
 
     if print_sql:
         if is_sqlite(dsn_value):
-            from leaderrun.sqlite import setup_sql as sqlite_setup_sql
+            from leaderrun.stores.sqlite import setup_sql as sqlite_setup_sql
 
             typer.echo(sqlite_setup_sql(), nl=False)
             return
-        from leaderrun.postgres import setup_sql
+        from leaderrun.stores.postgres_sql import setup_sql
 
         if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
             raise ConfigError(

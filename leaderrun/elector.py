@@ -66,12 +66,12 @@ from leaderrun.lease import (
     parse_lock_id,
     retry_delay_s,
 )
-from leaderrun.store import LeaseSession, LeaseStore
+from leaderrun.stores.base import LeaseSession, LeaseStore
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from leaderrun.postgres import ConnectionFactory
+    from leaderrun.stores.postgres import ConnectionFactory
 
 log = logging.getLogger("leaderrun")
 
@@ -152,7 +152,7 @@ def open_elector_store(
     )
     schema = check_schema(schema, PARAMETERS["schema"])
     if connection_factory is None:
-        from leaderrun.backends import open_store
+        from leaderrun.stores import open_store
 
         return open_store(
             resolved_dsn,
@@ -161,7 +161,7 @@ def open_elector_store(
             attempt_budget_s=attempt_budget_s,
             labels=PARAMETERS,
         )
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.stores.postgres import PostgresLeaseStore
 
     return PostgresLeaseStore(
         "" if dsn is None else resolved_dsn,

@@ -1,7 +1,7 @@
 """How a waiting contender sleeps: until the holder's expiry, or until it releases.
 
 A holder that releases sends a notification on the lock's channel in the same
-statement (``leaderrun.postgres``). A ``--wait`` contender listens on a
+statement (``leaderrun.stores.postgres_sql``). A ``--wait`` contender listens on a
 connection of its own, never the lease connection, which must stay free of
 session state (``no-session-state``). It still never sleeps past the holder's expiry as
 the database reported it, so a lost or unsupported notification costs only

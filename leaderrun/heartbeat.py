@@ -21,7 +21,7 @@ from enum import Enum
 from leaderrun.clock import boottime
 from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, Timing, kill_deadline, renewal_delay_s, reply_in_time
-from leaderrun.store import LeaseSession, LeaseStore
+from leaderrun.stores.base import LeaseSession, LeaseStore
 
 log = logging.getLogger("leaderrun")
 

@@ -38,7 +38,7 @@ from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.heartbeat import LeaseState, Renewer
 from leaderrun.lease import Lease, Timing, kill_deadline, make_holder, reply_in_time
 from leaderrun.runs import RunEnd
-from leaderrun.store import Claim, LeaseSession, LeaseStore
+from leaderrun.stores.base import Claim, LeaseSession, LeaseStore
 
 log = logging.getLogger("leaderrun")
 

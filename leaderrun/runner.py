@@ -43,7 +43,7 @@ from leaderrun.holding import (
 )
 from leaderrun.lease import Lease, retry_delay_s
 from leaderrun.runs import RunEnd, RunOutcome, classify
-from leaderrun.store import AcquireResult, LeaseSession, LeaseStore
+from leaderrun.stores.base import AcquireResult, LeaseSession, LeaseStore
 from leaderrun.supervisor import (
     CANCELLING_SIGNALS,
     Child,

@@ -1,7 +1,7 @@
 """Cron-grade guards and run history, the pure part: windows and outcomes.
 
 Nothing here reads a clock or does I/O. The database computes the window of a
-``--once-per`` run with its own ``now()`` (``leaderrun.postgres`` mirrors
+``--once-per`` run with its own ``now()`` (``leaderrun.stores.postgres_sql`` mirrors
 :func:`window_start_s` in SQL); this module is the reference the SQL is tested
 against, the arithmetic of the in-memory store, and the classification of how a
 run ended.

@@ -5,7 +5,7 @@ command agrees: instants are ISO 8601 in UTC with milliseconds
 (:func:`iso_utc`), durations are short and rounded (:func:`human_duration`),
 and piped tables are aligned by :func:`plain_table`.
 
-Rows come in as :class:`leaderrun.store.LeaseRecord` and
+Rows come in as :class:`leaderrun.stores.base.LeaseRecord` and
 :class:`leaderrun.runs.RunRecord` with the database's own ``now()``; every
 duration is computed against that, never against this host's clock. Nothing
 here does I/O or imports typer or rich: the command line prints what these
@@ -23,7 +23,7 @@ from typing import Any
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import LockId
 from leaderrun.runs import RunRecord
-from leaderrun.store import (
+from leaderrun.stores.base import (
     REVOKED_HOLDER,
     LeaseRecord,
     LeaseSnapshot,

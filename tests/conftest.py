@@ -8,7 +8,7 @@ that need a setting pass it explicitly; the database fixtures use explicit DSNs.
 
 import os
 
-pytest_plugins = ["tests.pg", "tests.helpers.faketime"]
+pytest_plugins = ["tests.pg", "tests.stores", "tests.helpers.faketime"]
 
 # The suite's own input, read by tests/pg.py as the default of --pg-dsn; leaderrun
 # itself never reads it.

@@ -285,7 +285,7 @@ def _as_postgres_prefix() -> list[str]:
     return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
 
-def _find_bindir() -> Path | None:
+def find_bindir() -> Path | None:
     """Return a directory with initdb, pg_ctl and postgres, or None if none is found."""
     candidates = []
     if initdb := shutil.which("initdb"):
@@ -334,7 +334,7 @@ def _postgres_user_exists() -> bool:
 
 def _local_unavailable_reason() -> str | None:
     """Why no local cluster can be made here, or None if one can."""
-    if _find_bindir() is None:
+    if find_bindir() is None:
         return "initdb, pg_ctl and postgres are not on PATH nor in /usr/lib/postgresql"
     if os.geteuid() == 0 and not _postgres_user_exists():
         return "initdb refuses to run as root, and there is no 'postgres' user to use"
@@ -398,7 +398,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if reason := _local_unavailable_reason():
         outcome = "fail, as CI is set" if _in_ci() else "skip"
         return [f"postgresql: none ({reason}); database tests will {outcome}"]
-    bindir = _find_bindir()
+    bindir = find_bindir()
     assert bindir is not None  # _local_unavailable_reason() found it a moment ago
     version = subprocess.run(
         [bindir / "postgres", "--version"], capture_output=True, text=True, check=False
@@ -454,7 +454,7 @@ def pg_cluster(pytestconfig: pytest.Config) -> Iterator[PgCluster]:
 
     if reason := _local_unavailable_reason():
         _no_postgres(reason)
-    bindir = _find_bindir()
+    bindir = find_bindir()
     assert bindir is not None  # _local_unavailable_reason() found it a moment ago
     cluster = LocalPgCluster(bindir)
     pytestconfig.stash[_CLUSTER_KEY] = cluster

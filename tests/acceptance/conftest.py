@@ -31,7 +31,7 @@ import pytest
 from psycopg.rows import TupleRow
 
 from leaderrun.clock import boottime
-from leaderrun.host import BOOT_ID
+from leaderrun.stores.host import BOOT_ID
 from tests.helpers.processes import pid_gone
 
 CHILD = str(Path(__file__).parent.parent / "helpers" / "child.py")

@@ -19,7 +19,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from leaderrun.postgres import PostgresLeaseStore, setup_sql
+from leaderrun.stores.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres_sql import setup_sql
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, wait_for_line
 
 # NOTIFY is PostgreSQL's: a SQLite waiter sleeps until the expiry, as it always did.

@@ -130,7 +130,7 @@ def test_a_sqlite_run_never_loads_psycopg(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     imported = [line for line in result.stderr.splitlines() if "import time:" in line]
-    assert any(line.endswith("leaderrun.sqlite") for line in imported)
+    assert any(line.endswith("leaderrun.stores.sqlite") for line in imported)
     assert not [line for line in imported if "psycopg" in line]
 
 

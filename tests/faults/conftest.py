@@ -23,13 +23,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.faults.proxy import Proxy
+from tests.helpers.waiting import wait_until
 
 JOB = str(Path(__file__).parent / "job.py")
 SABOTAGE = str(Path(__file__).parent / "sabotage.py")
@@ -44,18 +45,6 @@ WAIT_S = 40.0
 
 def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S):
-    """Poll ``condition`` until it is truthy; return it, or fail after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s}s")
-        time.sleep(0.02)
 
 
 @dataclass

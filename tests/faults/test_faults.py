@@ -21,16 +21,9 @@ from pathlib import Path
 import pytest
 
 from leaderrun.lease import make_timing
-from tests.faults.conftest import (
-    LEASE_S,
-    Harness,
-    Node,
-    Proc,
-    boottime,
-    record_figure,
-    wait_until,
-)
+from tests.faults.conftest import LEASE_S, Harness, Node, Proc, boottime, record_figure
 from tests.faults.proxy import BLACKHOLE, HOLD, PASS
+from tests.helpers.waiting import wait_until
 
 pytestmark = [
     pytest.mark.pg,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from leaderrun.host import HostClock, Instant
+from leaderrun.stores.host import HostClock, Instant
 
 
 def other_boot_id() -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from leaderrun.errors import LeaderrunError
 from leaderrun.lease import parse_lock_id
-from leaderrun.sqlite import SqliteLeaseStore
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
+from leaderrun.stores.sqlite import SqliteLeaseStore
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from tests.acceptance.conftest import child, readline
-from tests.pg import _find_bindir
+from tests.pg import find_bindir
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -270,7 +270,7 @@ def test_fenced_job_writes_with_its_token_and_rejects_a_stale_one(
 ):
     script = EXAMPLES / "fenced-job.sh"
     assert subprocess.run(["sh", "-n", str(script)], check=False).returncode == 0
-    bindir = _find_bindir()
+    bindir = find_bindir()
     assert bindir is not None
     assert (bindir / "psql").is_file()
     env = {

@@ -12,19 +12,12 @@ from leaderrun import LeaderElector, NotLeaderError, leader_only
 from leaderrun.elector import LOST_DEADLINE, LOST_STOPPED
 from leaderrun.lease import name_key
 from tests.helpers.replicas import Replica
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 LEASE_S = 6.0  # renew 1 s, jitter 0.2 s, kill grace 1 s: deadline 3.99 s
 WAIT_S = 60.0  # generous: the machine may be loaded
-
-
-def wait_until(predicate, what: str, timeout_s: float = WAIT_S) -> None:
-    give_up = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > give_up:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_three_processes_one_leader_and_a_larger_token_after_kill_9(pg_dsn, lock_name):

@@ -12,20 +12,15 @@ from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.postgres import (
-    MAX_CHANNEL_BYTES,
-    PostgresLeaseStore,
-    PostgresListener,
-    release_channel,
-)
 from leaderrun.runs import RunEnd, RunOutcome
-from leaderrun.store import Claim
+from leaderrun.stores.postgres import PostgresLeaseStore, PostgresListener
+from leaderrun.stores.postgres_sql import MAX_CHANNEL_BYTES, release_channel
+from tests.stores import LEASE_S, claim
 
 pytestmark = pytest.mark.pg
 
 Admin = Callable[[], psycopg.Connection[TupleRow]]
 
-LEASE_S = 30.0
 NOTIFIED_WITHIN_S = 10.0
 """How long a notification may take to arrive on a busy host."""
 QUIET_FOR_S = 0.5
@@ -33,18 +28,13 @@ QUIET_FOR_S = 0.5
 SETTLE_S = 1.0
 """Time for notifications already sent to reach the listener's socket."""
 
-HOLDER = Claim(holder="holder:1:aa", host="holder", pid=1, command="true")
-OTHER = Claim(holder="other:2:bb", host="other", pid=2, command="true")
+HOLDER = claim(1)
+OTHER = claim(2)
 
 
 @pytest.fixture
 def store(pg_dsn: str) -> PostgresLeaseStore:
     return PostgresLeaseStore(pg_dsn)
-
-
-@pytest.fixture
-def lock(lock_name: str) -> LockId:
-    return parse_lock_id(lock_name)
 
 
 @pytest.fixture

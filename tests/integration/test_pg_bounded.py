@@ -27,82 +27,42 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
-from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.postgres import RUN_TABLE, TABLE, PostgresLeaseStore, PostgresSession
+from leaderrun.lease import Lease
 from leaderrun.runs import RunEnd, RunOutcome
-from leaderrun.store import Claim
+from leaderrun.stores.base import RUN_TABLE, TABLE
+from leaderrun.stores.postgres import PostgresLeaseStore, PostgresSession
+from tests.helpers.attempts import Attempt
+from tests.stores import (
+    BOUND_S,
+    CANCELLED_WITHIN_S,
+    LEASE_S,
+    MARGIN_S,
+    claim,
+    expire_row,
+    lease_row,
+    nobody_left_waiting,
+    open_transaction,
+    row_locked,
+)
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 Admin = Callable[[], psycopg.Connection[TupleRow]]
 
-BOUND_S = 1.0
-"""The statement bound of the stores under test."""
-MARGIN_S = 1.5
-"""Scheduling slack on a busy two-core host, on top of a bound."""
-CANCELLED_WITHIN_S = 5.0
-"""How long the server may take to act on a cancel request."""
-LEASE_S = 30.0
-HOLDER = Claim(holder="holder:1:aa", host="holder", pid=1, command="job")
-CONTENDER = Claim(holder="contender:2:bb", host="contender", pid=2, command="job")
-
-
-class Attempt:
-    """A store call on a thread of its own: the test survives one that never ends."""
-
-    started: list[Attempt] = []  # noqa: RUF012 - every attempt of the session
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        Attempt.started.append(self)
-        self.began_s = time.monotonic()
-        self.took_s = 0.0
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
-        self._thread.start()
-
-    def _run(self, call: Callable[[], Any]) -> None:
-        try:
-            self.value = call()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.took_s = time.monotonic() - self.began_s
-
-    @classmethod
-    def all_ended(cls, limit_s: float) -> bool:
-        """Wait up to ``limit_s`` for every attempt to end; whether they all did."""
-        deadline_s = time.monotonic() + limit_s
-        for attempt in cls.started:
-            attempt._thread.join(max(0.0, deadline_s - time.monotonic()))
-        return not any(attempt._thread.is_alive() for attempt in cls.started)
-
-    def error_within(self, limit_s: float) -> BaseException:
-        """The error the call raised within ``limit_s``; fails if it did not."""
-        self._thread.join(limit_s)
-        assert not self._thread.is_alive(), (
-            f"the call was still waiting after {limit_s:.3g}s: it is not bounded"
-        )
-        assert self.error is not None, f"the call returned {self.value!r}"
-        return self.error
-
-
-@pytest.fixture(scope="module")
-def schema(pg_dsn: str, pg_admin: Admin) -> Iterator[str]:
-    """A schema of this module's own, with both tables."""
-    name = f"lr_bound_{uuid.uuid4().hex[:10]}"
-    with pg_admin() as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    PostgresLeaseStore(pg_dsn, name).init()
-    yield name
-    with pg_admin() as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+HOLDER = claim(1)
+CONTENDER = claim(2)
 
 
 @pytest.fixture
 def app() -> str:
     """An application_name that tells this test's leaderrun backends apart."""
     return f"lr_bound_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def schema(store_schema: str) -> str:
+    """The schema of the stores under test, with both tables."""
+    return store_schema
 
 
 @pytest.fixture
@@ -130,60 +90,6 @@ def sessions(store: PostgresLeaseStore) -> Iterator[Callable[[], PostgresSession
             session.close()
 
 
-@pytest.fixture
-def lock(lock_name: str) -> LockId:
-    return parse_lock_id(lock_name)
-
-
-def lease_row(admin: Admin, schema: str, lock: LockId) -> tuple[Any, ...]:
-    """(holder, token, expires_at) of the lock's row, as the server has it."""
-    with admin() as conn:
-        row = conn.execute(
-            sql.SQL(
-                "SELECT holder, token, expires_at FROM {} WHERE lock_key = %s"
-            ).format(sql.Identifier(schema, TABLE)),
-            (lock.key,),
-        ).fetchone()
-    assert row is not None
-    return row
-
-
-def expire(admin: Admin, schema: str, lock: LockId) -> None:
-    """End the lock's lease a second ago in the server's time; the holder is kept."""
-    with admin() as conn:
-        conn.execute(
-            sql.SQL(
-                "UPDATE {} SET expires_at = now() - interval '1 second' "
-                "WHERE lock_key = %s"
-            ).format(sql.Identifier(schema, TABLE)),
-            (lock.key,),
-        )
-
-
-@contextlib.contextmanager
-def open_transaction(
-    admin: Admin, statement: sql.Composed, *args: Any
-) -> Iterator[int]:
-    """Another session's transaction that ran ``statement`` and stays open.
-
-    Yields that session's backend pid; commits (changing nothing) on the way out.
-    """
-    with admin() as conn, conn.transaction():
-        conn.execute(statement, args)
-        yield conn.info.backend_pid
-
-
-def row_locked(admin: Admin, schema: str, lock: LockId) -> Any:
-    """An open transaction holding the lock's row with SELECT ... FOR UPDATE."""
-    return open_transaction(
-        admin,
-        sql.SQL("SELECT 1 FROM {} WHERE lock_key = %s FOR UPDATE").format(
-            sql.Identifier(schema, TABLE)
-        ),
-        lock.key,
-    )
-
-
 def tables_locked(admin: Admin, schema: str) -> Any:
     """An open transaction holding both tables in ACCESS EXCLUSIVE mode."""
     return open_transaction(
@@ -192,26 +98,6 @@ def tables_locked(admin: Admin, schema: str) -> Any:
             sql.Identifier(schema, TABLE), sql.Identifier(schema, RUN_TABLE)
         ),
     )
-
-
-def waiting_behind(admin: Admin, blocker_pid: int) -> list[tuple[Any, ...]]:
-    """The sessions waiting for a lock that ``blocker_pid`` holds: (pid, query)."""
-    with admin() as conn:
-        return conn.execute(
-            "SELECT pid, query FROM pg_stat_activity "
-            "WHERE %s = ANY(pg_blocking_pids(pid))",
-            (blocker_pid,),
-        ).fetchall()
-
-
-def assert_nobody_left_waiting(admin: Admin, blocker_pid: int) -> None:
-    """The abandoned statement was cancelled on the server, not left queued."""
-    deadline_s = time.monotonic() + CANCELLED_WITHIN_S
-    while waiters := waiting_behind(admin, blocker_pid):
-        assert time.monotonic() < deadline_s, (
-            f"still waiting on the server {CANCELLED_WITHIN_S}s later: {waiters}"
-        )
-        time.sleep(0.05)
 
 
 def assert_timed_out(error: BaseException, statement: str, lock: str) -> None:
@@ -242,7 +128,7 @@ def test_an_acquire_behind_a_locked_row_times_out_and_is_cancelled(
     after its bound, its backend stops waiting, and it grants nothing later."""
     taken = sessions().acquire(lock, HOLDER, LEASE_S).lease
     assert taken is not None
-    expire(pg_admin, schema, lock)
+    expire_row(pg_admin, schema, lock)
     before = lease_row(pg_admin, schema, lock)
     contender = sessions()
     with row_locked(pg_admin, schema, lock) as blocker:
@@ -250,7 +136,7 @@ def test_an_acquire_behind_a_locked_row_times_out_and_is_cancelled(
         error = attempt.error_within(BOUND_S + MARGIN_S)
         assert_timed_out(error, "acquire", repr(str(lock)))
         assert attempt.took_s >= BOUND_S * 0.9, "it gave up before its bound"
-        assert_nobody_left_waiting(pg_admin, blocker)
+        nobody_left_waiting(pg_admin, blocker)
     # The blocker has committed: an acquire still queued would win the lock now.
     assert lease_row(pg_admin, schema, lock) == before
     assert_session_dead(contender, taken)
@@ -272,7 +158,7 @@ def test_a_renewal_or_release_behind_a_locked_row_times_out_and_is_cancelled(
     with row_locked(pg_admin, schema, lock) as blocker:
         error = Attempt(calls[statement]).error_within(BOUND_S + MARGIN_S)
         assert_timed_out(error, statement, repr(str(lock)))
-        assert_nobody_left_waiting(pg_admin, blocker)
+        nobody_left_waiting(pg_admin, blocker)
     assert lease_row(pg_admin, schema, lock) == before
     assert_session_dead(session, lease)
 
@@ -357,18 +243,6 @@ def test_an_acquire_given_up_that_commits_later_is_given_back(
     assert lease_row(pg_admin, schema, lock)[:2] == (CONTENDER.holder, 2)
 
 
-def test_a_lease_we_were_told_of_is_not_taken_again(sessions, pg_admin, schema, lock):
-    """A library's term that ended by its own deadline while its row is still live
-    (late renewals) runs out as it should: the same claim is refused meanwhile."""
-    session = sessions()
-    lease = session.acquire(lock, CONTENDER, LEASE_S).lease
-    assert lease is not None
-    refused = session.acquire(lock, CONTENDER, LEASE_S)
-    assert refused.lease is None
-    assert refused.holder == CONTENDER.holder
-    assert lease_row(pg_admin, schema, lock)[:2] == (CONTENDER.holder, lease.token)
-
-
 class Interrupted(Exception):
     """What the test's signal handler raises in the waiting (main) thread."""
 
@@ -381,7 +255,7 @@ def test_a_signal_while_waiting_returns_at_once_and_cancels_on_the_server(
     patient = PostgresLeaseStore(pg_dsn, schema, attempt_budget_s=60.0)
     taken = sessions().acquire(lock, HOLDER, LEASE_S).lease
     assert taken is not None
-    expire(pg_admin, schema, lock)
+    expire_row(pg_admin, schema, lock)
     before = lease_row(pg_admin, schema, lock)
     contender = patient.connect()
 
@@ -405,7 +279,7 @@ def test_a_signal_while_waiting_returns_at_once_and_cancels_on_the_server(
             finally:
                 rescue.cancel()
             assert took_s < 0.3 + 1.0
-            assert_nobody_left_waiting(pg_admin, blocker)
+            nobody_left_waiting(pg_admin, blocker)
     finally:
         sender.cancel()
         signal.signal(signal.SIGUSR1, previous)
@@ -433,7 +307,7 @@ def test_an_operator_release_behind_a_locked_row_times_out_and_is_cancelled(
             BOUND_S + MARGIN_S
         )
         assert_timed_out(error, "release", repr(str(lock)))
-        assert_nobody_left_waiting(pg_admin, blocker)
+        nobody_left_waiting(pg_admin, blocker)
     assert lease_row(pg_admin, schema, lock) == before
 
 
@@ -451,4 +325,4 @@ def test_status_and_history_behind_a_locked_table_time_out_and_are_cancelled(
     with tables_locked(pg_admin, schema) as blocker:
         error = Attempt(calls[query]).error_within(BOUND_S + MARGIN_S)
         assert_timed_out(error, query, repr(str(lock)))
-        assert_nobody_left_waiting(pg_admin, blocker)
+        nobody_left_waiting(pg_admin, blocker)

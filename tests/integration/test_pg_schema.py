@@ -9,8 +9,6 @@ leaderrun's first version: no --once-per columns and no run history.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,30 +20,25 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError, SchemaMissingError
-from leaderrun.lease import LockId, parse_lock_id
-from leaderrun.postgres import (
-    RUN_TABLE,
-    TABLE,
-    TABLE_COLUMNS,
-    PostgresLeaseStore,
-    foreign_table,
-)
 from leaderrun.runs import OncePer
-from leaderrun.store import Claim, InitOutcome
-from tests.integration.test_pg_bounded import Attempt, open_transaction
+from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome
+from leaderrun.stores.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres_sql import TABLE_COLUMNS, foreign_table
+from tests.helpers.attempts import Attempt
+from tests.helpers.command import leaderrun
+from tests.stores import LEASE_S, claim, open_transaction
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 Admin = Callable[[], psycopg.Connection[TupleRow]]
 
-LEASE_S = 30.0
 MARGIN_S = 1.5
 """Scheduling slack on a busy two-core host."""
 INIT_HOLDS_OTHERS_UP_AT_MOST_S = 1.0
 """How long init's DDL may keep other sessions' statements queued behind it."""
 INIT_GIVES_UP_WITHIN_S = 20.0
 SEED_COLUMNS = ["id", "leader_id", "expires_at", "created_at"]
-HOLDER = Claim(holder="holder:1:aa", host="holder", pid=1, command="job")
+HOLDER = claim(1)
 
 # The seed library's DDL (nest-leader-election, createLockTableIfNotExists),
 # with the schema quoted.
@@ -92,11 +85,6 @@ def older_schema(pg_admin: Admin) -> Iterator[str]:
     yield from schema_with(pg_admin, "lr_old", OLDER_DDL)
 
 
-@pytest.fixture
-def lock(lock_name: str) -> LockId:
-    return parse_lock_id(lock_name)
-
-
 def relations(admin: Admin, schema: str) -> list[tuple[Any, ...]]:
     """Every relation in ``schema``: name, kind, columns in order, comment."""
     with admin() as conn:
@@ -116,18 +104,6 @@ def columns(admin: Admin, schema: str) -> list[str]:
     """The lease table's columns, in order."""
     found = {row[0]: row[2] for row in relations(admin, schema)}
     return list(found[TABLE])
-
-
-def leaderrun(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
-    """``python -m leaderrun ARGS`` to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "leaderrun", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "LEADERRUN_DSN": dsn},
-    )
 
 
 # --- telling leaderrun's tables from others' ------------------------------------------

@@ -11,27 +11,23 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from leaderrun.clock import boottime
-from leaderrun.host import HostClock
-from leaderrun.lease import Lease, LockId, parse_lock_id
+from leaderrun.lease import Lease, LockId
 from leaderrun.runs import OncePer
-from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
-from leaderrun.store import Claim, ReleaseAction
+from leaderrun.stores.base import ReleaseAction
+from leaderrun.stores.host import HostClock
+from leaderrun.stores.sqlite import SqliteLeaseStore, SqliteSession
 from leaderrun.views import iso_utc
 from tests.helpers.sqlite_clocks import SetClock, ShiftedWall, other_boot_id
+from tests.stores import LEASE_S, acquired, claim
 
-LEASE_S = 30.0
 STEP_S = 120.0
 """A wall-clock step well past any lease here, as in the fault scenario."""
-
-
-def claim(n: int) -> Claim:
-    return Claim(holder=f"host:{n}:nonce", host="host", pid=n, command="job")
 
 
 @pytest.fixture
@@ -40,40 +36,43 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def lock() -> LockId:
-    return parse_lock_id("nightly-backup")
-
-
-@pytest.fixture
 def boot_id() -> str:
     return HostClock.read().boot_id
 
 
-def session_on(db: Path, clock: HostClock | None = None) -> SqliteSession:
-    return SqliteLeaseStore(db, clock=clock).connect()
+SessionOn = Callable[..., SqliteSession]
 
 
 @pytest.fixture
-def holder(db: Path, lock: LockId) -> Iterator[tuple[SqliteSession, Lease]]:
+def session_on(db: Path) -> Iterator[SessionOn]:
+    """Opens sessions on the file, on the given clocks (the real ones by
+    default); closes them all after the test."""
+    opened: list[SqliteSession] = []
+
+    def open_(clock: HostClock | None = None) -> SqliteSession:
+        opened.append(SqliteLeaseStore(db, clock=clock).connect())
+        return opened[-1]
+
+    yield open_
+    for session in opened:
+        session.close()
+
+
+@pytest.fixture
+def holder(session_on: SessionOn, lock: LockId) -> tuple[SqliteSession, Lease]:
     """A session on the real clocks holding ``lock`` for LEASE_S."""
-    session = session_on(db)
-    lease = session.acquire(lock, claim(1), LEASE_S).lease
-    assert lease is not None
-    yield session, lease
-    session.close()
+    session = session_on()
+    return session, acquired(session.acquire(lock, claim(1), LEASE_S))
 
 
 @pytest.mark.parametrize("offset_s", [STEP_S, -STEP_S])
 def test_a_contender_whose_wall_clock_stepped_finds_the_lease_held(
-    db, lock, holder, offset_s
+    session_on, lock, holder, offset_s
 ):
     """A wall clock 120 s off, either way, does not make a live lease look
     expired: the contender is refused, told the true time left."""
-    contender = session_on(db, ShiftedWall(offset_s))
-    try:
-        result = contender.acquire(lock, claim(2), LEASE_S)
-    finally:
-        contender.close()
+    contender = session_on(ShiftedWall(offset_s))
+    result = contender.acquire(lock, claim(2), LEASE_S)
     assert result.lease is None
     assert result.expires_in_s is not None
     assert LEASE_S - 10 < result.expires_in_s <= LEASE_S
@@ -81,92 +80,72 @@ def test_a_contender_whose_wall_clock_stepped_finds_the_lease_held(
 
 @pytest.mark.parametrize("offset_s", [STEP_S, -STEP_S])
 def test_a_holder_whose_wall_clock_stepped_renews_and_keeps_the_lease(
-    db, lock, holder, offset_s
+    session_on, lock, holder, offset_s
 ):
     """The holder's own step changes nothing: its renewal succeeds, and a
     contender on the true clock is still refused."""
     _, lease = holder
-    stepped = session_on(db, ShiftedWall(offset_s))
-    other = session_on(db)
-    try:
-        assert stepped.renew(lease, LEASE_S) is True
-        assert other.acquire(lock, claim(2), LEASE_S).lease is None
-    finally:
-        stepped.close()
-        other.close()
+    stepped = session_on(ShiftedWall(offset_s))
+    other = session_on()
+    assert stepped.renew(lease, LEASE_S) is True
+    assert other.acquire(lock, claim(2), LEASE_S).lease is None
 
 
-def test_a_lease_ends_exactly_when_the_boot_clock_passes_it(db, lock, boot_id):
+def test_a_lease_ends_exactly_when_the_boot_clock_passes_it(session_on, lock, boot_id):
     """Live while the boot clock is before its expiry, free from that instant on."""
     clock = SetClock(boot_id, 1000.0, 1.8e9)
-    session = session_on(db, clock)
-    try:
-        assert session.acquire(lock, claim(1), LEASE_S).lease is not None
-        clock.advance(LEASE_S - 0.001)
-        early = session.acquire(lock, claim(2), LEASE_S)
-        assert early.lease is None
-        assert early.expires_in_s == pytest.approx(0.001)
-        clock.advance(0.001)
-        assert session.acquire(lock, claim(2), LEASE_S).lease == Lease(
-            lock, claim(2).holder, 2
-        )
-    finally:
-        session.close()
+    session = session_on(clock)
+    assert session.acquire(lock, claim(1), LEASE_S).lease is not None
+    clock.advance(LEASE_S - 0.001)
+    early = session.acquire(lock, claim(2), LEASE_S)
+    assert early.lease is None
+    assert early.expires_in_s == pytest.approx(0.001)
+    clock.advance(0.001)
+    assert session.acquire(lock, claim(2), LEASE_S).lease == Lease(
+        lock, claim(2).holder, 2
+    )
 
 
-def test_a_wall_clock_jump_alone_never_ends_a_lease(db, lock, boot_id):
+def test_a_wall_clock_jump_alone_never_ends_a_lease(session_on, lock, boot_id):
     """The wall clock jumping a day ahead with the boot clock still: held."""
     clock = SetClock(boot_id, 1000.0, 1.8e9)
-    session = session_on(db, clock)
-    try:
-        assert session.acquire(lock, claim(1), LEASE_S).lease is not None
-        clock.unix_s += 86400
-        assert session.acquire(lock, claim(2), LEASE_S).lease is None
-    finally:
-        session.close()
+    session = session_on(clock)
+    assert session.acquire(lock, claim(1), LEASE_S).lease is not None
+    clock.unix_s += 86400
+    assert session.acquire(lock, claim(2), LEASE_S).lease is None
 
 
 @pytest.mark.parametrize("previous_boot_s", [10.0, 1e7])
 def test_a_lease_of_another_boot_is_expired_and_the_token_still_grows(
-    db, lock, previous_boot_s
+    session_on, lock, previous_boot_s
 ):
     """A lease written in an earlier boot is free at once, whether that boot's
     clock was behind or far ahead of this one's; the next holder gets the next
     token, and the old holder's renewal matches nothing."""
     earlier = SetClock(other_boot_id(), previous_boot_s, time.time() - 600)
-    old = session_on(db, earlier)
-    try:
-        lease = old.acquire(lock, claim(1), 1e6).lease
-    finally:
-        old.close()
+    old = session_on(earlier)
+    lease = old.acquire(lock, claim(1), 1e6).lease
     assert lease is not None
-    now = session_on(db)
-    try:
-        taken = now.acquire(lock, claim(2), LEASE_S).lease
-        assert taken == Lease(lock, claim(2).holder, 2)
-        assert now.renew(lease, LEASE_S) is False
-    finally:
-        now.close()
+    now = session_on()
+    taken = now.acquire(lock, claim(2), LEASE_S).lease
+    assert taken == Lease(lock, claim(2).holder, 2)
+    assert now.renew(lease, LEASE_S) is False
 
 
-def test_a_row_without_a_boot_id_is_expired(db, lock, holder):
+def test_a_row_without_a_boot_id_is_expired(session_on, db, lock, holder):
     """A row that names no boot (written by hand) counts as another boot's."""
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE leader_lease SET boot_id = NULL")
-    other = session_on(db)
-    try:
-        assert other.acquire(lock, claim(2), LEASE_S).lease is not None
-    finally:
-        other.close()
+    other = session_on()
+    assert other.acquire(lock, claim(2), LEASE_S).lease is not None
 
 
-def test_status_and_release_treat_a_lease_of_another_boot_as_expired(db, lock):
+def test_status_and_release_treat_a_lease_of_another_boot_as_expired(
+    session_on, db, lock
+):
     """Operators see it expired (never 'held'), and a plain release frees it."""
-    old = session_on(db, SetClock(other_boot_id(), 5e5, time.time() - 60))
-    try:
-        assert old.acquire(lock, claim(1), 1e6).lease is not None
-    finally:
-        old.close()
+    old = session_on(SetClock(other_boot_id(), 5e5, time.time() - 60))
+    assert old.acquire(lock, claim(1), 1e6).lease is not None
     store = SqliteLeaseStore(db)
     snapshot = store.snapshot(lock)
     (record,) = snapshot.records
@@ -182,10 +161,7 @@ def test_status_shows_the_time_left_on_the_boot_clock(db, lock, boot_id):
     clock = SetClock(boot_id, 1000.0, 1.8e9)
     writer = SqliteLeaseStore(db, clock=clock)
     session = writer.connect()
-    try:
-        assert session.acquire(lock, claim(1), LEASE_S).lease is not None
-    finally:
-        session.close()
+    assert session.acquire(lock, claim(1), LEASE_S).lease is not None
     clock.advance(10.0)
     clock.unix_s -= 3600  # stepped back an hour since
     snapshot = writer.snapshot(lock)
@@ -221,12 +197,9 @@ def test_the_clock_is_read_after_the_write_lock_is_taken(db, lock, holder):
     assert expires_boot_s - 7 >= released_boot_s
 
 
-def test_the_once_per_window_is_calendar_time(db, lock, boot_id):
+def test_the_once_per_window_is_calendar_time(session_on, lock, boot_id):
     """--once-per windows follow the wall clock (they are dates), not boot time."""
     unix_s = 1_800_000_123.0
-    session = session_on(db, SetClock(boot_id, 1000.0, unix_s))
-    try:
-        result = session.acquire(lock, claim(1), LEASE_S, once_per=OncePer(86400.0))
-    finally:
-        session.close()
+    session = session_on(SetClock(boot_id, 1000.0, unix_s))
+    result = session.acquire(lock, claim(1), LEASE_S, once_per=OncePer(86400.0))
     assert iso_utc(result.window_start) == "2027-01-15T00:00:00.000Z"

@@ -24,18 +24,14 @@ from leaderrun.errors import (
     DatabaseUnavailableError,
     StatementTimeoutError,
 )
-from leaderrun.lease import Lease, LockId, parse_lock_id
-from leaderrun.sqlite import STATEMENT_ALLOWANCE_S, SqliteLeaseStore
-from leaderrun.store import Claim
+from leaderrun.lease import Lease
+from leaderrun.stores.sqlite import STATEMENT_ALLOWANCE_S, SqliteLeaseStore
 from tests.helpers.sqlite_clocks import StuckClock
+from tests.helpers.waiting import wait_until
+from tests.stores import LEASE_S, claim
 
-LEASE_S = 30.0
 WAIT_S = 30.0
 """The bound on anything the test itself waits for."""
-
-
-def claim(n: int) -> Claim:
-    return Claim(holder=f"host:{n}:nonce", host="host", pid=n, command="job")
 
 
 @pytest.fixture
@@ -43,11 +39,6 @@ def db(tmp_path: Path) -> Path:
     path = tmp_path / "leases.db"
     SqliteLeaseStore(path).init()
     return path
-
-
-@pytest.fixture
-def lock() -> LockId:
-    return parse_lock_id("nightly-backup")
 
 
 @pytest.fixture
@@ -66,14 +57,6 @@ def statement_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "leaderrun-sqlite"]
 
 
-def wait_for(condition, what: str) -> None:
-    """Poll ``condition`` until true, or fail after WAIT_S."""
-    deadline_s = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline_s, f"{what}: not within {WAIT_S}s"
-        time.sleep(0.001)
-
-
 @pytest.mark.timing
 def test_a_statement_blocked_by_a_write_transaction_times_out_within_its_bound(
     db, lock, write_lock_held
@@ -89,7 +72,7 @@ def test_a_statement_blocked_by_a_write_transaction_times_out_within_its_bound(
         assert 0.5 <= waited_s < 0.5 + STATEMENT_ALLOWANCE_S
         assert excinfo.value.exit_code == EXIT_UNAVAILABLE
         assert excinfo.value.message == (
-            f"acquiring 'nightly-backup' in {db}: another process held its write"
+            f"acquiring {str(lock)!r} in {db}: another process held its write"
             " lock for more than 0.5s"
         )
         write_lock_held.execute("ROLLBACK")
@@ -113,7 +96,7 @@ def test_a_signal_to_the_waiting_thread_gives_the_statement_up_at_once(
         raise CancelledError(signum)
 
     def send_once_waiting() -> None:
-        wait_for(statement_threads, "the statement's worker")
+        wait_until(statement_threads, "the statement's worker")
         os.kill(os.getpid(), signal.SIGUSR1)
 
     previous = signal.signal(signal.SIGUSR1, cancel)
@@ -128,7 +111,7 @@ def test_a_signal_to_the_waiting_thread_gives_the_statement_up_at_once(
         sender.join(WAIT_S)
         signal.signal(signal.SIGUSR1, previous)
     assert cancelled_after_s < 2.0  # not the 30 s the lock wait may take
-    wait_for(lambda: not statement_threads(), "the given-up worker's end")
+    wait_until(lambda: not statement_threads(), "the given-up worker's end")
     with pytest.raises(DatabaseUnavailableError, match="given up"):
         session.acquire(lock, claim(1), LEASE_S)
     session.close()
@@ -156,13 +139,13 @@ def test_a_call_stuck_past_its_bound_is_given_up_and_rolled_back(db, lock):
     waited_s = time.monotonic() - start_s
     assert store.bound_s <= waited_s < store.bound_s + 1.0
     assert excinfo.value.message == (
-        f"acquiring 'nightly-backup' in {db} did not finish within"
+        f"acquiring {str(lock)!r} in {db} did not finish within"
         f" {store.bound_s:.3g}s and was given up; is the disk or its file system stuck?"
     )
     with pytest.raises(DatabaseUnavailableError, match="given up"):
         session.renew(Lease(lock, claim(1).holder, 1), LEASE_S)
     clock.release.set()
-    wait_for(lambda: not statement_threads(), "the stuck worker's end")
+    wait_until(lambda: not statement_threads(), "the stuck worker's end")
     session.close()
     other = sqlite3.connect(db, isolation_level=None, timeout=WAIT_S)
     try:

@@ -21,10 +21,11 @@ from leaderrun.errors import (
     SchemaMissingError,
 )
 from leaderrun.lease import parse_lock_id
-from leaderrun.sqlite import APPLICATION_ID, FORMAT, SqliteLeaseStore
-from leaderrun.store import Claim
+from leaderrun.stores.sqlite import APPLICATION_ID, FORMAT, SqliteLeaseStore
+from tests.helpers import command
 from tests.helpers import sqlite_format0 as format0
 from tests.helpers.sqlite_clocks import SetClock
+from tests.stores import claim
 
 pytestmark = pytest.mark.slow
 
@@ -44,20 +45,8 @@ def old_rows() -> list[format0.Row]:
 
 
 def leaderrun(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m leaderrun ARGS`` with ``--dsn sqlite://DB`` to completion.
-
-    The DSN goes before a ``--``, which starts the job's own arguments.
-    """
-    end = args.index("--") if "--" in args else len(args)
-    argv = [*args[:end], "--dsn", f"sqlite://{db}", *args[end:]]
-    return subprocess.run(
-        [sys.executable, "-m", "leaderrun", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    """Run ``python -m leaderrun ARGS`` on the file ``db`` to completion."""
+    return command.leaderrun(*args, dsn=f"sqlite://{db}")
 
 
 SUBCOMMANDS = {
@@ -103,10 +92,6 @@ def schema_of(db: Path) -> list[tuple[str, str]]:
         return conn.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
         ).fetchall()
-
-
-def claim(n: int) -> Claim:
-    return Claim(holder=f"new:{n}:nonce", host="new", pid=n, command="job")
 
 
 # --- an older leaderrun's file -------------------------------------------------------

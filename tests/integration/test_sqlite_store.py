@@ -1,4 +1,8 @@
-"""The SQLite lease store on a real file: its SQL, process races, busy locks."""
+"""What only the SQLite store has: a file, its WAL and write lock, processes
+racing on it, the boot clock, the file systems it may live on.
+
+What every store decides alike is in ``tests/contract``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,40 +22,33 @@ import pytest
 
 from leaderrun.clock import boottime
 from leaderrun.errors import (
-    EXIT_UNAVAILABLE,
     ConfigError,
     DatabaseUnavailableError,
     LeaderrunError,
     SchemaMissingError,
 )
-from leaderrun.host import VOLATILE_FS_TYPES
-from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
-from leaderrun.sqlite import SqliteLeaseStore, SqliteSession
-from leaderrun.store import Claim
+from leaderrun.lease import Lease, LockId
+from leaderrun.stores.host import VOLATILE_FS_TYPES
+from leaderrun.stores.sqlite import SqliteLeaseStore, SqliteSession
+from tests.stores import LEASE_S, SqliteBackend, claim
 
 CONTENDER = str(Path(__file__).parent.parent / "helpers" / "sqlite_contender.py")
-LEASE_S = 30.0
 CONTENDERS = 20
 RACE_ROUNDS = 5
 WAIT_S = 60.0
 """The bound on waiting for threads and processes; generous for a busy host."""
 
 
-def claim(n: int) -> Claim:
-    """The claim of contender ``n``, each with its own holder identity."""
-    return Claim(holder=f"host{n}:{n}:nonce", host=f"host{n}", pid=n, command="true")
-
-
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
+def db(sqlite_backend: SqliteBackend) -> Path:
     """The path of a database file that does not exist yet."""
-    return tmp_path / "leases.db"
+    return sqlite_backend.path
 
 
 @pytest.fixture
-def store(db: Path) -> SqliteLeaseStore:
+def store(sqlite_backend: SqliteBackend) -> SqliteLeaseStore:
     """A store on this test's own file."""
-    return SqliteLeaseStore(db)
+    return sqlite_backend.sqlite
 
 
 @pytest.fixture
@@ -61,12 +57,6 @@ def session(store: SqliteLeaseStore) -> Iterator[SqliteSession]:
     session = store.connect()
     yield session
     session.close()
-
-
-@pytest.fixture
-def lock() -> LockId:
-    """A named lock."""
-    return parse_lock_id("nightly-backup")
 
 
 def admin(db: Path) -> sqlite3.Connection:
@@ -85,16 +75,6 @@ def row(db: Path, lock: LockId) -> tuple[object, ...]:
     return tuple(found)
 
 
-def expire(db: Path, lock: LockId) -> None:
-    """Move the lock's expiry into the past, as waiting out the lease would."""
-    with admin(db) as conn:
-        conn.execute(
-            "UPDATE leader_lease SET expires_boot_s = expires_boot_s - 1e6"
-            " WHERE lock_key = ?",
-            (lock.key,),
-        )
-
-
 def test_first_use_creates_the_file_the_table_and_wal_mode(store, db, lock):
     """The first acquire makes the file, in WAL mode, and takes token 1."""
     assert not db.exists()
@@ -108,7 +88,7 @@ def test_first_use_creates_the_file_the_table_and_wal_mode(store, db, lock):
         session.close()
     with admin(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert row(db, lock) == (claim(1).holder, 1, "nightly-backup")
+    assert row(db, lock) == (claim(1).holder, 1, lock.name)
 
 
 def test_init_is_idempotent(store, db):
@@ -163,114 +143,14 @@ def test_twenty_processes_racing_on_a_new_file_exactly_one_wins(tmp_path):
 
 
 @pytest.mark.slow
-def test_twenty_processes_on_an_expired_lease_exactly_one_wins(store, db, lock):
+def test_twenty_processes_on_an_expired_lease_exactly_one_wins(
+    sqlite_backend, db, lock
+):
     """An expired lease, twenty processes: one wins with the next token, each round."""
-    session = store.connect()
-    session.acquire(lock, claim(0), LEASE_S)
-    session.close()
+    sqlite_backend.take(lock, 0)
     for n in range(RACE_ROUNDS):
-        expire(db, lock)
-        assert race(db, "nightly-backup") == Counter({n + 2: 1, None: CONTENDERS - 1})
-
-
-def thread_round(store: SqliteLeaseStore, lock: LockId) -> list[object]:
-    """CONTENDERS threads, a session each, acquire at once; their outcomes."""
-    sessions = [store.connect() for _ in range(CONTENDERS)]
-    gun = threading.Barrier(CONTENDERS)
-    results: list[object] = [None] * CONTENDERS
-
-    def contend(n: int) -> None:
-        gun.wait()
-        try:
-            results[n] = sessions[n].acquire(lock, claim(n), LEASE_S).lease
-        except LeaderrunError as exc:
-            results[n] = exc
-
-    threads = [threading.Thread(target=contend, args=(n,)) for n in range(CONTENDERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_S)
-    for session in sessions:
-        session.close()
-    return results
-
-
-def test_twenty_threads_racing_exactly_one_wins(store, db, lock):
-    """Threads with a session each race the same way, and tokens strictly increase."""
-    tokens: list[int] = []
-    for _ in range(RACE_ROUNDS):
-        results = thread_round(store, lock)
-        winners = [r for r in results if isinstance(r, Lease)]
-        assert len(winners) == 1, results
-        assert results.count(None) == CONTENDERS - 1, results
-        tokens.append(winners[0].token)
-        expire(db, lock)
-    assert tokens == list(range(1, RACE_ROUNDS + 1))
-
-
-def test_a_held_lock_describes_its_holder(session, store, lock):
-    """A contender that loses learns who holds it and when the lease ends."""
-    session.acquire(lock, claim(1), LEASE_S)
-    other = store.connect()
-    try:
-        result = other.acquire(lock, claim(2), LEASE_S)
-    finally:
-        other.close()
-    assert result.lease is None
-    assert (result.holder, result.holder_host, result.holder_pid) == (
-        claim(1).holder,
-        "host1",
-        1,
-    )
-    assert result.expires_in_s is not None
-    assert LEASE_S - 5 < result.expires_in_s <= LEASE_S
-
-
-def test_a_renewal_after_a_takeover_changes_nothing(session, db, lock):
-    """A stale token renews and releases nothing, even when the holder is the same."""
-    lease = session.acquire(lock, claim(1), LEASE_S).lease
-    assert lease is not None
-    expire(db, lock)
-    again = session.acquire(lock, claim(1), LEASE_S).lease
-    assert again == Lease(lock, claim(1).holder, 2)
-    assert session.renew(lease, LEASE_S) is False
-    assert session.release(lease) is False
-    assert row(db, lock) == (claim(1).holder, 2, "nightly-backup")
-    assert session.renew(again, LEASE_S) is True
-    assert session.release(again) is True
-    assert session.release(again) is False
-
-
-def test_a_renewal_after_expiry_does_not_revive_the_lease(session, store, db, lock):
-    """As in PostgreSQL: past expiry, the holder's renewal matches nothing, and a
-    contender takes the lock at once."""
-    lease = session.acquire(lock, claim(1), LEASE_S).lease
-    assert lease is not None
-    expire(db, lock)
-    assert session.renew(lease, LEASE_S) is False
-    with admin(db) as conn:
-        (expires_boot_s,) = conn.execute(
-            "SELECT expires_boot_s FROM leader_lease WHERE lock_key = ?", (lock.key,)
-        ).fetchone()
-    assert expires_boot_s < boottime()
-    other = store.connect()
-    try:
-        assert other.acquire(lock, claim(2), LEASE_S).lease == Lease(
-            lock, claim(2).holder, 2
-        )
-    finally:
-        other.close()
-
-
-def test_release_keeps_the_row_and_the_token_keeps_growing(session, db, lock):
-    """Release frees the lock but keeps the row; each holder gets the next token."""
-    for n in range(1, 4):
-        lease = session.acquire(lock, claim(n), LEASE_S).lease
-        assert lease is not None
-        assert lease.token == n
-        assert session.release(lease) is True
-    assert row(db, lock) == (None, 3, "nightly-backup")
+        sqlite_backend.expire(lock)
+        assert race(db, str(lock)) == Counter({n + 2: 1, None: CONTENDERS - 1})
 
 
 def test_expiry_and_renewal_use_the_boot_clock(session, db, lock):
@@ -294,32 +174,6 @@ def test_expiry_and_renewal_use_the_boot_clock(session, db, lock):
     assert before_unix_s <= acquired_unix_s <= renewed_unix_s <= after_unix_s
 
 
-def test_a_lease_ends_when_the_host_clock_passes_it(session, store, lock):
-    """A short lease is free to others once it has run out, not before."""
-    session.acquire(lock, claim(1), 0.5)
-    other = store.connect()
-    try:
-        assert other.acquire(lock, claim(2), LEASE_S).lease is None
-        time.sleep(0.6)
-        assert other.acquire(lock, claim(2), LEASE_S).lease == Lease(
-            lock, claim(2).holder, 2
-        )
-    finally:
-        other.close()
-
-
-def test_a_key_used_by_another_lock_name_is_refused(session, db):
-    """A name whose 64-bit key another name already uses is refused, never taken."""
-    mine = parse_lock_id("jobs")
-    impostor = LockId(name_key("jobs"), "not-jobs")
-    lease = session.acquire(mine, claim(1), LEASE_S).lease
-    assert lease is not None
-    session.release(lease)
-    with pytest.raises(ConfigError, match="same 64-bit key as the lock 'jobs'"):
-        session.acquire(impostor, claim(2), LEASE_S)
-    assert row(db, mine) == (None, 1, "jobs")
-
-
 def test_every_statement_leaves_the_connection_idle(session, lock):
     """After acquire, renew and release no transaction is open (no lock is kept)."""
     lease = session.acquire(lock, claim(1), LEASE_S).lease
@@ -336,39 +190,9 @@ def test_a_connection_left_in_a_transaction_is_caught(session, lock):
     lease = session.acquire(lock, claim(1), LEASE_S).lease
     assert lease is not None
     session._conn.execute("BEGIN")
-    with pytest.raises(LeaderrunError, match="left open"):
+    with pytest.raises(LeaderrunError, match="left in a transaction"):
         session.renew(lease, LEASE_S)
     session._conn.execute("ROLLBACK")
-
-
-@pytest.mark.timing
-def test_a_held_write_lock_fails_a_renewal_within_the_busy_wait(db, lock):
-    """Another process holding the write lock: renew fails after busy_s, not later.
-
-    This is how busy handling stays out of the deadline's way: a renewal never
-    waits for SQLite longer than its attempt budget.
-    """
-    store = SqliteLeaseStore(db, busy_s=0.5)
-    session = store.connect()
-    try:
-        lease = session.acquire(lock, claim(1), LEASE_S).lease
-        assert lease is not None
-        blocker = admin(db)
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
-            start = time.monotonic()
-            with pytest.raises(DatabaseUnavailableError) as excinfo:
-                session.renew(lease, LEASE_S)
-            waited_s = time.monotonic() - start
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
-        assert 0.4 <= waited_s < 3.0
-        assert excinfo.value.exit_code == EXIT_UNAVAILABLE
-        assert "held its write lock for more than 0.5s" in excinfo.value.message
-        assert session.renew(lease, LEASE_S) is True  # the same session recovers
-    finally:
-        session.close()
 
 
 def test_readers_do_not_block_a_renewal(session, db, lock):

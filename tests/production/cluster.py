@@ -26,8 +26,8 @@ from tests.pg import (
     ClusterError,
     LocalPgCluster,
     _as_postgres_prefix,
-    _find_bindir,
     _free_port,
+    find_bindir,
 )
 
 PGBOUNCER_START_TIMEOUT_S = 15.0
@@ -154,7 +154,7 @@ class ReplicatedPair:
     """
 
     def __init__(self) -> None:
-        bindir = _find_bindir()
+        bindir = find_bindir()
         if bindir is None:
             raise ClusterError("initdb, pg_ctl and pg_basebackup are not installed")
         self.primary = LocalPgCluster(bindir)

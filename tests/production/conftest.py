@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from leaderrun.postgres import OPERATOR_PRIVILEGES, RUN_PRIVILEGES
+from leaderrun.stores.postgres_sql import OPERATOR_PRIVILEGES, RUN_PRIVILEGES
 from tests.acceptance.conftest import Leaderrun
 from tests.pg import ClusterError, PgCluster, _no_postgres
 from tests.production.cluster import PgBouncer, ReplicatedPair, pgbouncer_binary

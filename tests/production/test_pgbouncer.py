@@ -16,20 +16,15 @@ import pytest
 
 from leaderrun.errors import StatementTimeoutError
 from leaderrun.lease import parse_lock_id
-from leaderrun.postgres import PostgresLeaseStore
+from leaderrun.stores.postgres import PostgresLeaseStore
 from tests.acceptance.conftest import FAST, Leaderrun, child, read_rest, readline
-from tests.integration.test_pg_bounded import (
-    BOUND_S,
-    CONTENDER,
-    HOLDER,
-    MARGIN_S,
-    Attempt,
-    assert_nobody_left_waiting,
-    expire,
-    lease_row,
-    row_locked,
-)
+from tests.helpers.attempts import Attempt
 from tests.production.operations import status_release_history
+from tests.stores import BOUND_S, MARGIN_S, claim, lease_row, row_locked
+from tests.stores import expire_row as expire
+from tests.stores import nobody_left_waiting as assert_nobody_left_waiting
+
+HOLDER, CONTENDER = claim(1), claim(2)
 
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """Least privilege: a role with only the operator grants runs; without, it is told.
 
 The grants are ``USAGE`` on the schema and ``SELECT, INSERT, UPDATE`` on the
-table (``leaderrun.postgres.OPERATOR_PRIVILEGES``): no CREATE, and no DELETE,
+table (``leaderrun.stores.postgres.OPERATOR_PRIVILEGES``): no CREATE, and no DELETE,
 which could restart a lock's fencing tokens at 1.
 """
 

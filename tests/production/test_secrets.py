@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 from psycopg import sql
 
-from leaderrun.postgres import OPERATOR_PRIVILEGES, RUN_PRIVILEGES
+from leaderrun.stores.postgres_sql import OPERATOR_PRIVILEGES, RUN_PRIVILEGES
 from tests.pg import LOOPBACK, PgCluster
 
 pytestmark = [pytest.mark.production, pytest.mark.pg, pytest.mark.slow]

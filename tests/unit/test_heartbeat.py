@@ -18,8 +18,9 @@ import pytest
 from leaderrun.clock import boottime
 from leaderrun.heartbeat import LeaseState, Renewal, Renewer
 from leaderrun.lease import Lease, Timing, kill_deadline, make_timing, parse_lock_id
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
+from tests.helpers.waiting import wait_until
 
 LOCK = parse_lock_id("heartbeat-test")
 CLAIM = Claim(holder="host:1:nonce", host="host", pid=1, command="true")
@@ -33,15 +34,6 @@ FAST = Timing(lease_s=30.0, renew_interval_s=0.05, jitter_s=0.0, kill_grace_s=1.
 
 WAIT_S = 20.0
 """The bound on waiting for a thread to do what it must; generous for a busy host."""
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` until it holds, or fail after WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {WAIT_S}s")
-        time.sleep(0.005)
 
 
 def readable(fd: int, timeout_s: float = 0.0) -> bool:

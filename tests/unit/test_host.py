@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from leaderrun.backends import open_store
 from leaderrun.clock import boottime
 from leaderrun.errors import EXIT_USAGE, ConfigError
-from leaderrun.host import (
+from leaderrun.stores import open_store
+from leaderrun.stores.host import (
     LOCAL_FS_TYPES,
     LOCAL_FS_VARIABLE,
     SHARED_FS_TYPES,
@@ -21,7 +21,7 @@ from leaderrun.host import (
     parse_boottime_offset_s,
     vouched_fs_types,
 )
-from leaderrun.sqlite import SqliteLeaseStore
+from leaderrun.stores.sqlite import SqliteLeaseStore
 
 BOOT_ID = "895cc76a-b98d-4110-abf7-5b27b41054c2"
 
@@ -69,7 +69,7 @@ def test_the_host_clock_reads_this_boot_and_takes_off_the_namespace_offset():
 
 def test_without_a_boot_id_the_store_is_refused(tmp_path, monkeypatch):
     """No /proc boot id (not Linux, /proc not mounted): exit 64, saying why."""
-    monkeypatch.setattr("leaderrun.host.BOOT_ID", tmp_path / "missing")
+    monkeypatch.setattr("leaderrun.stores.host.BOOT_ID", tmp_path / "missing")
     with pytest.raises(ConfigError, match="cannot read this boot's id"):
         HostClock.read()
 
@@ -251,7 +251,7 @@ def mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *lines: str) -> None
     """Make the store see an ext4 root plus ``lines`` as its mount table."""
     mountinfo = tmp_path / "mountinfo"
     mountinfo.write_text("22 1 259:2 / / rw - ext4 /dev/sda1 rw\n" + "".join(lines))
-    monkeypatch.setattr("leaderrun.host.MOUNTINFO", mountinfo)
+    monkeypatch.setattr("leaderrun.stores.host.MOUNTINFO", mountinfo)
 
 
 def test_a_file_on_a_network_file_system_is_refused(tmp_path, monkeypatch):
@@ -289,7 +289,7 @@ def test_a_file_bind_mounted_from_a_shared_folder_is_refused(tmp_path, monkeypat
 
 def test_an_unreadable_mount_table_fails_closed(tmp_path, monkeypatch):
     """Without /proc/self/mountinfo the check cannot run, so the store refuses."""
-    monkeypatch.setattr("leaderrun.host.MOUNTINFO", tmp_path / "missing")
+    monkeypatch.setattr("leaderrun.stores.host.MOUNTINFO", tmp_path / "missing")
     with pytest.raises(ConfigError, match="is on a local disk"):
         SqliteLeaseStore(tmp_path / "leases.db")
 

@@ -11,15 +11,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("psycopg", "typer", "rich")
-OWNERS = {"leaderrun.cli", "leaderrun.postgres", "leaderrun.__main__"}
+OWNERS = {
+    "leaderrun.cli",
+    "leaderrun.stores.postgres",
+    "leaderrun.stores.postgres_sql",
+    "leaderrun.__main__",
+}
 """The modules that own a heavy library (typer and rich; psycopg), and the entry."""
 
 CORE_MODULES = [
     "leaderrun",
     *sorted(
-        f"leaderrun.{info.name}"
-        for info in pkgutil.iter_modules([str(ROOT / "leaderrun")])
-        if f"leaderrun.{info.name}" not in OWNERS
+        info.name
+        for info in pkgutil.walk_packages([str(ROOT / "leaderrun")], "leaderrun.")
+        if info.name not in OWNERS
     ),
 ]
 

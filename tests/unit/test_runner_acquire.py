@@ -22,7 +22,7 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import make_timing, parse_lock_id
 from leaderrun.runner import Run
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
 
 LEASE = "4s"

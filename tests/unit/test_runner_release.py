@@ -13,7 +13,7 @@ from leaderrun.errors import CancelledError
 from leaderrun.lease import Lease
 from leaderrun.runner import Run, _Contender
 from leaderrun.runs import RunEnd
-from leaderrun.store import Claim
+from leaderrun.stores.base import Claim
 from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
 
 # A short lease, so the attempt budget (the bound under test) is under a second.

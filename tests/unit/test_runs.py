@@ -1,4 +1,4 @@
-"""The cron guards' pure core, their options, and the in-memory store's twin SQL."""
+"""The cron guards' pure core and their options; the stores' are in tests/contract."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from leaderrun.config import RawRunOptions, RunSettings, run_settings
 from leaderrun.errors import ConfigError
-from leaderrun.lease import Lease, parse_lock_id
 from leaderrun.runs import (
     DEFAULT_HISTORY_KEEP,
     OncePer,
@@ -21,8 +20,6 @@ from leaderrun.runs import (
     classify,
     window_start_s,
 )
-from leaderrun.store import AcquireResult, Claim
-from leaderrun.testing import FakeClock, InMemoryLeaseStore
 
 # --- windows ----------------------------------------------------------------------
 
@@ -136,78 +133,3 @@ def test_bad_guards_are_usage_errors(options, message):
 def test_an_option_from_the_environment_is_named_by_its_variable():
     with pytest.raises(ConfigError, match="LEADERRUN_ONCE_PER must"):
         settings_of(once_per="0", labels={"once_per": "LEADERRUN_ONCE_PER"})
-
-
-# --- the in-memory store keeps the SQL's semantics --------------------------------
-
-LOCK = parse_lock_id("job")
-HOUR = OncePer(3600.0)
-
-
-def claim(n: int) -> Claim:
-    return Claim(holder=f"h{n}", host=f"host{n}", pid=n, command="job")
-
-
-def got(result: AcquireResult) -> Lease:
-    assert result.lease is not None, result
-    return result.lease
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(start_s=1_795_000_000.0)  # 2026-11-18, mid-hour
-
-
-@pytest.fixture
-def store(clock) -> InMemoryLeaseStore:
-    return InMemoryLeaseStore(clock)
-
-
-def test_memory_once_per_refuses_within_the_window_and_runs_in_the_next(clock, store):
-    session = store.connect()
-    first = session.acquire(LOCK, claim(1), 30, once_per=HOUR)
-    session.release(got(first), RunEnd(RunOutcome.ok, 0, in_window=True))
-    clock.advance(60)
-    again = session.acquire(LOCK, claim(2), 30, once_per=HOUR)
-    assert (again.lease, again.window_done) == (None, True)
-    assert again.window_start == first.window_start
-    clock.advance(3600)
-    assert got(session.acquire(LOCK, claim(2), 30, once_per=HOUR)).token == 2
-
-
-def test_memory_retry_failed_reruns_failed_and_lost_windows(clock, store):
-    session = store.connect()
-    retry = OncePer(3600.0, retry_failed=True)
-    lease = got(session.acquire(LOCK, claim(1), 30, once_per=HOUR))
-    session.release(lease, RunEnd(RunOutcome.failed, 1, in_window=True))
-    assert session.acquire(LOCK, claim(2), 30, once_per=HOUR).window_done
-    got(session.acquire(LOCK, claim(2), 30, once_per=retry))  # then dies
-    clock.advance(31)
-    assert session.acquire(LOCK, claim(3), 30, once_per=HOUR).window_done
-    assert got(session.acquire(LOCK, claim(3), 30, once_per=retry)).token == 3
-
-
-def test_memory_min_hold(clock, store):
-    session = store.connect()
-    lease = got(session.acquire(LOCK, claim(1), 30))
-    clock.advance(1)
-    session.release(lease, RunEnd(RunOutcome.ok, 0, min_hold_s=5))
-    held = session.acquire(LOCK, claim(2), 30)
-    assert (held.lease, held.expires_in_s) == (None, 4)
-    clock.advance(4)
-    assert got(session.acquire(LOCK, claim(2), 30)).token == 2
-
-
-def test_memory_history_records_closes_lost_and_prunes(clock, store):
-    session = store.connect()
-    lease = got(session.acquire(LOCK, claim(1), 30, history_keep=2))
-    clock.advance(5)
-    session.renew(lease, 30)
-    clock.advance(40)  # the holder died; the lease ran out
-    second = got(session.acquire(LOCK, claim(2), 30, history_keep=2))
-    first_run = store.runs[(LOCK.key, 1)]
-    assert (first_run.outcome, first_run.finished_at_s) == ("lost", 1_795_000_005.0)
-    session.release(second, RunEnd(RunOutcome.timeout, 143))
-    assert store.runs[(LOCK.key, 2)].outcome == "timeout"
-    got(session.acquire(LOCK, claim(3), 30, history_keep=2))
-    assert sorted(token for _, token in store.runs) == [2, 3]

@@ -2,14 +2,13 @@
 
 import pytest
 
-from leaderrun.host import Instant
-from leaderrun.sqlite import (
+from leaderrun.stores.base import RUN_TABLE, TABLE
+from leaderrun.stores.host import Instant
+from leaderrun.stores.sqlite import (
     APPLICATION_ID,
     FORMAT,
-    RUN_TABLE,
     SHAPES,
     STEPS,
-    TABLE,
     FileFormat,
     Shape,
     expires_unix_s,

@@ -11,7 +11,7 @@ from leaderrun import views
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import parse_lock_id
 from leaderrun.runs import RunRecord
-from leaderrun.store import (
+from leaderrun.stores.base import (
     REVOKED_HOLDER,
     LeaseRecord,
     LeaseSnapshot,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import JOB, WAIT_S, Timeline, wait_until
+from tests.faults.conftest import JOB, WAIT_S, Timeline
+from tests.helpers.waiting import wait_until
 
 LEADERRUN = str(Path(sys.executable).with_name("leaderrun"))
 """The installed console script: the program users run, with its own name."""

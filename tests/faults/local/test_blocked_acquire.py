@@ -13,8 +13,9 @@ import sqlite3
 
 import pytest
 
-from tests.faults.conftest import WAIT_S, boottime, record_figure, wait_until
+from tests.faults.conftest import WAIT_S, boottime, record_figure
 from tests.faults.local.host import STORES, Local, store_dsn
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(180)]
 

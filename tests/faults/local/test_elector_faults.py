@@ -27,8 +27,9 @@ import pytest
 
 from leaderrun import LeaderElector
 from leaderrun.lease import make_timing, name_key
-from tests.faults.conftest import WAIT_S, record_figure, wait_until
+from tests.faults.conftest import WAIT_S, record_figure
 from tests.helpers.replicas import Replica, Sample
+from tests.helpers.waiting import wait_until
 
 pytestmark = [
     pytest.mark.pg,

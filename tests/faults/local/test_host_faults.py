@@ -21,13 +21,7 @@ from pathlib import Path
 import pytest
 
 from leaderrun.lease import make_timing
-from tests.faults.conftest import (
-    LEASE_S,
-    WAIT_S,
-    boottime,
-    record_figure,
-    wait_until,
-)
+from tests.faults.conftest import LEASE_S, WAIT_S, boottime, record_figure
 from tests.faults.local.host import (
     STORES,
     SYSCALL_WRITE,
@@ -38,6 +32,7 @@ from tests.faults.local.host import (
     watchdog_of,
 )
 from tests.helpers.processes import pid_gone
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(180)]
 

@@ -22,15 +22,8 @@ from pathlib import Path
 import pytest
 
 from leaderrun.errors import EXIT_BUSY
-from tests.faults.conftest import (
-    JOB,
-    LEASE_S,
-    Proc,
-    Timeline,
-    boottime,
-    record_figure,
-    wait_until,
-)
+from tests.faults.conftest import JOB, LEASE_S, Proc, Timeline, boottime, record_figure
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -1,4 +1,8 @@
-"""The PostgreSQL lease store against the real server: its SQL, races and errors."""
+"""What only the PostgreSQL store has: its tables made on first use, row locks,
+idle connections, schemas and roles, the window in SQL, and secrets.
+
+What every store decides alike is in ``tests/contract``.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +11,38 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from leaderrun.errors import (
-    ConfigError,
     DatabaseUnavailableError,
     LeaderrunError,
     SchemaMissingError,
 )
-from leaderrun.lease import Lease, LockId, name_key, parse_lock_id
-from leaderrun.postgres import TABLE, PostgresLeaseStore, PostgresSession
+from leaderrun.lease import LockId, parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets
-from leaderrun.store import AcquireResult, Claim
+from leaderrun.runs import window_start_s
+from leaderrun.stores.base import TABLE, AcquireResult
+from leaderrun.stores.postgres import PostgresLeaseStore, PostgresSession
+from leaderrun.stores.postgres_sql import window_sql
+from tests.stores import LEASE_S, WAIT_S, acquired, claim, new_name, race
 
 pytestmark = pytest.mark.pg
 
 Admin = Callable[[], psycopg.Connection[TupleRow]]
 
-LEASE_S = 30.0
 CONTENDERS = 20
 RACE_ROUNDS = 5
 """A table-creation race is not lost every time: run it in this many schemas."""
-WAIT_S = 30.0
-"""The bound on waiting for threads and the server; generous for a busy host."""
 SECRET = "Hunter2-s3cret"
-
-
-def claim(n: int) -> Claim:
-    """The claim of contender ``n``, each with its own holder identity."""
-    return Claim(holder=f"host{n}:{n}:nonce", host=f"host{n}", pid=n, command="true")
-
-
-def new_name(prefix: str) -> str:
-    """A schema or role name no other test uses."""
-    return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(scope="module")
-def schema(pg_dsn: str, pg_admin: Admin) -> Iterator[str]:
-    """A schema of this module's own, with the lease table already created."""
-    name = new_name("lr_store")
-    with pg_admin() as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    PostgresLeaseStore(pg_dsn, name).init()
-    yield name
-    with pg_admin() as conn:
-        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture
@@ -86,11 +70,6 @@ def fresh_schema(new_schema: Callable[[], str]) -> str:
 
 
 @pytest.fixture
-def lock(lock_name: str) -> LockId:
-    return parse_lock_id(lock_name)
-
-
-@pytest.fixture
 def open_session() -> Iterator[Callable[[PostgresLeaseStore], PostgresSession]]:
     """Opens sessions, and closes every one of them after the test."""
     opened: list[PostgresSession] = []
@@ -106,8 +85,8 @@ def open_session() -> Iterator[Callable[[PostgresLeaseStore], PostgresSession]]:
 
 
 @pytest.fixture
-def store(pg_dsn: str, schema: str) -> PostgresLeaseStore:
-    return PostgresLeaseStore(pg_dsn, schema)
+def store(pg_dsn: str, store_schema: str) -> PostgresLeaseStore:
+    return PostgresLeaseStore(pg_dsn, store_schema)
 
 
 @pytest.fixture
@@ -133,15 +112,6 @@ def row_of(admin: Admin, schema: str, lock: LockId) -> dict[str, Any] | None:
         return cur.execute(query, (lock.key,)).fetchone()
 
 
-def expire(admin: Admin, schema: str, lock: LockId) -> None:
-    """Make the lock's lease end a second ago in the server's time; holder kept."""
-    query = sql.SQL(
-        "UPDATE {} SET expires_at = now() - interval '1 second' WHERE lock_key = %s"
-    ).format(table_of(schema))
-    with admin() as conn:
-        assert conn.execute(query, (lock.key,)).rowcount == 1
-
-
 def with_password(dsn: str, **params: str) -> tuple[str, str]:
     """``dsn`` with ``params``, carrying a password, and that password.
 
@@ -152,32 +122,6 @@ def with_password(dsn: str, **params: str) -> tuple[str, str]:
     if secrets:
         return make_conninfo(dsn, **params), secrets[0]
     return make_conninfo(dsn, password=SECRET, **params), SECRET
-
-
-def acquired(result: AcquireResult) -> Lease:
-    assert result.lease is not None, result
-    return result.lease
-
-
-def race(count: int, contend: Callable[[int, threading.Barrier], Any]) -> list[Any]:
-    """Run ``contend(n, barrier)`` on ``count`` threads; return results or errors."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def run(n: int) -> None:
-        try:
-            results[n] = contend(n, barrier)
-        except Exception as exc:
-            barrier.abort()
-            results[n] = exc
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_S)
-    assert not any(thread.is_alive() for thread in threads), "a contender hung"
-    return results
 
 
 # --- the table ------------------------------------------------------------------------
@@ -224,34 +168,9 @@ def test_first_users_racing_to_create_the_table_all_succeed(
 # --- acquire, renew, release ----------------------------------------------------------
 
 
-def test_exactly_one_of_twenty_contenders_takes_an_expired_lease(
-    store: PostgresLeaseStore, session, pg_admin, schema, lock
-):
-    """Twenty contenders on an expired lease: exactly one wins, with the token + 1."""
-    acquired(session.acquire(lock, claim(100), LEASE_S))
-    expire(pg_admin, schema, lock)
-
-    def contend(n: int, barrier: threading.Barrier) -> AcquireResult:
-        contender = store.connect()
-        try:
-            barrier.wait(WAIT_S)
-            return contender.acquire(lock, claim(n), LEASE_S)
-        finally:
-            contender.close()
-
-    results = race(CONTENDERS, contend)
-    assert [r for r in results if isinstance(r, BaseException)] == []
-    winners = [r.lease for r in results if r.lease is not None]
-    assert len(winners) == 1
-    assert winners[0].token == 2
-    row = row_of(pg_admin, schema, lock)
-    assert row is not None
-    assert (row["holder"], row["token"]) == (winners[0].holder, 2)
-
-
 @pytest.mark.parametrize("renewed", [True, False], ids=["renewed", "not-renewed"])
 def test_a_contender_waiting_on_a_renewal_sees_its_outcome(
-    store, session, open_session, pg_admin, schema, lock, renewed
+    store, session, open_session, pg_admin, pg_backend, lock, renewed
 ):
     """A contender blocked behind a renewal's row lock re-checks the renewed row.
 
@@ -259,10 +178,10 @@ def test_a_contender_waiting_on_a_renewal_sees_its_outcome(
     only locks the row, shows that the same contender would have won.
     """
     lease = acquired(session.acquire(lock, claim(1), LEASE_S))
-    expire(pg_admin, schema, lock)
+    pg_backend.expire(lock)
     contender = open_session(store)
     outcome: list[AcquireResult] = []
-    table = table_of(schema)
+    table = table_of(pg_backend.schema)
     with pg_admin() as locker, pg_admin() as watcher:
         with locker.transaction():
             locker.execute(
@@ -293,7 +212,7 @@ def test_a_contender_waiting_on_a_renewal_sees_its_outcome(
                 assert locker.execute(renew, (lock.key, lease.holder, 1)).rowcount == 1
         thread.join(WAIT_S)
     assert len(outcome) == 1
-    row = row_of(pg_admin, schema, lock)
+    row = row_of(pg_admin, pg_backend.schema, lock)
     assert row is not None
     if renewed:
         assert outcome[0].lease is None
@@ -302,103 +221,6 @@ def test_a_contender_waiting_on_a_renewal_sees_its_outcome(
     else:
         assert acquired(outcome[0]).token == 2
         assert (row["holder"], row["token"]) == (claim(2).holder, 2)
-
-
-@pytest.mark.parametrize("taker", [2, 1], ids=["another-holder", "same-holder"])
-def test_a_renewal_after_a_takeover_changes_nothing(
-    store, session, open_session, pg_admin, schema, lock, taker
-):
-    """A stale token renews and releases nothing, even when the holder is the same."""
-    stale = acquired(session.acquire(lock, claim(1), LEASE_S))
-    expire(pg_admin, schema, lock)
-    fresh = acquired(open_session(store).acquire(lock, claim(taker), LEASE_S))
-    assert fresh.token == stale.token + 1
-    before = row_of(pg_admin, schema, lock)
-    assert before is not None
-    assert not session.renew(stale, 600.0)
-    assert not session.release(stale)
-    after = row_of(pg_admin, schema, lock)
-    assert after is not None
-    unchanged = ("lock_name", "holder", "token", "expires_at")
-    assert [after[k] for k in unchanged] == [before[k] for k in unchanged]
-    assert (after["holder"], after["token"]) == (claim(taker).holder, fresh.token)
-
-
-def test_a_renewal_after_expiry_does_not_revive_the_lease(
-    store, session, open_session, pg_admin, schema, lock
-):
-    """Held up past expiry (nobody took over yet), a renewal matches 0 rows, and a
-    contender can take the lock at once instead of a whole lease later."""
-    lease = acquired(session.acquire(lock, claim(1), LEASE_S))
-    expire(pg_admin, schema, lock)
-    before = row_of(pg_admin, schema, lock)
-    assert not session.renew(lease, 600.0)
-    after = row_of(pg_admin, schema, lock)
-    assert before is not None
-    assert after is not None
-    kept = ("lock_name", "holder", "token", "expires_at")
-    assert [after[k] for k in kept] == [before[k] for k in kept]
-    fresh = acquired(open_session(store).acquire(lock, claim(2), LEASE_S))
-    assert fresh.token == lease.token + 1
-
-
-def test_release_keeps_the_row_and_the_token_keeps_growing(
-    session, pg_admin, schema, lock
-):
-    """Release frees the lock but keeps the row; each new holder gets the next token."""
-    tokens = []
-    for n in range(1, 4):
-        lease = acquired(session.acquire(lock, claim(n), LEASE_S))
-        tokens.append(lease.token)
-        assert session.release(lease)
-        row = row_of(pg_admin, schema, lock)
-        assert row is not None
-        assert (row["holder"], row["token"]) == (None, lease.token)
-        assert row["expires_in_s"] <= 0
-    assert tokens == [1, 2, 3]
-
-
-def test_expiry_is_judged_by_the_servers_clock(
-    store, session, open_session, pg_admin, schema, lock
-):
-    """A lease ends when the server's now() passes expires_at, whatever the client."""
-    acquired(session.acquire(lock, claim(1), 3600.0))
-    contender = open_session(store)
-    refused = contender.acquire(lock, claim(2), LEASE_S)
-    assert refused.lease is None
-    assert refused.holder == claim(1).holder
-    assert refused.expires_in_s == pytest.approx(3600.0, abs=WAIT_S)
-    expire(pg_admin, schema, lock)
-    assert acquired(contender.acquire(lock, claim(2), LEASE_S)).token == 2
-
-
-def test_renew_extends_from_the_servers_now(session, pg_admin, schema, lock):
-    """A renewal sets expires_at to the server's now() plus the lease it is given."""
-    lease = acquired(session.acquire(lock, claim(1), LEASE_S))
-    assert session.renew(lease, 600.0)
-    row = row_of(pg_admin, schema, lock)
-    assert row is not None
-    assert row["expires_in_s"] == pytest.approx(600.0, abs=WAIT_S)
-
-
-def test_a_key_used_by_another_lock_name_is_refused(session, pg_admin, schema):
-    """A name whose 64-bit key another name already uses is refused, never taken."""
-    mine = parse_lock_id(f"mine-{uuid.uuid4().hex}")
-    insert = sql.SQL(
-        "INSERT INTO {} (lock_key, lock_name, holder, token, acquired_at, "
-        "renewed_at, expires_at) VALUES (%s, 'theirs', NULL, 41, now(), now(), now())"
-    ).format(table_of(schema))
-    with pg_admin() as conn:
-        conn.execute(insert, (name_key(mine.name or ""),))
-    with pytest.raises(ConfigError) as raised:
-        session.acquire(mine, claim(1), LEASE_S)
-    assert raised.value.message == (
-        f"--lock-id {mine.name!r} has the same 64-bit key as the lock 'theirs'; "
-        "choose another name"
-    )
-    row = row_of(pg_admin, schema, mine)
-    assert row is not None
-    assert (row["lock_name"], row["holder"], row["token"]) == ("theirs", None, 41)
 
 
 # --- no-session-state: no transaction left open --------------------------------------
@@ -434,16 +256,18 @@ def test_every_lease_statement_leaves_the_connection_idle(
         session.close()
 
 
-def test_a_connection_left_in_a_transaction_is_caught(session, pg_admin, schema, lock):
+def test_a_connection_left_in_a_transaction_is_caught(
+    session, pg_admin, store_schema, lock
+):
     """A statement that leaves its connection inside a transaction raises, loudly."""
     lease = acquired(session.acquire(lock, claim(1), LEASE_S))
-    before = row_of(pg_admin, schema, lock)
+    before = row_of(pg_admin, store_schema, lock)
     assert before is not None
     # The one reach into the session: force its connection into a transaction.
     session._conn.execute("BEGIN")
-    with pytest.raises(LeaderrunError, match="left in state INTRANS"):
+    with pytest.raises(LeaderrunError, match=r"left in a transaction \(INTRANS\)"):
         session.renew(lease, 600.0)
-    after = row_of(pg_admin, schema, lock)
+    after = row_of(pg_admin, store_schema, lock)
     assert after is not None
     assert after["expires_at"] == before["expires_at"], "others never saw it"
 
@@ -518,33 +342,33 @@ def test_a_role_that_may_not_create_the_table_is_told_what_to_run(
 # --- secrets --------------------------------------------------------------------------
 
 
-def test_no_password_when_the_server_is_unreachable(pg_dsn, schema):
+def test_no_password_when_the_server_is_unreachable(store_schema):
     """Connecting to a port nobody listens on fails without showing the password."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
         port = sock.getsockname()[1]
         dsn = f"postgresql://app:{SECRET}@127.0.0.1:{port}/prod"
         with pytest.raises(DatabaseUnavailableError) as raised:
-            PostgresLeaseStore(dsn, schema).connect()
+            PostgresLeaseStore(dsn, store_schema).connect()
     assert raised.value.message.startswith(f"cannot connect to app@127.0.0.1:{port}/")
     assert SECRET not in raised.value.message
 
 
-def test_no_password_when_the_server_quotes_it_back(pg_dsn, schema):
+def test_no_password_when_the_server_quotes_it_back(pg_dsn, store_schema):
     """Whatever the server quotes back, the password in it is masked."""
     _, secret = with_password(pg_dsn)
     dsn, _ = with_password(pg_dsn, options=f"-c statement_timeout={secret}")
     with pytest.raises(DatabaseUnavailableError) as raised:
-        PostgresLeaseStore(dsn, schema).connect()
+        PostgresLeaseStore(dsn, store_schema).connect()
     assert secret not in raised.value.message
     assert f'"statement_timeout": "{MASK}"' in raised.value.message
 
 
-def test_no_password_when_a_statement_fails(pg_dsn, pg_admin, schema, lock):
+def test_no_password_when_a_statement_fails(pg_dsn, pg_admin, store_schema, lock):
     """A statement on a killed connection fails as unavailable, without the password."""
     app = new_name("lr_killed")
     dsn, secret = with_password(pg_dsn, application_name=app)
-    session = PostgresLeaseStore(dsn, schema).connect()
+    session = PostgresLeaseStore(dsn, store_schema).connect()
     try:
         lease = acquired(session.acquire(lock, claim(1), LEASE_S))
         with pg_admin() as conn:
@@ -559,3 +383,46 @@ def test_no_password_when_a_statement_fails(pg_dsn, pg_admin, schema, lock):
         session.close()
     assert raised.value.message.startswith("statement on ")
     assert secret not in raised.value.message
+
+
+# --- the --once-per window, in SQL ---------------------------------------------------
+
+EPOCH_2000_S = 946684800.0
+EPOCH_2100_S = 4102444800.0
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    at_us=st.integers(int(EPOCH_2000_S * 1e6), int(EPOCH_2100_S * 1e6)),
+    period_s=st.sampled_from([1.0, 60.0, 300.0, 3600.0, 86400.0, 7 * 86400.0, 0.25]),
+    offset_fraction=st.floats(0, 0.999),
+)
+def test_the_sql_window_is_the_python_window(
+    pg_admin, at_us, period_s, offset_fraction
+):
+    """The server's window arithmetic agrees with runs.window_start_s exactly."""
+    at = datetime.fromtimestamp(at_us / 1e6, UTC)
+    offset_s = round(period_s * offset_fraction)  # whole seconds, as flags give
+    if offset_s >= period_s:
+        offset_s = 0
+    query = sql.SQL("SELECT {}").format(window_sql(sql.Placeholder("at")))
+    with pg_admin() as conn:
+        row = conn.execute(
+            query, {"at": at, "period_s": period_s, "offset_s": float(offset_s)}
+        ).fetchone()
+    assert row is not None
+    expected = window_start_s(at.timestamp(), period_s, offset_s)
+    assert row[0].timestamp() == pytest.approx(expected, abs=1e-6)
+    assert row[0] <= at
+
+
+def test_the_window_is_null_without_once_per(pg_admin):
+    """Without --once-per (no period), the acquire's window is NULL."""
+    query = sql.SQL("SELECT {}").format(window_sql(sql.SQL("now()")))
+    with pg_admin() as conn:
+        row = conn.execute(query, {"period_s": None, "offset_s": 0.0}).fetchone()
+    assert row == (None,)

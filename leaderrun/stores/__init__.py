@@ -1,4 +1,11 @@
-"""Which store a DSN names: PostgreSQL for a fleet, SQLite for one host.
+"""Where leases live; which store a DSN names: PostgreSQL, or SQLite for one host.
+
+The stores and what they share are the modules of this package:
+:mod:`~leaderrun.stores.base` (the contract), :mod:`~leaderrun.stores.sql` (the
+session the SQL stores share), :mod:`~leaderrun.stores.postgres` with its
+statements in :mod:`~leaderrun.stores.postgres_sql`,
+:mod:`~leaderrun.stores.sqlite` with what it needs of the host in
+:mod:`~leaderrun.stores.host`, and :mod:`~leaderrun.stores.memory` for tests.
 
 ``--dsn sqlite:///var/lib/leaderrun/leases.db`` picks the embedded store; any
 other DSN (a ``postgresql://`` URI or ``key=value`` pairs) is PostgreSQL's. With
@@ -14,14 +21,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from leaderrun.config import DEFAULT_SCHEMA
 from leaderrun.errors import ConfigError
-from leaderrun.lease import LockId
-from leaderrun.runs import RunRecord
-from leaderrun.store import InitOutcome, LeaseStore, OperatorStore
+from leaderrun.stores.base import ManagedStore
+
+__all__ = [
+    "ManagedStore",
+    "configured",
+    "is_sqlite",
+    "no_dsn_message",
+    "open_store",
+    "sqlite_path",
+    "table_label",
+]
 
 SQLITE_SCHEME = "sqlite"
 """The URI scheme of the embedded store: ``sqlite:///absolute/path.db``."""
@@ -57,18 +71,6 @@ def no_dsn_message(label: str = "--dsn") -> str:
 
 NO_DSN_MESSAGE = no_dsn_message()
 """The command line's refusal when nothing names a database."""
-
-
-class ManagedStore(LeaseStore, OperatorStore, Protocol):
-    """A lease store that also serves the operators and can create its table."""
-
-    def init(self) -> InitOutcome:
-        """Create leaderrun's tables if missing, or upgrade older ones of its own."""
-        ...
-
-    def history(self, lock: LockId | None = None, limit: int = 20) -> list[RunRecord]:
-        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first."""
-        ...
 
 
 def is_sqlite(dsn: str) -> bool:
@@ -148,8 +150,8 @@ def open_store(
                 f"{schema_label} {schema!r} is for PostgreSQL; a SQLite file has "
                 f"one leader_lease table (drop {schema_label}, or use another file)"
             )
-        from leaderrun.host import vouched_fs_types
-        from leaderrun.sqlite import SqliteLeaseStore
+        from leaderrun.stores.host import vouched_fs_types
+        from leaderrun.stores.sqlite import SqliteLeaseStore
 
         return SqliteLeaseStore(
             path,
@@ -158,7 +160,7 @@ def open_store(
             vouched_fs=vouched_fs_types(env),
         )
     # psycopg costs ~100 ms to import: only a PostgreSQL run pays for it.
-    from leaderrun.postgres import PostgresLeaseStore
+    from leaderrun.stores.postgres import PostgresLeaseStore
 
     return PostgresLeaseStore(
         dsn, schema, attempt_budget_s=attempt_budget_s, create=create

@@ -1,22 +1,45 @@
-"""The lease store interface, free of any database driver.
+"""The lease store's contract: its protocols and records, free of any driver.
 
 A store hands out sessions; each session is one connection, used by one thread
-at a time. The PostgreSQL implementation lives in ``leaderrun.postgres`` (the
-only module that imports psycopg), the in-memory one in ``leaderrun.testing``.
+at a time. Three stores keep this contract: PostgreSQL for a fleet
+(:mod:`leaderrun.stores.postgres`, the only module that runs psycopg), SQLite
+for the processes of one host (:mod:`leaderrun.stores.sqlite`, the only one
+that imports sqlite3), and memory, for tests (:mod:`leaderrun.stores.memory`).
+The two SQL stores share their session (:mod:`leaderrun.stores.sql`). The
+contract suite (``tests/contract``) runs the same tests on all three.
+
+The lease side (:class:`LeaseStore`, :class:`LeaseSession`) is what the runner
+and the library need; the operators' side (:class:`ManagedStore`,
+:class:`OperatorSession`) adds status, release, history and ``init``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId
 from leaderrun.runs import OncePer, RunEnd, RunRecord
+
+TABLE = "leader_lease"
+"""The lease table's name (the seed's), in every store."""
+
+RUN_TABLE = "leader_run"
+"""The run history table's name, in every store."""
+
+MAX_COMMAND_CHARS = 1000
+"""The command shown in ``status`` is cut to this many characters."""
+
+
+Row = Mapping[str, Any]
+"""One row of a store's table or query, by column name."""
 
 
 def key_collision(lock: LockId, other_name: str | None) -> ConfigError:
@@ -60,6 +83,40 @@ class AcquireResult:
     """With ``once_per``: the current window's start, in database time."""
     window_done: bool = False
     """With ``once_per``: refused because the current window already ran."""
+
+
+def acquire_result(
+    lock: LockId,
+    claim: Claim,
+    row: Row | None,
+    to_datetime: Callable[[Any], datetime],
+) -> AcquireResult:
+    """What one acquire decided, from its row (``acquire`` in ``sql.QUERIES``).
+
+    No row: someone took the lock just before. A refused row whose lock name is
+    not ``lock``'s is another lock on the same key: refused for good.
+
+    Raises:
+        ConfigError: ``lock``'s key is another lock name's.
+    """
+    if row is None:
+        return AcquireResult(lease=None)
+    window = row["window_start"]
+    window_start = None if window is None else to_datetime(window)
+    if row["acquired"]:
+        lease = Lease(lock, claim.holder, int(row["token"]))
+        return AcquireResult(lease=lease, window_start=window_start)
+    if row["lock_name"] != lock.name:
+        raise key_collision(lock, row["lock_name"])
+    return AcquireResult(
+        lease=None,
+        holder=row["holder"],
+        holder_host=row["host"],
+        holder_pid=row["pid"],
+        expires_in_s=row["expires_in_s"],
+        window_start=window_start,
+        window_done=bool(row["window_done"]),
+    )
 
 
 class LeaseSession(Protocol):
@@ -132,7 +189,7 @@ class InitOutcome(StrEnum):
     """They were there and up to date: nothing changed."""
 
 
-# --- the operators' view: status and release (``leaderrun.admin`` renders it) ---
+# --- the operators' view: status and release (``leaderrun.views`` renders it) ---
 
 REVOKED_HOLDER = "(revoked)"
 """The holder of a lease ended by ``release --force`` until it runs out.
@@ -196,70 +253,54 @@ class ReleaseResult:
     db_now: datetime
 
 
-class OperatorStore(Protocol):
-    """What ``status`` and ``release`` need; never creates the table.
-
-    Methods raise :class:`leaderrun.errors.DatabaseUnavailableError` (or
-    :class:`leaderrun.errors.SchemaMissingError`) when the database cannot be used.
-    """
+class OperatorSession(LeaseSession, Protocol):
+    """A session that also runs the operators' queries: status, release, history."""
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
-        """Every lock's row, or only ``lock``'s (none if it was never taken)."""
-        ...
-
-    def last_runs(self) -> list[RunRecord]:
-        """The newest recorded run of every lock (none where nothing was run)."""
-        ...
-
-    def release(
-        self, lock: LockId, *, force: bool, token: int | None = None
-    ) -> ReleaseResult:
-        """Free an expired lease; with ``force``, revoke a live one too.
-
-        With ``token``, only a lease with that fencing token is touched.
-        """
-        ...
-
-
-class OperatorSession(Protocol):
-    """The queries a session runs for the operators' commands."""
-
-    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
-        """Every lock's row, or only ``lock``'s, and the store's now."""
+        """Every lock's row, or only ``lock``'s (none if never taken), and now."""
         ...
 
     def operator_release(
-        self, lock: LockId, *, force: bool, token: int | None
+        self, lock: LockId, *, force: bool, token: int | None = None
     ) -> ReleaseResult:
-        """An operator's release of ``lock``; see :meth:`OperatorStore.release`."""
+        """An operator's release of ``lock``; see :meth:`ManagedStore.release`."""
         ...
 
     def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
-        """The newest ``limit`` runs, newest first."""
+        """The newest ``limit`` runs (of ``lock``, or of every lock), newest first."""
         ...
 
     def last_runs(self) -> list[RunRecord]:
-        """The newest run of every lock."""
-        ...
-
-    def close(self) -> None:
-        """Close the connection."""
+        """The newest run of every lock that has one, by lock key."""
         ...
 
 
-class OperatorQueries:
-    """:class:`OperatorStore`'s methods, each on a session of its own.
+class ManagedStore(ABC):
+    """A lease store that also serves the operators and can create its tables.
 
-    A store inherits them and provides ``connect()``. None of them creates a
-    table. Each raises :class:`leaderrun.errors.SchemaMissingError` when the
-    lease table (or the SQLite file) is missing, and
+    A store provides :meth:`connect`, :meth:`describe` and :meth:`init`; the
+    operators' queries each run on a session of their own. None of them
+    creates a table: each raises :class:`leaderrun.errors.SchemaMissingError`
+    when the lease table (or the SQLite file) is missing, and
     :class:`leaderrun.errors.DatabaseUnavailableError` when the store cannot be
     used.
     """
 
+    @abstractmethod
     def connect(self) -> OperatorSession:
-        """A new session; the store's own."""
-        raise NotImplementedError
+        """Open a session.
+
+        Raises:
+            DatabaseUnavailableError: the database cannot be reached or used.
+        """
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the store is, for messages; never includes a password."""
+
+    @abstractmethod
+    def init(self) -> InitOutcome:
+        """Create leaderrun's tables if missing, or upgrade older ones of its own."""
 
     def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
         """Every lock's row, or only ``lock``'s, and the store's now."""
@@ -293,15 +334,15 @@ class OperatorQueries:
 def release_outcome(
     lock: LockId,
     token: int | None,
-    update: Callable[[], ReleaseResult | None],
+    update: Callable[[], LeaseSnapshot | None],
     snapshot: Callable[[], LeaseSnapshot],
 ) -> ReleaseResult:
     """An operator's release: one conditional UPDATE, else why it changed nothing.
 
-    The reason comes from a snapshot read just after. ``update`` runs the
-    store's UPDATE and returns its result, or None when no row matched;
-    ``snapshot`` reads ``lock``'s row. Shared by every store so that each one
-    decides alike.
+    ``update`` runs the store's UPDATE and returns the row as it left it, with
+    the store's now, or None when no row matched; the reason then comes from
+    ``snapshot``, which reads ``lock``'s row just after. Shared by every store
+    so that each one decides alike.
 
     Raises:
         DatabaseUnavailableError: the row kept changing under us.
@@ -309,9 +350,12 @@ def release_outcome(
     # A lease that runs out between the UPDATE and the snapshot is freed on
     # the next round; three rounds cannot all lose such a race.
     for _ in range(3):
-        done = update()
-        if done is not None:
-            return done
+        changed = update()
+        if changed is not None:
+            (record,) = changed.records
+            freed = record.holder is None
+            action = ReleaseAction.freed if freed else ReleaseAction.revoked
+            return ReleaseResult(action, record, changed.db_now)
         seen = snapshot()
         if not seen.records:
             return ReleaseResult(ReleaseAction.unknown, None, seen.db_now)
@@ -330,3 +374,43 @@ def release_outcome(
     raise DatabaseUnavailableError(
         f"could not release {lock}: its row kept changing; try again"
     )
+
+
+_R = TypeVar("_R")
+
+_TIME_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _time_fields(cls: type) -> frozenset[str]:
+    """The fields of a record dataclass that hold a time (read once per class)."""
+    if cls not in _TIME_FIELDS:
+        hints = typing.get_type_hints(cls)
+        _TIME_FIELDS[cls] = frozenset(
+            name
+            for name, hint in hints.items()
+            if hint is datetime or datetime in typing.get_args(hint)
+        )
+    return _TIME_FIELDS[cls]
+
+
+def from_row(
+    cls: type[_R],
+    row: Row,
+    to_datetime: Callable[[Any], datetime],
+    columns: Mapping[str, str] | None = None,
+) -> _R:
+    """A record dataclass (``LeaseRecord``, ``RunRecord``) from a row, by name.
+
+    Each field is read from the column of its name, or of the name ``columns``
+    gives it; a time field's value is made a datetime by ``to_datetime`` (None
+    stays None). A new field of the record is read with no change here.
+    """
+    columns = columns or {}
+    times = _time_fields(cls)
+    values = {}
+    for field in fields(cls):  # type: ignore[arg-type]  # a dataclass
+        value = row[columns.get(field.name, field.name)]
+        if field.name in times and value is not None:
+            value = to_datetime(value)
+        values[field.name] = value
+    return cls(**values)

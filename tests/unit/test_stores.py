@@ -1,22 +1,28 @@
-"""Choosing the store from the DSN; no database.
+"""The store package without a database: choosing the store from the DSN, and
+the SQL dialects' tables of named queries and columns.
 
-Where a SQLite file may live is tested in ``test_host.py``.
+Where a SQLite file may live is tested in ``test_host.py``; what the stores
+decide, in ``tests/contract``.
 """
 
 from pathlib import Path
 
 import pytest
 
-from leaderrun.backends import (
+from leaderrun.errors import EXIT_USAGE, ConfigError
+from leaderrun.stores import (
     NO_DSN_MESSAGE,
     configured,
     is_sqlite,
     open_store,
+    postgres_sql,
+    sql,
+    sqlite,
     sqlite_path,
     table_label,
 )
-from leaderrun.errors import EXIT_USAGE, ConfigError
-from leaderrun.sqlite import SqliteLeaseStore
+from leaderrun.stores.base import RUN_TABLE, TABLE
+from leaderrun.stores.sqlite import SqliteLeaseStore
 
 
 @pytest.mark.parametrize(
@@ -133,3 +139,28 @@ def test_table_label():
     """What `leaderrun init` prints for each store."""
     assert table_label("host=db", "jobs") == "jobs.leader_lease"
     assert table_label("sqlite:///a/b.db", "public") == "leader_lease in /a/b.db"
+
+
+def test_each_sql_dialect_names_every_query_the_shared_session_runs():
+    """PostgreSQL and SQLite each give the text of exactly sql.QUERIES."""
+    assert sorted(postgres_sql.QUERIES) == sorted(sql.QUERIES)
+    assert sorted(sqlite.QUERIES) == sorted(sql.QUERIES)
+
+
+def test_the_columns_of_a_table_are_read_from_its_ddl():
+    """columns_of lists the DDL's columns in order, not its table constraints."""
+    assert sql.columns_of(postgres_sql.RUN_DDL)[-3:] == (
+        "finished_at",
+        "exit_status",
+        "outcome",
+    )
+    assert "PRIMARY" not in sql.columns_of(postgres_sql.RUN_DDL)
+    assert postgres_sql.TABLE_COLUMNS[TABLE][:4] == (
+        "lock_key",
+        "lock_name",
+        "holder",
+        "token",
+    )
+    assert sqlite.SHAPES[sqlite.FORMAT][RUN_TABLE] == (
+        frozenset(postgres_sql.TABLE_COLUMNS[RUN_TABLE]),
+    )

@@ -1,10 +1,12 @@
 """The SQLite lease store: leases in one file, for every process of one host.
 
-The only module that imports ``sqlite3``. It keeps the PostgreSQL store's
-semantics (``leaderrun.postgres``): one ``leader_lease`` row per lock, taken by
-an upsert only when it is free or expired, renewed and released by a
-compare-and-swap on holder and token, and never deleted, so the fencing token
-only grows.
+The only module that imports ``sqlite3``. It keeps the store contract
+(:mod:`leaderrun.stores.base`) as PostgreSQL does: one ``leader_lease`` row per
+lock, taken by an upsert only when it is free or expired, renewed and released
+by a compare-and-swap on holder and token, and never deleted, so the fencing
+token only grows. What it does as PostgreSQL does is the shared session's
+(:class:`leaderrun.stores.sql.SqlSession`); this module has its queries, each
+one write transaction (:data:`QUERIES`), its file and its errors.
 
 Time: the host's ``CLOCK_BOOTTIME`` decides (``docs/safety.md``, *On one host,
 the host's unsteppable clock decides*). A lease row keeps its expiry in boot
@@ -37,7 +39,7 @@ it up at once and a stuck disk cannot hold the caller past ``busy_s`` plus
 token handed to a child must not be handed out again after a power cut.
 
 Where: WAL needs shared memory and POSIX locks of one kernel, so the file must
-be on a file system known to be local (:mod:`leaderrun.host`).
+be on a file system known to be local (:mod:`leaderrun.stores.host`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.clock import boottime
 from leaderrun.errors import (
     ConfigError,
@@ -63,7 +64,10 @@ from leaderrun.errors import (
     SchemaMissingError,
     StatementTimeoutError,
 )
-from leaderrun.host import (
+from leaderrun.lease import LockId
+from leaderrun.runs import window_start_s
+from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome, Row
+from leaderrun.stores.host import (
     VOLATILE_FS_TYPES,
     HostClock,
     Instant,
@@ -71,34 +75,11 @@ from leaderrun.host import (
     mount_fs_type,
     read_mountinfo,
 )
-from leaderrun.lease import Lease, LockId
-from leaderrun.runs import OncePer, RunEnd, RunRecord, window_start_s
-from leaderrun.store import (
-    REVOKED_HOLDER,
-    AcquireResult,
-    Claim,
-    InitOutcome,
-    LeaseRecord,
-    LeaseSnapshot,
-    OperatorQueries,
-    ReleaseAction,
-    ReleaseResult,
-    key_collision,
-    release_outcome,
-)
+from leaderrun.stores.sql import SqlSession, SqlStore, columns_of
 
 log = logging.getLogger("leaderrun")
 
 _T = TypeVar("_T")
-
-TABLE = "leader_lease"
-"""The lease table's name, as in PostgreSQL."""
-
-RUN_TABLE = "leader_run"
-"""The run history table, as in PostgreSQL."""
-
-MAX_COMMAND_CHARS = 1000
-"""The command shown in ``status`` is cut to this many characters."""
 
 MIN_SQLITE_VERSION = (3, 35, 0)
 """RETURNING, which the acquire needs, came in SQLite 3.35."""
@@ -165,30 +146,17 @@ def _names(words: str) -> frozenset[str]:
     return frozenset(words.split())
 
 
+Shapes = Mapping[str, tuple[frozenset[str], ...]]
+"""The column sets each of leaderrun's tables may have in one format."""
+
 _LEASE_COLUMNS_0 = _names(
     "lock_key lock_name holder token acquired_at renewed_at expires_at host pid command"
 )
 _WINDOW_COLUMNS = _names("window_start window_ok")
-_LEASE_COLUMNS_1 = _names(
-    "lock_key lock_name holder token boot_id acquired_boot_s expires_boot_s "
-    "acquired_unix_s renewed_unix_s host pid command window_start window_ok"
-)
-_RUN_COLUMNS = _names(
+_RUN_COLUMNS_0 = _names(
     "lock_key lock_name token holder host pid command window_start started_at "
     "finished_at exit_status outcome"
 )
-
-SHAPES: Mapping[int, Mapping[str, tuple[frozenset[str], ...]]] = {
-    # Before formats had numbers: Unix seconds from julianday('now'). The first
-    # release had neither the --once-per columns nor the history table.
-    0: {
-        TABLE: (_LEASE_COLUMNS_0, _LEASE_COLUMNS_0 | _WINDOW_COLUMNS),
-        RUN_TABLE: (_RUN_COLUMNS,),
-    },
-    1: {TABLE: (_LEASE_COLUMNS_1,), RUN_TABLE: (_RUN_COLUMNS,)},
-}
-"""The column sets of leaderrun's own tables in each format: how a file of an
-older leaderrun that predates ``user_version`` is told from a stranger's."""
 
 
 @dataclass(frozen=True)
@@ -197,11 +165,14 @@ class Step:
 
     ``apply`` runs inside the write transaction that also stamps the new format,
     with the clock read under the lock; it returns a note for the log.
+    ``shape_before`` is what the tables looked like in the format it upgrades
+    from, so that a file of that format (even an unstamped one) is recognized.
     """
 
     to_format: int
     summary: str
     apply: Callable[[sqlite3.Connection, Instant], str]
+    shape_before: Shapes
 
 
 # Format 0 to 1. Each wall-clock time T becomes now_boot + (T - now_unix): the
@@ -248,12 +219,37 @@ def _to_boot_clock(conn: sqlite3.Connection, now: Instant) -> str:
 
 
 STEPS: tuple[Step, ...] = (
-    Step(1, "lease times on CLOCK_BOOTTIME, not the wall clock", _to_boot_clock),
+    Step(
+        1,
+        "lease times on CLOCK_BOOTTIME, not the wall clock",
+        _to_boot_clock,
+        # Before formats had numbers: Unix seconds from julianday('now'). The
+        # first release had neither the --once-per columns nor the history table.
+        {
+            TABLE: (_LEASE_COLUMNS_0, _LEASE_COLUMNS_0 | _WINDOW_COLUMNS),
+            RUN_TABLE: (_RUN_COLUMNS_0,),
+        },
+    ),
 )
-"""Every upgrade, in order; ``STEPS[n]`` upgrades format ``n`` to ``n + 1``."""
+"""Every upgrade, in order; ``STEPS[n]`` upgrades format ``n`` to ``n + 1``.
+
+A new lease column is a line of :data:`_LEASE_DDL` and a step here, whose
+``shape_before`` keeps the columns the format had until then.
+"""
 
 FORMAT = STEPS[-1].to_format
 """The file format this leaderrun reads and writes (``PRAGMA user_version``)."""
+
+SHAPES: Mapping[int, Shapes] = {
+    **{step.to_format - 1: step.shape_before for step in STEPS},
+    FORMAT: {
+        TABLE: (frozenset(columns_of(_LEASE_DDL)),),
+        RUN_TABLE: (frozenset(columns_of(_RUN_DDL)),),
+    },
+}
+"""The column sets of leaderrun's own tables in each format: how a file of an
+older leaderrun that predates ``user_version`` is told from a stranger's. This
+format's are read from the DDL."""
 
 
 class Shape(StrEnum):
@@ -375,11 +371,12 @@ RETURNING token"""
 # Only when the acquire took nothing, in the same transaction: who holds it, for
 # the message and for how long a waiter sleeps.
 _HOLDER = """
-SELECT holder, host, pid,
-       CASE WHEN boot_id IS :boot_id THEN expires_boot_s - :boot_s ELSE 0.0 END,
-       lock_name,
+SELECT 0 AS acquired, token, holder, host, pid,
+       CASE WHEN boot_id IS :boot_id THEN expires_boot_s - :boot_s ELSE 0.0 END
+           AS expires_in_s,
+       lock_name, :window_start AS window_start,
        coalesce(window_start = :window_start
-                AND NOT (:retry_failed AND window_ok IS NOT 1), 0)
+                AND NOT (:retry_failed AND window_ok IS NOT 1), 0) AS window_done
   FROM leader_lease WHERE lock_key = :key"""
 
 _PREVIOUS = "SELECT token, renewed_unix_s FROM leader_lease WHERE lock_key = :key"
@@ -407,11 +404,14 @@ ON CONFLICT (lock_key, token) DO UPDATE
 
 _PRUNE = "DELETE FROM leader_run WHERE lock_key = :key AND token <= :token - :keep"
 
+# Closes the run, overriding a 'lost' that another node guessed (the holder
+# knows better how it ended) but keeping the guessed finish.
 _FINISH_RUN = """
 UPDATE leader_run
    SET finished_at = coalesce(finished_at, :unix_s), exit_status = :exit_status,
        outcome = :outcome
- WHERE lock_key = :key AND token = :token AND holder = :holder
+ WHERE :outcome IS NOT NULL
+   AND lock_key = :key AND token = :token AND holder = :holder
    AND (finished_at IS NULL OR outcome = 'lost')"""
 
 # A compare-and-swap on (holder, token), as in PostgreSQL; and, as there, an
@@ -422,14 +422,9 @@ UPDATE leader_lease
  WHERE lock_key = :key AND holder = :holder AND token = :token
    AND boot_id IS :boot_id AND expires_boot_s > :boot_s"""
 
-# Release keeps the row, and so the token, for the life of the file.
+# Release keeps the row, and so the token, for the life of the file. With
+# --min-hold, the same holder keeps the lease until acquired + min_hold.
 _RELEASE = """
-UPDATE leader_lease
-   SET holder = NULL, expires_boot_s = :boot_s
- WHERE lock_key = :key AND holder = :holder AND token = :token"""
-
-# --min-hold: the same holder keeps the lease until acquired + min_hold.
-_RELEASE_ENDED = """
 UPDATE leader_lease
    SET holder = CASE WHEN acquired_boot_s + :min_hold_s > :boot_s THEN holder END,
        expires_boot_s = max(:boot_s, acquired_boot_s + :min_hold_s),
@@ -444,10 +439,10 @@ SELECT r.lock_key, r.lock_name, r.token, r.holder, r.host, r.pid, r.command,
        coalesce(r.outcome,
                 CASE WHEN l.token = r.token AND l.holder IS NOT NULL
                           AND l.boot_id IS :boot_id AND l.expires_boot_s > :boot_s
-                     THEN 'running' ELSE 'lost' END),
+                     THEN 'running' ELSE 'lost' END) AS outcome,
        coalesce(r.finished_at,
                 CASE WHEN l.token = r.token THEN min(l.renewed_unix_s, :unix_s) END,
-                :unix_s) - r.started_at
+                :unix_s) - r.started_at AS duration_s
   FROM leader_run r LEFT JOIN leader_lease l ON l.lock_key = r.lock_key"""
 
 _HISTORY = (
@@ -465,23 +460,19 @@ _LAST_RUNS = (
  ORDER BY r.lock_key"""
 )
 
-_RECORD_COLUMNS = """lock_key, lock_name, holder, token, boot_id, expires_boot_s,
-       acquired_unix_s, renewed_unix_s, host, pid, command"""
-
-_SNAPSHOT = (
-    "SELECT "  # noqa: S608 - constant SQL, no value is formatted in
-    + _RECORD_COLUMNS
-    + """
-  FROM leader_lease WHERE :key IS NULL OR lock_key = :key
- ORDER BY lock_name NULLS LAST, lock_key"""
-)
+# One statement, so that even no row gives the instant of the read: the LEFT
+# JOIN from a one-row relation returns it when there is no lease at all.
+_SNAPSHOT = """
+SELECT :unix_s AS db_now, l.*
+  FROM (SELECT 1) AS one
+  LEFT JOIN leader_lease AS l ON :key IS NULL OR l.lock_key = :key
+ ORDER BY l.lock_name NULLS LAST, l.lock_key"""
 
 # release, as in PostgreSQL: one conditional UPDATE decides. An expired lease
 # is cleared; with force, a live one is revoked (a holder no renewal matches,
 # its expiry kept, so nobody takes it before the old holder had to stop its
 # child). The token is never touched. RETURNING gives the row as updated.
-_OPERATOR_RELEASE = (
-    """
+_OPERATOR_RELEASE = """
 UPDATE leader_lease
    SET holder = CASE
            WHEN boot_id IS NOT :boot_id OR expires_boot_s <= :boot_s THEN NULL
@@ -490,9 +481,7 @@ UPDATE leader_lease
    AND (:token IS NULL OR token = :token)
    AND (boot_id IS NOT :boot_id OR expires_boot_s <= :boot_s
         OR (:force AND holder <> :revoked))
-RETURNING """
-    + _RECORD_COLUMNS
-)
+RETURNING :unix_s AS db_now, *"""
 
 _HEADER = """
 SELECT application_id, user_version FROM pragma_application_id, pragma_user_version"""
@@ -525,7 +514,7 @@ def setup_sql() -> str:
     )
 
 
-class SqliteLeaseStore(OperatorQueries):
+class SqliteLeaseStore(SqlStore["SqliteSession"]):
     """Leases in the ``leader_lease`` table of one SQLite file, for one host.
 
     Args:
@@ -534,7 +523,8 @@ class SqliteLeaseStore(OperatorQueries):
             the renewal attempt budget, so a wait never outlasts an attempt.
         create: create the tables on first use if the file has none.
         vouched_fs: file system types the operator vouches are local
-            (``LEADERRUN_SQLITE_LOCAL_FS``, :func:`leaderrun.host.vouched_fs_types`).
+            (``LEADERRUN_SQLITE_LOCAL_FS``,
+            :func:`leaderrun.stores.host.vouched_fs_types`).
         clock: the host's clocks; read from ``/proc`` by default.
 
     Raises:
@@ -554,7 +544,8 @@ class SqliteLeaseStore(OperatorQueries):
     ) -> None:
         self.path = path
         self.busy_s = max(MIN_BUSY_S, busy_s)
-        self.create = create
+        """How long a call waits for another process's write lock, in seconds."""
+        super().__init__(create=create, bound_s=self.busy_s + STATEMENT_ALLOWANCE_S)
         # rwc creates a missing file; rw (status, release) never does.
         mode = "rwc" if create else "rw"
         self._target = f"file:{quote(str(path))}?mode={mode}"
@@ -572,11 +563,6 @@ class SqliteLeaseStore(OperatorQueries):
             )
         self.fs_type = self._check_file_system(frozenset(vouched_fs))
         self.clock = clock if clock is not None else HostClock.read()
-
-    @property
-    def bound_s(self) -> float:
-        """The longest a call may take before the caller gives it up, in seconds."""
-        return self.busy_s + STATEMENT_ALLOWANCE_S
 
     def _check_file_system(self, vouched: frozenset[str]) -> str:
         """The file system type holding the file; ConfigError unless it is local.
@@ -600,44 +586,9 @@ class SqliteLeaseStore(OperatorQueries):
         """The database file's path."""
         return f"sqlite://{self.path}"
 
-    def connect(self) -> SqliteSession:
-        """Open a session on the file, after checking that it is leaderrun's.
-
-        In WAL mode and synchronous=FULL; with ``create``, a file without
-        leaderrun's tables gets them (never altering a table that is there).
-
-        Raises:
-            SchemaMissingError: the file was written by an older leaderrun (run
-                ``leaderrun init``), or it is missing and ``create`` is off.
-            ConfigError: a ``leader_lease`` or ``leader_run`` table that is not
-                leaderrun's, or another application's file.
-            DatabaseUnavailableError: a newer leaderrun's file, or the file
-                cannot be opened or used.
-            StatementTimeoutError: another process kept the file locked.
-        """
-        session = SqliteSession(self)
-        try:
-            session.prepare()
-        except BaseException:
-            session.close()
-            raise
-        return session
-
-    def init(self) -> InitOutcome:
-        """Create the file's tables, or upgrade an older leaderrun's.
-
-        An upgrade runs every step of :data:`STEPS` from the file's format in
-        one transaction, and is logged.
-
-        Raises:
-            ConfigError: the file holds a table leaderrun did not create.
-            DatabaseUnavailableError: a newer leaderrun's file, or it cannot be used.
-        """
-        session = SqliteSession(self)
-        try:
-            return session.init()
-        finally:
-            session.close()
+    def session(self) -> SqliteSession:
+        """A session on the file; it opens the file on its first call."""
+        return SqliteSession(self)
 
     def new_connection(self) -> sqlite3.Connection:
         """Open the file: autocommit, no busy handler, synchronous=FULL.
@@ -722,216 +673,45 @@ class _GivenUp(Exception):
     """The caller gave the call up; the worker stops retrying (nobody sees this)."""
 
 
-class SqliteSession:
+class SqliteSession(SqlSession):
     """One connection to the file, used by one thread at a time.
 
     Every method is one call on a worker thread, bounded by the store's
-    ``bound_s`` (:func:`leaderrun.bounded.call_bounded`). A call that was given
-    up (the bound passed, or a signal handler raised in the waiting thread)
-    leaves the session dead: every later call raises
-    :class:`~leaderrun.errors.DatabaseUnavailableError`, and the caller opens a
-    new session. The connection is closed by whoever touches it last.
+    ``bound_s``; a call that finds the file's write lock taken is retried
+    there for at most ``busy_s``. A call given up leaves the session dead (see
+    :class:`~leaderrun.stores.sql.SqlSession`).
     """
 
+    _store: SqliteLeaseStore
+    _thread_name = "leaderrun-sqlite"
+
     def __init__(self, store: SqliteLeaseStore) -> None:
-        self._store = store
+        super().__init__(store)
         self._conn: sqlite3.Connection | None = None
-        self._abandoned = False
-
-    # --- the calls -------------------------------------------------------------------
-
-    def acquire(
-        self,
-        lock: LockId,
-        claim: Claim,
-        lease_s: float,
-        *,
-        once_per: OncePer | None = None,
-        history_keep: int | None = None,
-    ) -> AcquireResult:
-        """Take the lock if free or expired; else describe its holder.
-
-        One write transaction. With ``once_per``, refuse when the current window
-        (of the wall clock: windows are calendar time) already ran; with
-        ``history_keep``, record the run, close runs of dead holders as lost,
-        and prune.
-
-        Raises:
-            ConfigError: the lock's key is taken by a lock of another name.
-            SchemaMissingError: no table, and ``create`` is off.
-            StatementTimeoutError: another process kept the write lock.
-            DatabaseUnavailableError: the statement could not run.
-        """
-        params: dict[str, Any] = {
-            "key": lock.key,
-            "name": lock.name,
-            "holder": claim.holder,
-            "lease_s": lease_s,
-            "host": claim.host,
-            "pid": claim.pid,
-            "command": claim.command[:MAX_COMMAND_CHARS],
-            "window_start": None,
-            "retry_failed": once_per is not None and once_per.retry_failed,
-        }
-
-        def body(conn: sqlite3.Connection, now: Instant) -> tuple[list[Any], ...]:
-            params.update(_at(now))
-            if once_per is not None:
-                params["window_start"] = window_start_s(
-                    now.unix_s, once_per.period_s, once_per.offset_s
-                )
-            previous = (
-                _fetch(conn, _PREVIOUS, params) if history_keep is not None else []
-            )
-            taken = _fetch(conn, _ACQUIRE, params)
-            if taken and history_keep is not None:
-                prev_token, prev_renewed = previous[0] if previous else (None, None)
-                run = {
-                    **params,
-                    "token": taken[0][0],
-                    "keep": history_keep,
-                    "prev_token": prev_token,
-                    "prev_renewed": prev_renewed,
-                }
-                for statement in (_CLOSE_LOST, _START_RUN, _PRUNE):
-                    conn.execute(statement, run)
-            held = [] if taken else _fetch(conn, _HOLDER, params)
-            return taken, held
-
-        taken, held = self._write(f"acquiring {str(lock)!r}", body)
-        window = params["window_start"]
-        window_start = None if window is None else _utc(window)
-        if taken:
-            return AcquireResult(
-                lease=Lease(lock, claim.holder, int(taken[0][0])),
-                window_start=window_start,
-            )
-        if not held:
-            return AcquireResult(lease=None, window_start=window_start)
-        holder, host, pid, expires_in_s, name, done = held[0]
-        if name != lock.name:
-            raise key_collision(lock, name)
-        return AcquireResult(
-            lease=None,
-            holder=holder,
-            holder_host=host,
-            holder_pid=pid,
-            expires_in_s=expires_in_s,
-            window_start=window_start,
-            window_done=bool(done),
-        )
-
-    def renew(self, lease: Lease, lease_s: float) -> bool:
-        """Extend our lease by ``lease_s`` from now on the boot clock; False if lost."""
-        params = {**_lease_params(lease), "lease_s": lease_s}
-
-        def body(conn: sqlite3.Connection, now: Instant) -> int:
-            return conn.execute(_RENEW, {**params, **_at(now)}).rowcount
-
-        return self._write(f"renewing {str(lease.lock)!r}", body) == 1
-
-    def release(self, lease: Lease, end: RunEnd | None = None) -> bool:
-        """End our lease now, keeping the row; False if it was no longer ours.
-
-        With ``end``, also close the run in the history (even when the lease is
-        no longer ours), hold the lease until ``acquired + end.min_hold_s``, and
-        record for ``--retry-failed`` whether a window's run ended well.
-        """
-        params: dict[str, Any] = _lease_params(lease)
-        if end is not None:
-            params |= {
-                "outcome": str(end.outcome),
-                "exit_status": end.exit_status,
-                "min_hold_s": end.min_hold_s,
-                "window_ok": end.window_ok,
-            }
-
-        def body(conn: sqlite3.Connection, now: Instant) -> int:
-            at = {**params, **_at(now)}
-            if end is None:
-                return conn.execute(_RELEASE, at).rowcount
-            conn.execute(_FINISH_RUN, at)
-            return conn.execute(_RELEASE_ENDED, at).rowcount
-
-        return self._write(f"releasing {str(lease.lock)!r}", body) == 1
-
-    def history(self, lock: LockId | None, limit: int) -> list[RunRecord]:
-        """The newest ``limit`` runs, of one lock or of all, newest first."""
-        key = None if lock is None else lock.key
-        return self._runs(_HISTORY, {"key": key, "limit": limit})
-
-    def last_runs(self) -> list[RunRecord]:
-        """The newest run of every lock that has one, by lock key."""
-        return self._runs(_LAST_RUNS, {})
-
-    def _runs(self, statement: str, params: dict[str, Any]) -> list[RunRecord]:
-        def unit(conn: sqlite3.Connection) -> list[Any]:
-            return _fetch(conn, statement, {**params, **_at(self._store.clock.now())})
-
-        try:
-            rows = self._call("reading the run history", unit)
-        except SchemaMissingError:
-            return []  # nothing was ever recorded here
-        return [_run_record(row) for row in rows]
-
-    def snapshot(self, lock: LockId | None) -> LeaseSnapshot:
-        """Rows of the lease table (all, or ``lock``'s) with the host's now."""
-        key = None if lock is None else lock.key
-
-        def unit(conn: sqlite3.Connection) -> tuple[Instant, list[Any]]:
-            return self._store.clock.now(), _fetch(conn, _SNAPSHOT, {"key": key})
-
-        now, rows = self._call("reading the leases", unit)
-        return LeaseSnapshot(
-            db_now=_utc(now.unix_s), records=tuple(_record(row, now) for row in rows)
-        )
-
-    def operator_release(
-        self, lock: LockId, *, force: bool, token: int | None = None
-    ) -> ReleaseResult:
-        """One conditional UPDATE; when it changes nothing, say why from a snapshot."""
-        params = {
-            "key": lock.key,
-            "force": force,
-            "revoked": REVOKED_HOLDER,
-            "token": token,
-        }
-
-        def body(conn: sqlite3.Connection, now: Instant) -> tuple[Instant, list[Any]]:
-            return now, _fetch(conn, _OPERATOR_RELEASE, {**params, **_at(now)})
-
-        def update() -> ReleaseResult | None:
-            now, rows = self._write(f"releasing {str(lock)!r}", body)
-            if not rows:
-                return None
-            record = _record(rows[0], now)
-            action = (
-                ReleaseAction.freed if record.holder is None else ReleaseAction.revoked
-            )
-            return ReleaseResult(action, record, _utc(now.unix_s))
-
-        return release_outcome(lock, token, update, lambda: self.snapshot(lock))
+        self._giving_up = threading.Event()
+        """Set when a call is given up: its retries stop waiting for the lock."""
 
     def table_exists(self) -> bool:
         """Whether the file has the lease table."""
         return TABLE in self._call("reading the schema", _columns)
-
-    def close(self) -> None:
-        """Close the connection; never raises.
-
-        A connection whose call was given up is left to the worker, which closes
-        it once the statement returns: never from under a running statement.
-        """
-        if not self._abandoned:
-            self._close_connection()
 
     # --- the file's format ---------------------------------------------------------
 
     def prepare(self) -> None:
         """Check the file is this version's, switch it to WAL, create missing tables.
 
-        Nothing is changed in a file that is not leaderrun's or not of this
-        format; with ``create`` off, nothing is created either.
+        In WAL mode and synchronous=FULL; nothing is changed in a file that is
+        not leaderrun's or not of this format; with ``create`` off, nothing is
+        created either.
+
+        Raises:
+            SchemaMissingError: the file was written by an older leaderrun (run
+                ``leaderrun init``), or it is missing and ``create`` is off.
+            ConfigError: a ``leader_lease`` or ``leader_run`` table that is not
+                leaderrun's, or another application's file.
+            DatabaseUnavailableError: a newer leaderrun's file, or the file
+                cannot be opened or used.
+            StatementTimeoutError: another process kept the file locked.
         """
         create = self._store.create
 
@@ -950,7 +730,15 @@ class SqliteSession:
             self._write("creating leaderrun's tables", self._create)
 
     def init(self) -> InitOutcome:
-        """``leaderrun init``: create, upgrade or leave alone."""
+        """``leaderrun init``: create, upgrade or leave alone.
+
+        An upgrade runs every step of :data:`STEPS` from the file's format in
+        one transaction, and is logged.
+
+        Raises:
+            ConfigError: the file holds a table leaderrun did not create.
+            DatabaseUnavailableError: a newer leaderrun's file, or it cannot be used.
+        """
         found = self._call("reading the file format", _read_format)
         if found.shape is Shape.older:
             # The file is leaderrun's, so WAL mode is its own already.
@@ -1023,6 +811,54 @@ class SqliteSession:
                 "is the file system local and writable?"
             )
 
+    # --- the dialect -----------------------------------------------------------------
+
+    def _query(
+        self, name: str, params: Mapping[str, Any], lock: LockId | None
+    ) -> list[Row]:
+        what = _WHAT[name].format(lock=repr(str(lock)))
+        unit = QUERIES[name]
+        if name in _READS:
+            return self._call(
+                what,
+                lambda conn: unit(conn, {**params, **_at(self._store.clock.now())}),
+            )
+        return self._write(what, lambda conn, now: unit(conn, {**params, **_at(now)}))
+
+    def _to_datetime(self, value: Any) -> datetime:
+        return datetime.fromtimestamp(value, UTC)
+
+    def _create_missing(self) -> bool:
+        self._write("creating leaderrun's tables", self._create)
+        return True
+
+    def _has_run_table(self) -> bool:
+        return RUN_TABLE in self._call("reading the schema", _columns)
+
+    def _transaction_left_open(self) -> str | None:
+        conn = self._conn
+        return "open" if conn is not None and conn.in_transaction else None
+
+    def _interrupt(self) -> None:
+        # Called by the waiting thread as it gives up: never blocks.
+        self._giving_up.set()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.interrupt()
+
+    def _stuck(self, what: str, bound_s: float) -> str:
+        return (
+            f"{what} in {self._store.path} did not finish within {bound_s:.3g}s "
+            "and was given up; is the disk or its file system stuck?"
+        )
+
+    def _given_up(self, what: str) -> str:
+        return (
+            f"{what} in {self._store.path}: this connection was given up with a "
+            "statement in flight; open a new one"
+        )
+
     # --- bounded calls ---------------------------------------------------------------
 
     def _write(
@@ -1052,7 +888,7 @@ class SqliteSession:
 
         return self._call(doing, unit)
 
-    def _call(self, doing: str, unit: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _call(self, what: str, unit: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``unit`` on a worker thread within ``bound_s``; retry it while busy.
 
         Raises:
@@ -1062,52 +898,12 @@ class SqliteSession:
             BaseException: what a signal handler raised in this thread (the call
                 was given up: the session is dead).
         """
-        store = self._store
-        if self._abandoned:
-            raise DatabaseUnavailableError(
-                f"{doing} in {store.path}: this connection was given up with a "
-                "statement in flight; open a new one"
-            )
-        given_up = threading.Event()
-
-        def work() -> _T:
-            return self._retry_busy(doing, unit, given_up)
-
-        def interrupt() -> None:
-            # Called by the waiting thread as it gives up: never blocks.
-            self._abandoned = True
-            given_up.set()
-            conn = self._conn
-            if conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.interrupt()
-
-        def cleanup() -> None:
-            self._abandoned = True
-            self._close_connection()
-
         try:
-            return call_bounded(
-                work,
-                store.bound_s,
-                interrupt=interrupt,
-                cleanup=cleanup,
-                name="leaderrun-sqlite",
-            )
-        except CallTimedOut as exc:
-            raise StatementTimeoutError(
-                f"{doing} in {store.path} did not finish within {exc.bound_s:.3g}s "
-                "and was given up; is the disk or its file system stuck?"
-            ) from None
+            return self._bounded(what, lambda: self._retry_busy(what, unit))
         except sqlite3.Error as exc:
-            raise store.error(exc, doing) from None
+            raise self._store.error(exc, what) from None
 
-    def _retry_busy(
-        self,
-        doing: str,
-        unit: Callable[[sqlite3.Connection], _T],
-        given_up: threading.Event,
-    ) -> _T:
+    def _retry_busy(self, doing: str, unit: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``unit``; while another connection holds the lock, try again.
 
         For at most ``busy_s``, and not once the caller gave the call up. The
@@ -1122,7 +918,7 @@ class SqliteSession:
                 if self._conn is None:
                     self._conn = self._store.new_connection()
                 conn = self._conn
-                self._check_idle(conn)
+                self._check_idle()
                 result = unit(conn)
             except sqlite3.Error as exc:
                 if not _is_busy(exc):
@@ -1132,17 +928,11 @@ class SqliteSession:
                     raise self._store.busy(doing) from None
                 pause_s = BUSY_PAUSES_S[min(attempt, len(BUSY_PAUSES_S) - 1)]
                 attempt += 1
-                if given_up.wait(min(pause_s, left_s)):
+                if self._giving_up.wait(min(pause_s, left_s)):
                     raise _GivenUp from None
                 continue
-            self._check_idle(conn)
+            self._check_idle()
             return result
-
-    def _check_idle(self, conn: sqlite3.Connection) -> None:
-        # A statement left inside a transaction would keep the write lock and
-        # hide our write from everyone else: fail loudly, never silently.
-        if conn.in_transaction:
-            raise LeaderrunError(f"SQLite connection to {self._store.path} left open")
 
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -1177,14 +967,103 @@ def _stamp(conn: sqlite3.Connection, version: int) -> None:
 
 def _fetch(
     conn: sqlite3.Connection, statement: str, params: Mapping[str, Any]
-) -> list[Any]:
+) -> list[Row]:
+    """A statement's rows by column name; one empty row per row it changed if none."""
     # fetchall: an upsert with RETURNING is done only once it has been stepped
     # to the end; a half-read cursor would keep its statement open.
     cursor = conn.execute(statement, params)
     try:
-        return cursor.fetchall()
+        rows = cursor.fetchall()
+        if cursor.description is None:
+            return [{}] * max(cursor.rowcount, 0)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in rows]
     finally:
         cursor.close()
+
+
+Unit = Callable[[sqlite3.Connection, Mapping[str, Any]], list[Row]]
+"""One named query: statements on the connection, with the clock in the params."""
+
+
+def _acquire(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
+    """Take the lock if free or expired; record the run; else describe the holder.
+
+    The ``--once-per`` window is of the wall clock: windows are calendar time.
+    """
+    period_s = params["period_s"]
+    window = (
+        None
+        if period_s is None
+        else window_start_s(params["unix_s"], period_s, params["offset_s"])
+    )
+    at = {**params, "window_start": window}
+    keep = at["keep"]
+    previous = _fetch(conn, _PREVIOUS, at) if keep is not None else []
+    taken = _fetch(conn, _ACQUIRE, at)
+    if not taken:
+        return _fetch(conn, _HOLDER, at)
+    token = taken[0]["token"]
+    if keep is not None:
+        last = previous[0] if previous else {}
+        run = {
+            **at,
+            "token": token,
+            "prev_token": last.get("token"),
+            "prev_renewed": last.get("renewed_unix_s"),
+        }
+        for statement in (_CLOSE_LOST, _START_RUN, _PRUNE):
+            conn.execute(statement, run)
+    return [{"acquired": True, "token": token, "window_start": window}]
+
+
+def _release(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
+    """Close the run (with an outcome), then end the lease if it is ours."""
+    conn.execute(_FINISH_RUN, params)
+    return _fetch(conn, _RELEASE, params)
+
+
+def _leases(statement: str) -> Unit:
+    """A query of lease rows, with the times ``status`` shows added to each."""
+
+    def unit(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
+        now = Instant(params["boot_id"], params["boot_s"], params["unix_s"])
+        return [
+            row if row["lock_key"] is None else {**row, **_shown_times(row, now)}
+            for row in _fetch(conn, statement, params)
+        ]
+
+    return unit
+
+
+def _statement(statement: str) -> Unit:
+    return lambda conn, params: _fetch(conn, statement, params)
+
+
+QUERIES: Mapping[str, Unit] = {
+    "acquire": _acquire,
+    "renew": _statement(_RENEW),
+    "release": _release,
+    "snapshot": _leases(_SNAPSHOT),
+    "operator_release": _leases(_OPERATOR_RELEASE),
+    "history": _statement(_HISTORY),
+    "last_runs": _statement(_LAST_RUNS),
+}
+"""The SQLite twin of each query the shared SQL session names (``sql.QUERIES``)."""
+
+_READS = frozenset({"snapshot", "history", "last_runs"})
+"""The queries that only read: no write transaction, no write lock."""
+
+_WHAT: Mapping[str, str] = {
+    "acquire": "acquiring {lock}",
+    "renew": "renewing {lock}",
+    "release": "releasing {lock}",
+    "snapshot": "reading the leases",
+    "operator_release": "releasing {lock}",
+    "history": "reading the run history",
+    "last_runs": "reading the run history",
+}
+"""How messages name each query."""
 
 
 def _at(now: Instant) -> dict[str, Any]:
@@ -1195,14 +1074,6 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     """Whether another connection's lock made the statement fail."""
     name = getattr(exc, "sqlite_errorname", "")
     return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
-
-
-def _utc(unix_s: float) -> datetime:
-    return datetime.fromtimestamp(unix_s, UTC)
-
-
-def _maybe_utc(unix_s: float | None) -> datetime | None:
-    return None if unix_s is None else _utc(unix_s)
 
 
 def expires_unix_s(
@@ -1219,42 +1090,12 @@ def expires_unix_s(
     return min(renewed_unix_s, now.unix_s)
 
 
-def _record(row: Sequence[Any], now: Instant) -> LeaseRecord:
-    key, name, holder, token, boot_id, expires_boot_s = row[:6]
-    acquired_unix_s, renewed_unix_s, host, pid, command = row[6:]
-    return LeaseRecord(
-        key=key,
-        name=name,
-        holder=holder,
-        token=token,
-        acquired_at=_utc(acquired_unix_s),
-        renewed_at=_utc(renewed_unix_s),
-        expires_at=_utc(expires_unix_s(boot_id, expires_boot_s, renewed_unix_s, now)),
-        host=host,
-        pid=pid,
-        command=command,
-    )
-
-
-def _run_record(row: Sequence[Any]) -> RunRecord:
-    key, name, token, holder, host, pid, command, window, started = row[:9]
-    finished, exit_status, outcome, duration_s = row[9:]
-    return RunRecord(
-        lock_key=key,
-        lock_name=name,
-        token=token,
-        holder=holder,
-        host=host,
-        pid=pid,
-        command=command,
-        window_start=_maybe_utc(window),
-        started_at=_utc(started),
-        finished_at=_maybe_utc(finished),
-        exit_status=exit_status,
-        outcome=outcome,
-        duration_s=float(duration_s),
-    )
-
-
-def _lease_params(lease: Lease) -> dict[str, Any]:
-    return {"key": lease.lock.key, "holder": lease.holder, "token": lease.token}
+def _shown_times(row: Row, now: Instant) -> dict[str, float]:
+    """A lease row's times as ``status`` shows them, in Unix seconds."""
+    return {
+        "acquired_at": row["acquired_unix_s"],
+        "renewed_at": row["renewed_unix_s"],
+        "expires_at": expires_unix_s(
+            row["boot_id"], row["expires_boot_s"], row["renewed_unix_s"], now
+        ),
+    }

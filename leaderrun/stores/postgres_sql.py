@@ -1,0 +1,498 @@
+"""PostgreSQL's text: the named statements, the DDL, and the SQL a DBA runs.
+
+Every lease statement is a single autocommit statement whose times come from the
+server's ``now()`` (``database-clock``, ``one-statement``, docs/safety.md).
+Schema and table are always quoted identifiers (:func:`statement` fills them
+in), and every value is a bound parameter. :data:`QUERIES` names the statements
+the shared SQL session runs (:data:`leaderrun.stores.sql.QUERIES`); the store
+in :mod:`leaderrun.stores.postgres` runs them.
+
+Which tables are leaderrun's (``own-tables-only``): its own are told by their
+core columns (:data:`OWN_TABLE_COLUMNS`); :data:`TABLE_COLUMNS` is read from
+the DDL, so a new column is one line of :data:`DDL` and one of the upgrade
+that ``init`` runs on an older table (:data:`UPGRADE`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import LiteralString
+
+from psycopg import sql
+
+from leaderrun.errors import ForeignTableError, SchemaMissingError
+from leaderrun.stores.base import RUN_TABLE, TABLE
+from leaderrun.stores.sql import columns_of
+
+# {create} is CREATE TABLE IF NOT EXISTS in the SQL printed for a DBA (safe to
+# repeat), and a plain CREATE TABLE when leaderrun runs it, in one transaction
+# with the comment: a table that exists already, leaderrun's or not, is left
+# as it is, comment included.
+DDL: LiteralString = """
+{create} {table} (
+    lock_key     bigint      PRIMARY KEY,
+    lock_name    text,
+    holder       text,
+    token        bigint      NOT NULL,
+    acquired_at  timestamptz NOT NULL,
+    renewed_at   timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    host         text,
+    pid          integer,
+    command      text,
+    window_start timestamptz,
+    window_ok    boolean
+)"""
+
+COMMENT: LiteralString = """
+COMMENT ON TABLE {table} IS
+'leaderrun leases. Never delete rows: the fencing token must keep increasing.'"""
+
+# The start of the --once-per window containing {at}: the SQL twin of
+# leaderrun.runs.window_start_s, NULL without --once-per (period_s NULL).
+_WINDOW: LiteralString = """to_timestamp(
+    floor((extract(epoch FROM {at})::float8 - %(offset_s)s::float8)
+          / %(period_s)s::float8)
+    * %(period_s)s::float8 + %(offset_s)s::float8)"""
+
+# One statement: take the lock when it is free (holder NULL) or expired in the
+# server's time, bumping the token in the same row; otherwise report the holder.
+# In READ COMMITTED the ON CONFLICT path locks the row and re-checks the WHERE on
+# its latest version, so of N racing contenders exactly one wins. The second
+# branch reads the pre-statement snapshot: good enough to know how long to sleep.
+#
+# With --once-per (period_s not NULL), the window of the server's now() is
+# computed here too, and a row whose window_start is that window refuses in the
+# same WHERE (unless retry_failed and the window's run did not end ok), so no
+# client clock decides whether a window ran. With history (keep not NULL), the
+# same statement records the run, closes runs whose holder died as 'lost' (their
+# last renewal is the last sign of life, read from the pre-statement snapshot),
+# and prunes the lock's history to the newest `keep` tokens.
+ACQUIRE: LiteralString = """
+WITH w AS (
+    SELECT {window} AS window_start
+), prev AS (
+    SELECT token, renewed_at FROM {table} WHERE lock_key = %(key)s
+), attempt AS (
+    INSERT INTO {table} AS l
+        (lock_key, lock_name, holder, token, acquired_at, renewed_at, expires_at,
+         host, pid, command, window_start, window_ok)
+    VALUES (%(key)s, %(name)s, %(holder)s, 1, now(), now(),
+            now() + make_interval(secs => %(lease_s)s), %(host)s, %(pid)s, %(command)s,
+            (SELECT window_start FROM w), NULL)
+    ON CONFLICT (lock_key) DO UPDATE
+        SET lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder,
+            token = l.token + 1, acquired_at = now(), renewed_at = now(),
+            expires_at = EXCLUDED.expires_at, host = EXCLUDED.host,
+            pid = EXCLUDED.pid, command = EXCLUDED.command,
+            window_start = coalesce(EXCLUDED.window_start, l.window_start),
+            window_ok = CASE WHEN EXCLUDED.window_start IS NULL THEN l.window_ok END
+        WHERE (l.holder IS NULL OR l.expires_at <= now())
+          AND l.lock_name IS NOT DISTINCT FROM EXCLUDED.lock_name
+          AND NOT coalesce(
+                l.window_start = EXCLUDED.window_start
+                AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false)
+    RETURNING l.token
+), lost AS (
+    UPDATE {runs} AS r
+       SET outcome = 'lost',
+           finished_at = coalesce(
+               (SELECT p.renewed_at FROM prev p WHERE p.token = r.token), now())
+     WHERE %(keep)s::integer IS NOT NULL
+       AND r.lock_key = %(key)s AND r.finished_at IS NULL
+       AND r.token < (SELECT token FROM attempt)
+       AND r.token > (SELECT token FROM attempt) - %(keep)s::integer
+), started AS (
+    INSERT INTO {runs} AS r
+        (lock_key, lock_name, token, holder, host, pid, command, window_start,
+         started_at)
+    SELECT %(key)s, %(name)s, a.token, %(holder)s, %(host)s, %(pid)s, %(command)s,
+           w.window_start, now()
+      FROM attempt a, w
+     WHERE %(keep)s::integer IS NOT NULL
+    -- Only if the lease table was emptied by hand and tokens restarted.
+    ON CONFLICT (lock_key, token) DO UPDATE
+        SET lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder,
+            host = EXCLUDED.host, pid = EXCLUDED.pid, command = EXCLUDED.command,
+            window_start = EXCLUDED.window_start, started_at = EXCLUDED.started_at,
+            finished_at = NULL, exit_status = NULL, outcome = NULL
+), pruned AS (
+    DELETE FROM {runs} AS r
+     WHERE r.lock_key = %(key)s
+       AND r.token <= (SELECT token FROM attempt) - %(keep)s::integer
+)
+SELECT true AS acquired, a.token, NULL::text AS holder, NULL::text AS host,
+       NULL::integer AS pid, NULL::float8 AS expires_in_s, %(name)s AS lock_name,
+       w.window_start, false AS window_done
+  FROM attempt a, w
+UNION ALL
+SELECT false, l.token, l.holder, l.host, l.pid,
+       extract(epoch FROM l.expires_at - now())::float8, l.lock_name, w.window_start,
+       coalesce(l.window_start = w.window_start
+                AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false)
+  FROM {table} l, w
+ WHERE l.lock_key = %(key)s AND NOT EXISTS (SELECT FROM attempt)"""
+
+# A compare-and-swap on (holder, token): every takeover bumps the token, so a
+# match proves nobody acquired in between, and a stale renewal matches nothing.
+# An expired lease is not renewed either: a renewal held up (a frozen server, a
+# row lock) until after expiry comes too late for its holder, which has stopped
+# its child; reviving the row would only keep every contender out for one more
+# lease.
+RENEW: LiteralString = """
+UPDATE {table}
+   SET expires_at = now() + make_interval(secs => %(lease_s)s), renewed_at = now()
+ WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
+   AND expires_at > now()"""
+
+# Release keeps the row, and so the token, for the life of the table. With a
+# run's end it also closes the run (overriding a 'lost' that another node guessed:
+# the holder knows better how it ended, though a release that comes late, after a
+# partition, keeps the guessed finish, the last renewal, rather than its own
+# now()) and, for --min-hold, keeps the lease taken by the same
+# holder until acquired_at + min_hold in the server's time, so a late node finds
+# it held without the holder staying alive. window_ok records, for
+# --retry-failed, whether the window's run ended well. Still one statement, it
+# also wakes the lock's waiters (leaderrun.handoff) when the lock is really free
+# now: the notification goes out at commit, and only if the lease was ours.
+RELEASE: LiteralString = """
+WITH finished AS (
+    UPDATE {runs}
+       SET finished_at = coalesce(finished_at, now()),
+           exit_status = %(exit_status)s::integer,
+           outcome = %(outcome)s::text
+     WHERE %(outcome)s::text IS NOT NULL
+       AND lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
+       AND (finished_at IS NULL OR outcome = 'lost')
+), released AS (
+    UPDATE {table}
+       SET holder = CASE
+               WHEN acquired_at + make_interval(secs => %(min_hold_s)s) > now()
+               THEN holder END,
+           expires_at = greatest(now(),
+                                 acquired_at + make_interval(secs => %(min_hold_s)s)),
+           window_ok = coalesce(%(window_ok)s::boolean, window_ok)
+     WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
+    RETURNING holder
+)
+SELECT (SELECT pg_notify(%(channel)s, '') WHERE r.holder IS NULL) FROM released r"""
+
+LISTEN: LiteralString = "LISTEN {channel}"
+
+MAX_CHANNEL_BYTES = 63
+"""NAMEDATALEN - 1: PostgreSQL refuses longer channel names in pg_notify()."""
+
+
+def release_channel(schema: str, key: int) -> str:
+    """The NOTIFY channel on which releases of the lock ``key`` are announced.
+
+    The schema is part of it, since each schema has its own table. A schema so
+    long that the name is cut can only make two locks share a channel, which
+    costs their waiters a spurious wake-up, never a wrong acquire.
+    """
+    channel = f"leaderrun:{key}" if schema == "public" else f"leaderrun:{key}:{schema}"
+    return channel.encode()[:MAX_CHANNEL_BYTES].decode(errors="ignore")
+
+
+# init's upgrade of a lease table made by an older version: every column added
+# since the first, each as DDL declares it (a new one has them from the start).
+# A new lease column is a line of DDL and a line here.
+LEASE_UPGRADE: LiteralString = """
+ALTER TABLE {table}
+    ADD COLUMN IF NOT EXISTS window_start timestamptz,
+    ADD COLUMN IF NOT EXISTS window_ok    boolean"""
+
+RUN_DDL: LiteralString = """
+{create} {runs} (
+    lock_key     bigint      NOT NULL,
+    lock_name    text,
+    token        bigint      NOT NULL,
+    holder       text        NOT NULL,
+    host         text,
+    pid          integer,
+    command      text,
+    window_start timestamptz,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz,
+    exit_status  integer,
+    outcome      text CHECK (outcome IN ('ok', 'failed', 'killed', 'timeout', 'lost')),
+    PRIMARY KEY (lock_key, token)
+)"""
+
+RUN_COMMENT: LiteralString = """
+COMMENT ON TABLE {runs} IS
+'leaderrun run history: one row per run, pruned per lock by leaderrun itself.'"""
+
+# A run with no outcome is 'running' while its lease (same token) is live, and
+# otherwise lost: its holder died and nobody has taken the lock since.
+_RUN_COLUMNS: LiteralString = """
+SELECT r.lock_key, r.lock_name, r.token, r.holder, r.host, r.pid, r.command,
+       r.window_start, r.started_at, r.finished_at, r.exit_status,
+       coalesce(r.outcome,
+                CASE WHEN l.token = r.token AND l.holder IS NOT NULL
+                          AND l.expires_at > now()
+                     THEN 'running' ELSE 'lost' END) AS outcome,
+       extract(epoch FROM coalesce(
+           r.finished_at,
+           CASE WHEN l.token = r.token THEN least(l.renewed_at, now()) END,
+           now()) - r.started_at)::float8 AS duration_s
+  FROM {runs} r LEFT JOIN {table} l ON l.lock_key = r.lock_key"""
+
+HISTORY: LiteralString = (
+    _RUN_COLUMNS
+    + """
+ WHERE %(key)s::bigint IS NULL OR r.lock_key = %(key)s::bigint
+ ORDER BY r.started_at DESC, r.lock_key, r.token DESC
+ LIMIT %(limit)s"""
+)
+
+LAST_RUNS: LiteralString = (
+    """
+SELECT DISTINCT ON (lock_key) * FROM ("""
+    + _RUN_COLUMNS
+    + """
+) AS runs
+ ORDER BY lock_key, token DESC"""
+)
+
+
+SCHEMA: tuple[LiteralString, ...] = (
+    DDL,
+    COMMENT,
+    LEASE_UPGRADE,
+    RUN_DDL,
+    RUN_COMMENT,
+)
+"""Every DDL statement a DBA runs, in order; each is idempotent."""
+
+CREATE: Mapping[str, tuple[LiteralString, LiteralString]] = {
+    TABLE: (DDL, COMMENT),
+    RUN_TABLE: (RUN_DDL, RUN_COMMENT),
+}
+"""How leaderrun creates each of its tables: the table, then its comment."""
+
+UPGRADE: Mapping[str, LiteralString] = {TABLE: LEASE_UPGRADE}
+"""What ``init`` runs on a table of an older version (and only ``init``)."""
+
+TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
+    TABLE: columns_of(DDL),
+    RUN_TABLE: columns_of(RUN_DDL),
+}
+"""Every column of leaderrun's tables as this version makes them, read from the DDL."""
+
+OWN_TABLE_COLUMNS: Mapping[str, frozenset[str]] = {
+    TABLE: frozenset({"lock_key", "holder", "token", "expires_at"}),
+    RUN_TABLE: frozenset({"lock_key", "token", "holder", "started_at", "outcome"}),
+}
+"""The core columns that make a table leaderrun's, in every version so far.
+
+A table lacking any of them is another program's (the seed library's
+``leader_lease`` has ``id, leader_id, expires_at, created_at``) and is never
+touched. Not the comment: a table made by hand from the printed SQL may lack it.
+"""
+
+# Everything under leaderrun's table names in one schema: read from the catalog,
+# so it works without privileges on the tables (or even USAGE on the schema), and
+# waits for no lock on them.
+INSPECT: LiteralString = """
+SELECT c.relname::text, c.relkind::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = ANY(%(names)s::text[])"""
+
+SYNCHRONOUS_COMMIT: LiteralString = "SELECT current_setting('synchronous_commit')"
+
+# Transaction-scoped (set_config's is_local), so nothing outlives init's
+# transaction, through PgBouncer in transaction mode too.
+LOCK_TIMEOUT: LiteralString = "SELECT set_config('lock_timeout', %(timeout)s, true)"
+
+_RELATION_KINDS = {
+    "r": "a table",
+    "p": "a partitioned table",
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+}
+
+Found = Mapping[str, tuple[str, tuple[str, ...]]]
+"""What the catalog holds under leaderrun's table names: name -> (kind, columns)."""
+
+
+def foreign_table(schema: str, found: Found) -> ForeignTableError | None:
+    """The refusal of the first relation under leaderrun's names that is not its.
+
+    A relation is leaderrun's if it is a table with every core column
+    (:data:`OWN_TABLE_COLUMNS`); the error names what was found instead.
+    """
+    for name, core in OWN_TABLE_COLUMNS.items():
+        if name not in found:
+            continue
+        kind, columns = found[name]
+        if kind in ("r", "p") and core <= set(columns):
+            continue
+        what = _RELATION_KINDS.get(kind, "a relation")
+        listed = ", ".join(columns) or "none"
+        return ForeignTableError(
+            f"{schema}.{name} is not leaderrun's table ({what} with columns "
+            f"{listed}); leaderrun never alters a table it did not create: pass "
+            "--schema to keep leaderrun's tables in a schema of their own"
+        )
+    return None
+
+
+def missing_columns(found: Found) -> dict[str, list[str]]:
+    """The columns each of leaderrun's tables found lacks: made by an older version."""
+    lacking = {}
+    for name, (_, columns) in found.items():
+        if missing := [c for c in TABLE_COLUMNS[name] if c not in columns]:
+            lacking[name] = missing
+    return lacking
+
+
+def outdated_table(schema: str, name: str, missing: list[str]) -> SchemaMissingError:
+    """The hot path's refusal of an own table that only ``init`` may upgrade."""
+    return SchemaMissingError(
+        f"{schema}.{name} was made by an older leaderrun and lacks the columns "
+        f"{', '.join(missing)}; run `leaderrun init --schema {schema}` to upgrade "
+        "it, as a role that may alter it (or have a DBA run the SQL that "
+        f"`leaderrun init --schema {schema} --print-sql` prints)"
+    )
+
+
+# --- the operators' statements: status, release, and the SQL a DBA runs ---
+
+# One statement, so every row and now() come from one snapshot. The LEFT JOIN
+# from a one-row relation returns now() even when there is no row at all.
+SNAPSHOT: LiteralString = """
+SELECT now() AS db_now, l.*
+  FROM (SELECT) AS one
+  LEFT JOIN {table} AS l ON %(key)s::bigint IS NULL OR l.lock_key = %(key)s
+ ORDER BY l.lock_name NULLS LAST, l.lock_key"""
+
+# One conditional UPDATE decides, so an operator can never free a lease that
+# was renewed or taken a moment ago: in READ COMMITTED a row changed under us
+# is re-checked on its newest version. An expired lease is cleared (holder NULL,
+# so the lock shows as free). With force, a live lease is revoked: the holder
+# becomes a marker no holder can match, so the holder's next renewal (a
+# compare-and-swap on holder and token) fails and it stops its child; its
+# expires_at is kept, so nobody takes the lock before the old holder has had to
+# stop its child by its own deadline. The token is never touched: the next
+# acquirer gets token + 1.
+OPERATOR_RELEASE: LiteralString = """
+UPDATE {table} AS l
+   SET holder = CASE WHEN l.expires_at <= now() THEN NULL ELSE %(revoked)s END
+ WHERE l.lock_key = %(key)s AND l.holder IS NOT NULL
+   AND (%(token)s::bigint IS NULL OR l.token = %(token)s)
+   AND (l.expires_at <= now() OR (%(force)s AND l.holder <> %(revoked)s))
+RETURNING now() AS db_now, l.*"""
+
+OPERATOR_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
+"""What a role that runs, shows and releases leases needs on the table.
+
+INSERT ... ON CONFLICT DO UPDATE needs INSERT and UPDATE; reading the row
+needs SELECT. No DELETE: rows are never deleted, and a role that could delete
+one could restart a lock's fencing tokens at 1.
+"""
+
+RUN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+"""What the same role needs on the run history: the acquire statement prunes it."""
+
+DEFAULT_GRANT_ROLE = "leaderrun"
+"""The role ``init --print-sql`` grants to unless ``--role`` names another."""
+
+
+def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
+    """The SQL a DBA runs once: the table, its comment, and a least-privileged role.
+
+    The role gets USAGE on the schema and SELECT, INSERT, UPDATE on the lease
+    table: it can run, show and release leases, but not create or drop the
+    table, nor delete leases. On the run history it also gets DELETE, which
+    the acquire statement needs to prune it. Needs no connection: identifiers
+    are quoted here.
+    """
+    table = sql.Identifier(schema, TABLE)
+    grantee = sql.Identifier(role)
+    privileges = sql.SQL(", ").join(sql.SQL(p) for p in OPERATOR_PRIVILEGES)
+    runs = sql.Identifier(schema, RUN_TABLE)
+    run_privileges = sql.SQL(", ").join(sql.SQL(p) for p in RUN_PRIVILEGES)
+    statements = [
+        *(
+            sql.SQL(ddl.strip()).format(
+                table=table, runs=runs, create=sql.SQL("CREATE TABLE IF NOT EXISTS")
+            )
+            for ddl in SCHEMA
+        ),
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+            sql.Identifier(schema), grantee
+        ),
+        sql.SQL("GRANT {} ON {} TO {}").format(privileges, table, grantee),
+        sql.SQL("GRANT {} ON {} TO {}").format(run_privileges, runs, grantee),
+    ]
+    text = [statement.as_string() + ";" for statement in statements]
+    ddl_count = len(SCHEMA)
+    return (
+        f"-- leaderrun {schema}.{TABLE} and {schema}.{RUN_TABLE}: run once as a "
+        f"role that may create tables in {schema}; safe to repeat.\n"
+        + "\n".join(text[:ddl_count])
+        + f"\n-- The role {role} may run, show and release leases, but not create "
+        "the table or delete rows\n-- (a deleted row would restart the lock's "
+        "fencing tokens). It prunes its run history itself.\n"
+        + "\n".join(text[ddl_count:])
+        + "\n"
+    )
+
+
+def missing_table_hint(schema: str, role: str | None) -> str:
+    """What to run when the lease table is missing and this role cannot create it."""
+    role_flag = f" --role {role}" if role else ""
+    return (
+        f"run `leaderrun init --schema {schema}` as a role that may create tables "
+        f"in {schema}, or have a DBA run the SQL that `leaderrun init --schema "
+        f"{schema} --print-sql{role_flag}` prints"
+    )
+
+
+def statement(template: LiteralString, schema: str) -> sql.Composed:
+    """One of this module's statements, for the tables in ``schema``."""
+    return sql.SQL(template).format(
+        table=sql.Identifier(schema, TABLE),
+        runs=sql.Identifier(schema, RUN_TABLE),
+        window=window_sql(sql.SQL("now()")),
+        create=sql.SQL("CREATE TABLE"),
+    )
+
+
+def window_sql(at: sql.Composable) -> sql.Composed:
+    """The SQL expression of the ``--once-per`` window containing ``at``.
+
+    Takes the parameters ``period_s`` and ``offset_s``; the acquire statement
+    uses it with ``now()``, and tests with other instants.
+    """
+    return sql.SQL(_WINDOW).format(at=at)
+
+
+QUERIES: Mapping[str, LiteralString] = {
+    "acquire": ACQUIRE,
+    "renew": RENEW,
+    "release": RELEASE,
+    "snapshot": SNAPSHOT,
+    "operator_release": OPERATOR_RELEASE,
+    "history": HISTORY,
+    "last_runs": LAST_RUNS,
+}
+"""The statement of each query the shared SQL session names (``sql.QUERIES``)."""
+
+# By oid from the catalog: without USAGE on the schema the table could not be
+# named, yet its grants still count.
+MISSING_GRANTS: LiteralString = """
+SELECT has_schema_privilege(%(schema)s, 'USAGE'),
+       ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p,
+                  pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+              WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+                AND NOT has_table_privilege(c.oid, p)),
+       ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p,
+                  pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+              WHERE n.nspname = %(schema)s AND c.relname = %(runs)s
+                AND NOT has_table_privilege(c.oid, p))"""
