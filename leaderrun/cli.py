@@ -25,7 +25,6 @@ from typer.main import get_command
 from leaderrun import __version__, views
 from leaderrun.config import (
     DEFAULT_SCHEMA,
-    MAX_IDENTIFIER_BYTES,
     RawRunOptions,
     check_schema,
     lock_from,
@@ -593,22 +592,10 @@ def init(
 ) -> None:
     """Create the leader_lease table if it does not exist (safe to repeat)."""
     env, dsn_value = _start(dsn, verbose, quiet, log_format)
-    from leaderrun.stores import is_sqlite, open_store, table_label
+    from leaderrun.stores import open_store, setup_sql, table_label
 
     if print_sql:
-        if is_sqlite(dsn_value):
-            from leaderrun.stores.sqlite import setup_sql as sqlite_setup_sql
-
-            typer.echo(sqlite_setup_sql(), nl=False)
-            return
-        from leaderrun.stores.postgres_sql import setup_sql
-
-        if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
-            raise ConfigError(
-                f"--role {role!r} must be a PostgreSQL role name of 1 to "
-                f"{MAX_IDENTIFIER_BYTES} bytes"
-            )
-        typer.echo(setup_sql(check_schema(schema), role), nl=False)
+        typer.echo(setup_sql(dsn_value, check_schema(schema), role), nl=False)
         return
     outcome = open_store(dsn_value, check_schema(schema), env).init()
     done = {

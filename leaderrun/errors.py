@@ -58,6 +58,14 @@ class StatementTimeoutError(DatabaseUnavailableError):
     """A statement did not finish within its bound; it was cancelled."""
 
 
+class ListenRefusedError(DatabaseUnavailableError):
+    """The server (or a proxy in front of it) refused LISTEN."""
+
+
+class InvariantError(LeaderrunError):
+    """leaderrun broke one of its own invariants: a bug, please report it."""
+
+
 class SchemaMissingError(DatabaseUnavailableError):
     """The lease table does not exist and this role may not create it."""
 
@@ -93,7 +101,7 @@ class CommandNotExecutableError(LeaderrunError):
     exit_code = EXIT_NOT_EXECUTABLE
 
 
-class CancelledError(LeaderrunError):
+class CancelledBySignalError(LeaderrunError):
     """A signal arrived before the command started; nothing ran."""
 
     def __init__(self, signum: int, message: str | None = None) -> None:

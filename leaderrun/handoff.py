@@ -23,7 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from leaderrun.errors import DatabaseUnavailableError, LeaderrunError
+from leaderrun.errors import (
+    DatabaseUnavailableError,
+    LeaderrunError,
+    ListenRefusedError,
+)
 from leaderrun.lease import LockId
 
 log = logging.getLogger("leaderrun")
@@ -61,10 +65,6 @@ class ListeningStore(Protocol):
             DatabaseUnavailableError: the connection could not be made.
         """
         ...
-
-
-class ListenRefusedError(DatabaseUnavailableError):
-    """The server (or a proxy in front of it) refused LISTEN."""
 
 
 class Handoff:

@@ -26,8 +26,9 @@ from leaderrun.errors import (
     EXIT_LEASE_LOST,
     EXIT_TIMEOUT,
     BusyError,
-    CancelledError,
+    CancelledBySignalError,
     DatabaseUnavailableError,
+    InvariantError,
     LeaderrunError,
     SchemaMissingError,
     SystemResourceError,
@@ -117,7 +118,7 @@ class _Contender:
     def session(self) -> LeaseSession:
         """The open session; there is one from the connect until the hand-over."""
         if self._session is None:
-            raise LeaderrunError("the acquire loop used its session while it had none")
+            raise InvariantError("the acquire loop used its session while it had none")
         return self._session
 
     def own(self, session: LeaseSession) -> None:
@@ -232,7 +233,7 @@ class Run:
 
         Raises:
             BusyError: held elsewhere (and the wait, if any, timed out).
-            CancelledError: a signal arrived first.
+            CancelledBySignalError: a signal arrived first.
             DatabaseUnavailableError: the database could not be used.
         """
         handoff = Handoff(self.store, self.settings.lock, enabled=self.settings.wait)
@@ -550,7 +551,7 @@ class Run:
             )
             return EXIT_LEASE_LOST
         if outcome.returncode is None:  # run() returns only once it exited
-            raise LeaderrunError("the supervisor returned before the command exited")
+            raise InvariantError("the supervisor returned before the command exited")
         log.info(
             "the command exited with status %d",
             exit_status(outcome.returncode),
@@ -602,7 +603,7 @@ class Run:
             release_or_expire(
                 self.store, session, lease, self.settings.timing, self._unstarted
             )
-        raise CancelledError(cancelling[0], CANCELLED)
+        raise CancelledBySignalError(cancelling[0], CANCELLED)
 
     def _busy_message(self, result: AcquireResult) -> str:
         s = self.settings

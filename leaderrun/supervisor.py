@@ -29,7 +29,7 @@ from typing import Protocol
 from leaderrun import procfs
 from leaderrun.clock import boottime
 from leaderrun.errors import (
-    CancelledError,
+    CancelledBySignalError,
     CommandNotExecutableError,
     CommandNotFoundError,
     signal_status,
@@ -116,7 +116,7 @@ class SignalInbox:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self._raising and signum in CANCELLING_SIGNALS:
             self._raising = False  # once: the clean-up after it must not be cut
-            raise CancelledError(
+            raise CancelledBySignalError(
                 signum, "cancelled by a signal while waiting for the lock; nothing ran"
             )
         self._pending.append(signum)
@@ -126,7 +126,7 @@ class SignalInbox:
         """A section of the main thread that a cancelling signal interrupts.
 
         Inside it, TERM, INT, HUP, QUIT, USR1 or USR2 raise
-        :class:`~leaderrun.errors.CancelledError` from the handler, wherever the
+        :class:`~leaderrun.errors.CancelledBySignalError` from the handler, wherever the
         thread is waiting (a statement, a connect, a sleep), instead of being
         recorded for later. Only code that is safe to abandon at any point may
         run inside: waiting for the lock, before the command has started.

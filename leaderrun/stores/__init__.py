@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from leaderrun.config import DEFAULT_SCHEMA
+from leaderrun.config import DEFAULT_SCHEMA, MAX_IDENTIFIER_BYTES
 from leaderrun.errors import ConfigError
 from leaderrun.stores.base import ManagedStore
 
@@ -172,3 +172,24 @@ def table_label(dsn: str, schema: str) -> str:
     if is_sqlite(dsn):
         return f"leader_lease in {sqlite_path(dsn)}"
     return f"{schema}.leader_lease"
+
+
+def setup_sql(dsn: str, schema: str, role: str) -> str:
+    """What ``leaderrun init --print-sql`` prints for the store the DSN names.
+
+    Raises:
+        ConfigError: the role is not a PostgreSQL role name (PostgreSQL only).
+    """
+    if is_sqlite(dsn):
+        from leaderrun.stores.sqlite import setup_sql as sqlite_setup_sql
+
+        return sqlite_setup_sql()
+    if not role or len(role.encode()) > MAX_IDENTIFIER_BYTES or "\x00" in role:
+        raise ConfigError(
+            f"--role {role!r} must be a PostgreSQL role name of 1 to "
+            f"{MAX_IDENTIFIER_BYTES} bytes"
+        )
+    # The SQL text alone: it needs no connection, and not psycopg's C parts.
+    from leaderrun.stores.postgres_sql import setup_sql as postgres_setup_sql
+
+    return postgres_setup_sql(schema, role)

@@ -44,9 +44,9 @@ from leaderrun.errors import (
     ConfigError,
     DatabaseUnavailableError,
     LeaderrunError,
+    ListenRefusedError,
     SchemaMissingError,
 )
-from leaderrun.handoff import ListenRefusedError
 from leaderrun.lease import Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
 from leaderrun.runs import RunEnd

@@ -23,7 +23,7 @@ from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.errors import (
     DatabaseUnavailableError,
     ForeignTableError,
-    LeaderrunError,
+    InvariantError,
     SchemaMissingError,
     StatementTimeoutError,
 )
@@ -424,7 +424,7 @@ class SqlSession(ABC):
         # else (``no-session-state``): fail loudly, never silently.
         state = self._transaction_left_open()
         if state is not None:
-            raise LeaderrunError(
+            raise InvariantError(
                 f"the connection to {self._store.describe()} was left in a "
                 f"transaction ({state})"
             )

@@ -20,7 +20,7 @@ import pytest
 
 from leaderrun.errors import (
     EXIT_UNAVAILABLE,
-    CancelledError,
+    CancelledBySignalError,
     DatabaseUnavailableError,
     StatementTimeoutError,
 )
@@ -93,7 +93,7 @@ def test_a_signal_to_the_waiting_thread_gives_the_statement_up_at_once(
     session = store.connect()
 
     def cancel(signum, frame):
-        raise CancelledError(signum)
+        raise CancelledBySignalError(signum)
 
     def send_once_waiting() -> None:
         wait_until(statement_threads, "the statement's worker")
@@ -104,7 +104,7 @@ def test_a_signal_to_the_waiting_thread_gives_the_statement_up_at_once(
     try:
         sender.start()
         start_s = time.monotonic()
-        with pytest.raises(CancelledError):
+        with pytest.raises(CancelledBySignalError):
             session.acquire(lock, claim(1), LEASE_S)
         cancelled_after_s = time.monotonic() - start_s
     finally:

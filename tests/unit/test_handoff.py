@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from leaderrun.errors import DatabaseUnavailableError
-from leaderrun.handoff import Handoff, ListenRefusedError
+from leaderrun.errors import DatabaseUnavailableError, ListenRefusedError
+from leaderrun.handoff import Handoff
 from leaderrun.lease import LockId
 
 LOCK = LockId(7, "nightly")

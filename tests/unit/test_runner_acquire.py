@@ -16,7 +16,7 @@ import pytest
 from leaderrun.config import RawRunOptions, run_settings
 from leaderrun.errors import (
     BusyError,
-    CancelledError,
+    CancelledBySignalError,
     DatabaseUnavailableError,
     SchemaMissingError,
 )
@@ -205,7 +205,7 @@ def test_a_late_grant_with_wait_is_released_and_asked_again(store, clock, inbox)
 
 
 def test_a_signal_at_the_grant_gives_the_lease_back(store, clock, inbox):
-    """SIGTERM arriving with the grant: released, closed, CancelledError (143)."""
+    """SIGTERM arriving with the grant: released, closed, cancelled (exit 143)."""
     inbox.pending.append(signal.SIGTERM)
     real_take = inbox.take
     calls = [0]
@@ -215,7 +215,7 @@ def test_a_signal_at_the_grant_gives_the_lease_back(store, clock, inbox):
         return real_take() if calls[0] > 1 else []
 
     inbox.take = take_after_the_statement
-    with pytest.raises(CancelledError) as cancelled:
+    with pytest.raises(CancelledBySignalError) as cancelled:
         run_for(store, clock).acquire(inbox)
     assert cancelled.value.exit_code == 128 + signal.SIGTERM
     assert store.rows[parse_lock_id("acquire").key].holder is None
@@ -225,7 +225,7 @@ def test_a_signal_at_the_grant_gives_the_lease_back(store, clock, inbox):
 def test_a_signal_before_the_statement_cancels_with_nothing_taken(store, clock, inbox):
     """A signal pending before the acquire: no statement, session closed."""
     inbox.pending.append(signal.SIGINT)
-    with pytest.raises(CancelledError, match="nothing ran"):
+    with pytest.raises(CancelledBySignalError, match="nothing ran"):
         run_for(store, clock).acquire(inbox)
     assert store.statements["acquire"] == 0
     assert [s.closed for s in store.sessions] == [True]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from leaderrun.config import RawRunOptions, run_settings
-from leaderrun.errors import CancelledError
+from leaderrun.errors import CancelledBySignalError
 from leaderrun.lease import Lease
 from leaderrun.runner import Run, _Contender
 from leaderrun.runs import RunEnd
@@ -58,7 +58,7 @@ def test_a_cancel_does_not_wait_for_a_hanging_release(caplog):
     contender.own(session)
 
     began_s = time.monotonic()
-    with pytest.raises(CancelledError) as cancelled:
+    with pytest.raises(CancelledBySignalError) as cancelled:
         run._cancel_on([signal.SIGTERM], contender, lease)
     waited_s = time.monotonic() - began_s
 
