@@ -15,7 +15,6 @@ multiple of the lease; the table is printed at the end of the session.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import select
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.proxy import Proxy
+from tests.helpers.intervals import NOT_ENDED, find_overlaps
 from tests.helpers.waiting import wait_until
 
 JOB = str(Path(__file__).parent / "job.py")
@@ -149,17 +149,15 @@ class Timeline:
         return proc
 
     def overlaps(self) -> list[str]:
-        """Each pair of tokens whose intervals overlap, described."""
-        spans = sorted(self.intervals().items(), key=lambda kv: kv[1][0])
+        """Each pair of tokens, neighbours in start order, whose intervals overlap."""
         found = []
-        for (t1, (_, end1)), (t2, (start2, _)) in itertools.pairwise(spans):
-            if end1 > start2:
-                until = (
-                    "is still running"
-                    if end1 == float("inf")
-                    else f"ran {end1 - start2:.2f}s"
-                )
-                found.append(f"token {t1} {until} after token {t2} started")
+        for o in find_overlaps(self.intervals()):
+            until = (
+                "is still running"
+                if o.earlier_end == NOT_ENDED
+                else f"ran {o.earlier_end - o.later_start:.2f}s"
+            )
+            found.append(f"token {o.earlier} {until} after token {o.later} started")
         return found
 
     def check(self) -> None:
