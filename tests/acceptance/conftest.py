@@ -113,6 +113,24 @@ def wait_gone(pid: int, timeout_s: float) -> float:
     pytest.fail(f"pid {pid} still alive after {timeout_s}s")
 
 
+def leaderrun_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout_s: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m leaderrun ARGS`` to the end, with the suite's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "leaderrun", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
 class Leaderrun:
     """Starts ``python -m leaderrun`` with the test database and lock."""
 
@@ -157,6 +175,12 @@ class Leaderrun:
         proc = self.start(*args, **kw)
         out, err = proc.communicate(timeout=timeout_s)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def operator(self, subcommand: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """An operator's subcommand (status, history, release) on this lock."""
+        return leaderrun_cli(
+            subcommand, "--dsn", self.dsn, "--lock-id", self.lock, *args
+        )
 
     def kill_all(self) -> None:
         """SIGKILL every leaderrun started here, and everything below it."""

@@ -19,7 +19,14 @@ import pytest
 
 from leaderrun.runs import window_start_s
 from leaderrun.views import iso_utc
-from tests.acceptance.conftest import FAST, child, read_rest, readline
+from tests.acceptance.conftest import (
+    FAST,
+    Leaderrun,
+    child,
+    leaderrun_cli,
+    read_rest,
+    readline,
+)
 from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
@@ -27,25 +34,9 @@ pytestmark = [pytest.mark.pg, pytest.mark.slow]
 HOUR_S = 3600
 
 
-def history(leaderrun, *args: str) -> subprocess.CompletedProcess[str]:
+def history(leaderrun: Leaderrun, *args: str) -> subprocess.CompletedProcess[str]:
     """``leaderrun history`` for this test's lock."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "leaderrun",
-            "history",
-            "--dsn",
-            leaderrun.dsn,
-            "--lock-id",
-            leaderrun.lock,
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return leaderrun.operator("history", *args)
 
 
 def runs(leaderrun, limit: int = 100) -> list[dict[str, Any]]:
@@ -275,13 +266,7 @@ def test_window_is_in_the_child_environment_only_with_once_per(leaderrun):
     ],
 )
 def test_bad_guards_exit_64_in_one_line(args, needle):
-    result = subprocess.run(
-        [sys.executable, "-m", "leaderrun", "--lock-id", "x", *args, "--", "true"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = leaderrun_cli("--lock-id", "x", *args, "--", "true")
     assert result.returncode == 64
     assert needle in result.stderr
     assert result.stderr.count("\n") == 1
@@ -333,22 +318,7 @@ def test_status_shows_the_last_run(leaderrun):
     assert (run["token"], run["outcome"], run["exit_status"]) == (1, "failed", 4)
     assert run["host"] == os.uname().nodename
     assert run["duration_s"] >= 0
-    text = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "leaderrun",
-            "status",
-            "--dsn",
-            leaderrun.dsn,
-            "--lock-id",
-            leaderrun.lock,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    text = leaderrun.operator("status")
     header, row = text.stdout.splitlines()
     assert "LAST RUN (UTC)" in header
     assert " failed " in row

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from datetime import UTC, datetime
 
 import pytest
 
-from tests.acceptance.conftest import FAST, child, read_rest, readline
+from tests.acceptance.conftest import FAST, child, leaderrun_cli, read_rest, readline
 from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.slow]
 
 
 def operator(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "leaderrun", *args, "--dsn", dsn],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return leaderrun_cli(*args, "--dsn", dsn)
 
 
 @pytest.mark.timing

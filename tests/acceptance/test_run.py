@@ -17,6 +17,7 @@ import pytest
 from tests.acceptance.conftest import (
     FAST,
     child,
+    leaderrun_cli,
     read_rest,
     readline,
     wait_for_line,
@@ -150,13 +151,7 @@ def test_unreachable_database_exits_69_in_one_line_without_the_password(tmp_path
 )
 def test_usage_errors_exit_64_with_one_line(args, needle):
     """Bad flags and values exit 64 (not click's 2) with one line and no traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "leaderrun", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = leaderrun_cli(*args)
     assert result.returncode == 64
     assert needle in result.stderr
     assert result.stderr.count("\n") == 1

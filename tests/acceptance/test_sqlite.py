@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from leaderrun.clock import boottime
-from tests.acceptance.conftest import FAST, child, read_rest, readline, wait_gone
+from tests.acceptance.conftest import (
+    FAST,
+    child,
+    leaderrun_cli,
+    read_rest,
+    readline,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def leaderrun_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-):
-    """Run ``python -m leaderrun`` with the suite's (scrubbed) environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "leaderrun", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
 
 
 def test_no_database_anywhere_is_refused_naming_both_choices(tmp_path):

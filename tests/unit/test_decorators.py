@@ -22,16 +22,6 @@ from leaderrun.testing import FakeClock, InMemoryLeaseStore, make_elector
 
 
 @pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock):
-    return InMemoryLeaseStore(clock)
-
-
-@pytest.fixture
 def leader(store, clock):
     elector = LeaderElector("jobs", store=store, clock=clock)
     elector.poll()

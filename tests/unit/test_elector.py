@@ -16,7 +16,7 @@ from leaderrun.elector import (
     open_elector_store,
 )
 from leaderrun.heartbeat import Renewer
-from leaderrun.testing import FakeClock, InMemoryLeaseStore
+from leaderrun.testing import InMemoryLeaseStore
 
 
 class Recorder:
@@ -30,16 +30,6 @@ class Recorder:
 
     def lost(self, reason: str) -> None:
         self.calls.append(("lost", reason))
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock):
-    return InMemoryLeaseStore(clock)
 
 
 @pytest.fixture

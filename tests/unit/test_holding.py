@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-import pytest
-
 from leaderrun.holding import (
     RECONNECT_BACKOFF_S,
     Backoff,
@@ -21,16 +19,6 @@ from leaderrun.testing import FakeClock, InMemoryLeaseStore, InMemorySession
 
 LOCK = parse_lock_id("holding-test")
 TIMING = make_timing(4.0)
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock):
-    return InMemoryLeaseStore(clock)
 
 
 def grant_on(

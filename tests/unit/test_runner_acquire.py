@@ -97,11 +97,6 @@ class SlowSession(InMemorySession):
 
 
 @pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
 def store(clock):
     return RecordingStore(clock)
 
