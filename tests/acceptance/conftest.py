@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import psycopg
 import pytest
@@ -277,84 +277,70 @@ class LeaseAdmin:
         path = self.store_dsn.removeprefix("sqlite://")
         return sqlite3.connect(path, isolation_level=None, timeout=READ_TIMEOUT_S)
 
-    def row(self, lock: str) -> tuple[str | None, int, bool]:
-        """(holder, token, whether the lease has ended) of the lock's row."""
+    def _one(self, postgres: str, sqlite: str, lock: str) -> tuple[Any, ...]:
+        """The one row a statement returns, on the store under test.
+
+        ``postgres`` and ``sqlite`` are the same statement in each dialect, with
+        the lock's name as their one parameter; the row must exist.
+        """
         if self.pg_admin is not None:
             with self.pg_admin() as conn:
-                found = conn.execute(
-                    "SELECT holder, token, expires_at <= now() FROM leader_lease"
-                    " WHERE lock_name = %s",
-                    (lock,),
-                ).fetchone()
+                found = conn.execute(postgres, (lock,)).fetchone()
         else:
             with contextlib.closing(self.sqlite()) as conn:
-                found = conn.execute(
-                    "SELECT holder, token, boot_id, expires_boot_s"
-                    " FROM leader_lease WHERE lock_name = ?",
-                    (lock,),
-                ).fetchone()
-            assert found is not None, f"no row for {lock}"
-            holder, token, boot_id, expires_boot_s = found
-            ended = boot_id != this_boot() or expires_boot_s <= boottime()
-            return holder, token, ended
+                # fetchall: an UPDATE commits only once RETURNING is read to the end.
+                rows = conn.execute(sqlite, (lock,)).fetchall()
+            found = rows[0] if len(rows) == 1 else None
         assert found is not None, f"no row for {lock}"
-        holder, token, ended = found
-        return holder, token, bool(ended)
+        return tuple(found)
+
+    def _expiry(self, found: tuple[Any, ...]) -> datetime:
+        """The expiry a row gave: a timestamp, or SQLite's boot id and boot seconds."""
+        if self.pg_admin is not None:
+            expires_at: datetime = found[0]
+            return expires_at
+        return sqlite_expiry(found[0], found[1])
+
+    def row(self, lock: str) -> tuple[str | None, int, bool]:
+        """(holder, token, whether the lease has ended) of the lock's row."""
+        holder, token, *expiry = self._one(
+            "SELECT holder, token, expires_at FROM leader_lease WHERE lock_name = %s",
+            "SELECT holder, token, boot_id, expires_boot_s FROM leader_lease"
+            " WHERE lock_name = ?",
+            lock,
+        )
+        return holder, token, self._expiry(tuple(expiry)) <= _now()
 
     def expires_at(self, lock: str) -> datetime:
         """When the lock's lease ends, in UTC, as the store has it."""
-        if self.pg_admin is not None:
-            with self.pg_admin() as conn:
-                found = conn.execute(
-                    "SELECT expires_at FROM leader_lease WHERE lock_name = %s",
-                    (lock,),
-                ).fetchone()
-            assert found is not None
-            expires_at: datetime = found[0]
-            return expires_at
-        with contextlib.closing(self.sqlite()) as conn:
-            boot_id, expires_boot_s = conn.execute(
+        return self._expiry(
+            self._one(
+                "SELECT expires_at FROM leader_lease WHERE lock_name = %s",
                 "SELECT boot_id, expires_boot_s FROM leader_lease WHERE lock_name = ?",
-                (lock,),
-            ).fetchone()
-        return sqlite_expiry(boot_id, expires_boot_s)
+                lock,
+            )
+        )
 
     def runs_recorded(self, lock: str) -> int:
         """How many rows the run history keeps for the lock."""
-        if self.pg_admin is not None:
-            with self.pg_admin() as conn:
-                found = conn.execute(
-                    "SELECT count(*) FROM leader_run WHERE lock_name = %s", (lock,)
-                ).fetchone()
-        else:
-            with contextlib.closing(self.sqlite()) as conn:
-                found = conn.execute(
-                    "SELECT count(*) FROM leader_run WHERE lock_name = ?", (lock,)
-                ).fetchone()
-        assert found is not None
-        return int(found[0])
+        (count,) = self._one(
+            "SELECT count(*) FROM leader_run WHERE lock_name = %s",
+            "SELECT count(*) FROM leader_run WHERE lock_name = ?",
+            lock,
+        )
+        return int(count)
 
     def take_over(self, lock: str) -> datetime:
         """Give the lock to 'thief' with a new token; the expiry it had, in UTC."""
-        if self.pg_admin is not None:
-            with self.pg_admin() as conn:
-                found = conn.execute(
-                    "UPDATE leader_lease SET holder = 'thief', token = token + 1"
-                    " WHERE lock_name = %s RETURNING expires_at",
-                    (lock,),
-                ).fetchone()
-            assert found is not None
-            expires_at: datetime = found[0]
-            return expires_at
-        with contextlib.closing(self.sqlite()) as conn:
-            # fetchall: the UPDATE commits only once RETURNING is read to the end.
-            rows = conn.execute(
+        return self._expiry(
+            self._one(
+                "UPDATE leader_lease SET holder = 'thief', token = token + 1"
+                " WHERE lock_name = %s RETURNING expires_at",
                 "UPDATE leader_lease SET holder = 'thief', token = token + 1"
                 " WHERE lock_name = ? RETURNING boot_id, expires_boot_s",
-                (lock,),
-            ).fetchall()
-        assert len(rows) == 1
-        return sqlite_expiry(*rows[0])
+                lock,
+            )
+        )
 
 
 def _now() -> datetime:

@@ -21,15 +21,7 @@ import subprocess
 import sys
 import time
 
-SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-)
+from leaderrun.supervisor import FORWARDED_SIGNALS as SIGNALS  # what it may get
 
 
 def say(line: str) -> None:

@@ -68,6 +68,23 @@ def every_subcommand(
     }
 
 
+def assert_refused_untouched(
+    db: Path, tmp_path: Path, code: int, message: str, *, init_too: bool = True
+) -> None:
+    """Every subcommand (and ``init``) exits ``code`` with the one line ``message``;
+    the job never runs and the file is left exactly as it was."""
+    before = fingerprint(db)
+    marker = tmp_path / "ran"
+    results = every_subcommand(db, marker)
+    if init_too:
+        results["init"] = leaderrun("init", db=db)
+    for name, result in results.items():
+        assert result.returncode == code, (name, result.stderr)
+        assert result.stderr == f"leaderrun: {message}\n", name
+    assert not marker.exists()
+    assert fingerprint(db) == before
+
+
 def fingerprint(db: Path) -> tuple[list[Any], list[Any], tuple[Any, ...]]:
     """Everything a refusal must leave as it was: schema, rows, header, journal."""
     with sqlite3.connect(db) as conn:
@@ -102,17 +119,15 @@ def test_an_older_file_is_refused_on_every_subcommand_and_left_as_it_was(tmp_pat
     says to run init; the job does not run and the file is not touched."""
     db = tmp_path / "leases.db"
     format0.make_file(db, old_rows(), now_s=time.time())
-    before = fingerprint(db)
-    marker = tmp_path / "ran"
-    for name, result in every_subcommand(db, marker).items():
-        assert result.returncode == EXIT_UNAVAILABLE, (name, result.stderr)
-        assert result.stderr == (
-            f"leaderrun: {db} was written by an older leaderrun (file format 0, this"
-            f" one uses {FORMAT}); run `leaderrun init --dsn sqlite://{db}` to"
-            " upgrade it (live leases stay live)\n"
-        ), name
-    assert not marker.exists()
-    assert fingerprint(db) == before
+    assert_refused_untouched(
+        db,
+        tmp_path,
+        EXIT_UNAVAILABLE,
+        f"{db} was written by an older leaderrun (file format 0, this one uses"
+        f" {FORMAT}); run `leaderrun init --dsn sqlite://{db}` to upgrade it (live"
+        " leases stay live)",
+        init_too=False,
+    )
 
 
 def test_init_upgrades_an_older_file_and_its_live_lease_stays_live(tmp_path):
@@ -242,19 +257,13 @@ def test_a_newer_file_is_refused_everywhere_and_left_as_it_was(tmp_path):
     db = make_new(tmp_path / "leases.db")
     with sqlite3.connect(db) as conn:
         conn.execute(f"PRAGMA user_version = {FORMAT + 1}")
-    before = fingerprint(db)
-    marker = tmp_path / "ran"
-    results = every_subcommand(db, marker)
-    results["init"] = leaderrun("init", db=db)
-    for name, result in results.items():
-        assert result.returncode == EXIT_UNAVAILABLE, (name, result.stderr)
-        assert result.stderr == (
-            f"leaderrun: {db} was written by a newer leaderrun (file format "
-            f"{FORMAT + 1}, this one knows up to {FORMAT}); upgrade leaderrun on "
-            "this host\n"
-        ), name
-    assert not marker.exists()
-    assert fingerprint(db) == before
+    assert_refused_untouched(
+        db,
+        tmp_path,
+        EXIT_UNAVAILABLE,
+        f"{db} was written by a newer leaderrun (file format {FORMAT + 1}, this one"
+        f" knows up to {FORMAT}); upgrade leaderrun on this host",
+    )
 
 
 SEED_TABLE = """
@@ -275,21 +284,15 @@ def test_a_foreign_leader_lease_table_is_refused_and_never_altered(tmp_path):
     with sqlite3.connect(db) as conn:
         conn.execute(SEED_TABLE)
         conn.execute("INSERT INTO leader_lease VALUES (1, 'pod-a', 1, 0)")
-    before = fingerprint(db)
-    marker = tmp_path / "ran"
-    results = every_subcommand(db, marker)
-    results["init"] = leaderrun("init", db=db)
-    for name, result in results.items():
-        assert result.returncode == EXIT_USAGE, (name, result.stderr)
-        assert result.stderr == (
-            f"leaderrun: {db} is not leaderrun's: a leader_lease table with columns"
-            " id, leader_id, expires_at, created_at; leaderrun never alters what it"
-            " did not create, so give it a file of its own, e.g. --dsn"
-            " sqlite:///var/lib/leaderrun/leases.db\n"
-        ), name
-    assert not marker.exists()
-    assert fingerprint(db) == before
-    assert before[2][2] == "delete"  # not switched to WAL either
+    assert_refused_untouched(
+        db,
+        tmp_path,
+        EXIT_USAGE,
+        f"{db} is not leaderrun's: a leader_lease table with columns id, leader_id,"
+        " expires_at, created_at; leaderrun never alters what it did not create, so"
+        " give it a file of its own, e.g. --dsn sqlite:///var/lib/leaderrun/leases.db",
+    )
+    assert fingerprint(db)[2][2] == "delete"  # not switched to WAL either
 
 
 def test_a_foreign_leader_run_table_is_refused(tmp_path):
