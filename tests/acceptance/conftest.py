@@ -32,6 +32,7 @@ from psycopg.rows import TupleRow
 
 from leaderrun.clock import boottime
 from leaderrun.stores.host import BOOT_ID
+from tests.helpers.command import run as leaderrun_cli
 from tests.helpers.processes import pid_gone
 
 CHILD = str(Path(__file__).parent.parent / "helpers" / "child.py")
@@ -111,24 +112,6 @@ def wait_gone(pid: int, timeout_s: float) -> float:
             return time.monotonic() - start
         time.sleep(0.005)
     pytest.fail(f"pid {pid} still alive after {timeout_s}s")
-
-
-def leaderrun_cli(
-    *args: str,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    timeout_s: float = 60,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m leaderrun ARGS`` to the end, with the suite's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "leaderrun", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
 
 
 class Leaderrun:

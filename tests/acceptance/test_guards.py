@@ -23,10 +23,10 @@ from tests.acceptance.conftest import (
     FAST,
     Leaderrun,
     child,
-    leaderrun_cli,
     read_rest,
     readline,
 )
+from tests.helpers.command import run as leaderrun_cli
 from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.acceptance.conftest import FAST, child, leaderrun_cli, read_rest, readline
+from tests.acceptance.conftest import FAST, child, read_rest, readline
+from tests.helpers.command import run as leaderrun_cli
 from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.slow]

@@ -17,12 +17,12 @@ import pytest
 from tests.acceptance.conftest import (
     FAST,
     child,
-    leaderrun_cli,
     read_rest,
     readline,
     wait_for_line,
     wait_gone,
 )
+from tests.helpers.command import run as leaderrun_cli
 from tests.helpers.processes import pid_gone
 
 pytestmark = [pytest.mark.slow]

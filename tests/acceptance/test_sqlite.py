@@ -12,11 +12,11 @@ from leaderrun.clock import boottime
 from tests.acceptance.conftest import (
     FAST,
     child,
-    leaderrun_cli,
     read_rest,
     readline,
     wait_gone,
 )
+from tests.helpers.command import run as leaderrun_cli
 
 pytestmark = pytest.mark.slow
 

@@ -174,34 +174,29 @@ def test_exit_status_section_lists_every_code():
     assert ".I the child's" in section
 
 
-def test_man_page_lints_clean():
+def groff_lint(page: Path) -> subprocess.CompletedProcess[str]:
+    """``groff -man -ww -z`` on ``page``: warnings on stderr, nothing else."""
     groff = shutil.which("groff")
     if groff is None:
         if in_ci():
             pytest.fail("groff is missing; .ci/run installs groff-base")
         pytest.skip("groff is not installed (apt-get install groff-base)")
-    result = subprocess.run(
-        [groff, "-man", "-ww", "-z", str(MAN)],
+    return subprocess.run(
+        [groff, "-man", "-ww", "-z", str(page)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_man_page_lints_clean():
+    result = groff_lint(MAN)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_lint_would_catch_a_bad_request(tmp_path):
     """The lint is not a no-op: an unknown request is reported."""
-    groff = shutil.which("groff")
-    if groff is None:
-        pytest.skip("groff is not installed")
     bad = tmp_path / "bad.1"
     bad.write_text(MAN.read_text().replace(".SH NAME", ".SH NAME\n.XYZZY oops", 1))
-    result = subprocess.run(
-        [groff, "-man", "-ww", "-z", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert "XYZZY" in result.stderr
+    assert "XYZZY" in groff_lint(bad).stderr
