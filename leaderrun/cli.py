@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from typer.main import get_command
 
-from leaderrun import __version__, views
+from leaderrun import __version__
 from leaderrun.config import (
     DEFAULT_SCHEMA,
     RawRunOptions,
@@ -44,6 +44,7 @@ from leaderrun.logsink import SinkHandler, stderr_sink
 from leaderrun.redact import MASK, dsn_secrets, redact
 
 if TYPE_CHECKING:
+    from leaderrun import views
     from leaderrun.stores import ManagedStore
 
 SUBCOMMANDS = ("run", "status", "release", "init", "history")
@@ -474,6 +475,8 @@ def status(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Show who holds each lock, its fencing token and when its lease ends."""
+    from leaderrun import views  # the operators' output: not a run's cost
+
     env, dsn_value = _start(dsn, verbose, quiet, log_format)
     lock = None if lock_id is None else parse_lock_id(lock_id)
     store = _operator_store(dsn_value, schema, env)
@@ -499,6 +502,8 @@ def _rich_status(found: Sequence[views.LockStatus]) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from leaderrun import views
 
     console = Console()
     if not found:
@@ -555,6 +560,8 @@ def release(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Free a lock whose lease expired; with --force, revoke a live one."""
+    from leaderrun import views  # the operators' output: not a run's cost
+
     env, dsn_value = _start(dsn, verbose, quiet, log_format)
     lock = lock_from(lock_id, env)
     store = _operator_store(dsn_value, schema, env)
@@ -636,6 +643,8 @@ def history(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Show recent runs, newest first: where, when, how long, and how each ended."""
+    from leaderrun import views  # the operators' output: not a run's cost
+
     env, dsn_value = _start(dsn, verbose, quiet, log_format)
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")

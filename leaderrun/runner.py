@@ -58,7 +58,6 @@ from leaderrun.supervisor import (
     privilege_warning,
     resolve_command,
 )
-from leaderrun.views import iso_utc
 from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
 
 log = logging.getLogger("leaderrun")
@@ -87,9 +86,11 @@ def child_environment(
         LEADERRUN_HOLDER=lease.holder,
         LEADERRUN_LEASE_DURATION=f"{settings.timing.lease_s:g}",
     )
-    window = iso_utc(window_start)
-    if window is not None:
-        child["LEADERRUN_WINDOW"] = window
+    if window_start is not None:
+        # The operators' output module, needed by a run only for its window.
+        from leaderrun.views import iso_utc
+
+        child["LEADERRUN_WINDOW"] = iso_utc(window_start) or ""
     return child
 
 
@@ -619,6 +620,8 @@ class Run:
         return f"{s.lock} is held by {who}{left}; not running the command{waited}"
 
     def _window_message(self, result: AcquireResult) -> str:
+        from leaderrun.views import iso_utc
+
         window = iso_utc(result.window_start) or "the current window"
         where = "" if result.holder_host is None else f" on {result.holder_host}"
         return (
