@@ -8,10 +8,11 @@ leaderrun keeps. A decorator given an explicit ``elector=`` ignores it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from leaderrun.elector import LeaderElector, current_elector
@@ -122,30 +123,35 @@ def _wrap(
             )
         log.debug("not the leader; skipping %s", name)
 
-    # Each call runs inside elector.leading(): release() and stop() wait for it
-    # (up to the kill grace) before they let another replica in.
+    @contextlib.contextmanager
+    def turn() -> Iterator[bool]:
+        """Whether this call may run; if so, it runs inside elector.leading().
+
+        release() and stop() wait for such calls (up to the kill grace) before
+        they let another replica in.
+        """
+        asked = elector if elector is not None else current_elector()
+        if asked is None:
+            refuse(None)
+            yield False
+            return
+        with asked.leading() as token:
+            if token is None:
+                refuse(asked)
+            yield token is not None
+
     if inspect.iscoroutinefunction(func):
 
         @functools.wraps(func)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            asked = elector if elector is not None else current_elector()
-            if asked is None:
-                return refuse(None)
-            with asked.leading() as token:
-                if token is None:
-                    return refuse(asked)
-                return await func(*args, **kwargs)
+            with turn() as leading:
+                return await func(*args, **kwargs) if leading else None
 
         return async_wrapper
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        asked = elector if elector is not None else current_elector()
-        if asked is None:
-            return refuse(None)
-        with asked.leading() as token:
-            if token is None:
-                return refuse(asked)
-            return func(*args, **kwargs)
+        with turn() as leading:
+            return func(*args, **kwargs) if leading else None
 
     return wrapper
