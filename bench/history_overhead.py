@@ -16,7 +16,8 @@ import uuid
 
 from bench.cluster import postgres
 from leaderrun.lease import parse_lock_id
-from leaderrun.runs import OncePer, RunEnd, RunOutcome
+from leaderrun.runs import RunEnd, RunOutcome
+from leaderrun.slots import OncePer, Window
 from leaderrun.stores.base import Claim
 from leaderrun.stores.postgres import PostgresLeaseStore
 
@@ -32,7 +33,7 @@ def measure(dsn: str, rounds: int) -> None:
     variants: dict[str, tuple[int | None, OncePer | None]] = {
         "plain": (None, None),
         "history": (100, None),
-        "history+once-per": (100, OncePer(1e-3, retry_failed=True)),
+        "history+once-per": (100, OncePer(Window(1e-3), retry_failed=True)),
     }
     try:
         for name, (keep, once_per) in variants.items():

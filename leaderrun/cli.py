@@ -359,8 +359,8 @@ def run(
         typer.Option(
             "--once-per",
             envvar="LEADERRUN_ONCE_PER",
-            help="Start at most once per window of database time (1h, 1d), "
-            "windows aligned to the Unix epoch in UTC; later nodes exit 75.",
+            help="Start at most once per window of database time (1h, 1d); windows "
+            "of a day or longer follow --tz's calendar. Later nodes exit 75.",
             show_default=False,
         ),
     ] = None,
@@ -369,8 +369,42 @@ def run(
         typer.Option(
             "--once-per-offset",
             envvar="LEADERRUN_ONCE_PER_OFFSET",
-            help="Shift the --once-per windows (--once-per 1d --once-per-offset 2h: "
-            "from 02:00 UTC). [default: 0]",
+            help="Where --once-per windows start (--once-per 1d --once-per-offset "
+            "2h: at 02:00 in --tz). [default: 0]",
+            show_default=False,
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule",
+            envvar="LEADERRUN_SCHEDULE",
+            metavar="'CRON'",
+            help="Start at most once per slot of this five-field cron schedule "
+            "(the crontab line's own, in --tz); a late, retried or early start "
+            "counts for its slot. Later nodes exit 75.",
+            show_default=False,
+        ),
+    ] = None,
+    tz: Annotated[
+        str | None,
+        typer.Option(
+            "--tz",
+            envvar="LEADERRUN_TZ",
+            metavar="ZONE",
+            help="The IANA time zone of --schedule and of day-sized --once-per "
+            "windows, e.g. Europe/Berlin. [default: UTC]",
+            show_default=False,
+        ),
+    ] = None,
+    early_tolerance: Annotated[
+        str | None,
+        typer.Option(
+            "--early-tolerance",
+            envvar="LEADERRUN_EARLY_TOLERANCE",
+            help="A start this long before a slot (in database time) counts for "
+            "it; capped at a quarter of the time since the slot before. "
+            "[default: 2m]",
             show_default=False,
         ),
     ] = None,
@@ -379,10 +413,20 @@ def run(
         typer.Option(
             "--retry-failed/--no-retry-failed",
             envvar="LEADERRUN_RETRY_FAILED",
-            help="With --once-per, let a window whose run failed, timed out, was "
-            "killed or lost run again.",
+            help="With --once-per or --schedule, let a slot whose run failed, timed "
+            "out, was killed or lost run again.",
         ),
     ] = False,
+    splay: Annotated[
+        str | None,
+        typer.Option(
+            "--splay",
+            envvar="LEADERRUN_SPLAY",
+            help="Sleep a random time below this before trying the lock, so a "
+            "fleet's identical crontabs do not all arrive at once. [default: 0]",
+            show_default=False,
+        ),
+    ] = None,
     max_runtime: Annotated[
         str | None,
         typer.Option(
@@ -434,7 +478,7 @@ def run(
     if no_watchdog:
         given["watchdog"] = "off"
     options = RawRunOptions(**given, labels=_labels(ctx))
-    settings = run_settings(options, tuple(command or ()), env)
+    settings = run_settings(options, tuple(command or ()), env, now_s=time.time())
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
     from leaderrun.runner import run_command
     from leaderrun.stores import open_store

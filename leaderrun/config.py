@@ -14,11 +14,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from leaderrun.dsnfile import DSN_FILE_ENV, read_dsn_file
 from leaderrun.errors import EXIT_BUSY, ConfigError
 from leaderrun.lease import LockId, Timing, make_timing, parse_lock_id
-from leaderrun.runs import DEFAULT_HISTORY_KEEP, OncePer
+from leaderrun.runs import DEFAULT_HISTORY_KEEP
+
+if TYPE_CHECKING:
+    from leaderrun.slots import OncePer
 
 DEFAULT_SCHEMA = "public"
 """The schema of the lease table when ``--schema`` is not given."""
@@ -113,7 +117,11 @@ class RawRunOptions:
     min_hold: str | None = None
     once_per: str | None = None
     once_per_offset: str | None = None
+    schedule: str | None = None
+    tz: str | None = None
+    early_tolerance: str | None = None
     retry_failed: bool = False
+    splay: str | None = None
     max_runtime: str | None = None
     history_keep: int | None = None
     watchdog: str = "on"
@@ -141,7 +149,9 @@ class RunSettings:
     min_hold_s: float = 0.0
     """``--min-hold``: the lease stays taken this long after acquiring it."""
     once_per: OncePer | None = None
-    """``--once-per``: at most one start per window of database time."""
+    """``--once-per``/``--schedule``: at most one start per slot of database time."""
+    splay_s: float = 0.0
+    """``--splay``: sleep a random time below this before the first acquire."""
     max_runtime_s: float | None = None
     """``--max-runtime``: stop the command after this long and exit 124."""
     history_keep: int = DEFAULT_HISTORY_KEEP
@@ -245,9 +255,15 @@ def timing_from(options: RawRunOptions, env: Mapping[str, str]) -> Timing:
 
 
 def run_settings(
-    options: RawRunOptions, command: tuple[str, ...], env: Mapping[str, str]
+    options: RawRunOptions,
+    command: tuple[str, ...],
+    env: Mapping[str, str],
+    *,
+    now_s: float,
 ) -> RunSettings:
     """Validate the run options into :class:`RunSettings`.
+
+    ``now_s`` (the wall clock) places a ``--splay`` against the coming slots.
 
     Raises:
         ConfigError: the first invalid value, named with what to do instead.
@@ -267,7 +283,7 @@ def run_settings(
             options.wait_timeout, option=options.label("wait_timeout", "--wait-timeout")
         )
     dsn, source = resolve_dsn(options.dsn, env, options.label("dsn", "--dsn"))
-    min_hold_s, once_per, max_runtime_s, history_keep = guards_from(options)
+    guards = guards_from(options, now_s=now_s)
     return RunSettings(
         lock=lock_from(options.lock_id, env, options.label("lock_id", "--lock-id")),
         dsn=dsn,
@@ -281,22 +297,30 @@ def run_settings(
         wait_timeout_s=wait_timeout_s,
         busy_exit_code=busy,
         command=command,
-        min_hold_s=min_hold_s,
-        once_per=once_per,
-        max_runtime_s=max_runtime_s,
-        history_keep=history_keep,
+        min_hold_s=guards.min_hold_s,
+        once_per=guards.once_per,
+        splay_s=guards.splay_s,
+        max_runtime_s=guards.max_runtime_s,
+        history_keep=guards.history_keep,
         watchdog=watchdog_mode(
             options.watchdog, option=options.label("watchdog", "--watchdog")
         ),
     )
 
 
-def guards_from(
-    options: RawRunOptions,
-) -> tuple[float, OncePer | None, float | None, int]:
-    """The cron guards: ``--min-hold``, ``--once-per``, ``--max-runtime``, history.
+@dataclass(frozen=True)
+class Guards:
+    """The cron guards, validated (see :class:`RunSettings` for each)."""
 
-    Returns ``(min_hold_s, once_per, max_runtime_s, history_keep)``.
+    min_hold_s: float
+    once_per: OncePer | None
+    splay_s: float
+    max_runtime_s: float | None
+    history_keep: int
+
+
+def guards_from(options: RawRunOptions, *, now_s: float) -> Guards:
+    """The cron guards: ``--min-hold``, ``--once-per``/``--schedule``, ``--splay``...
 
     Raises:
         ConfigError: the first invalid value, named with what to do instead.
@@ -309,32 +333,108 @@ def guards_from(
         return parse_duration(text, option=options.label(name, flag))
 
     min_hold_s = seconds("min_hold", "--min-hold")
-    period_s = seconds("once_per", "--once-per")
-    offset_s = seconds("once_per_offset", "--once-per-offset")
     max_runtime_s = seconds("max_runtime", "--max-runtime")
-    once_per = None
-    if period_s is not None:
-        label = options.label("once_per", "--once-per")
-        if period_s <= 0:
-            raise ConfigError(f"{label} must be longer than zero, e.g. 1h or 1d")
-        offset_s = 0.0 if offset_s is None else offset_s
-        if offset_s >= period_s:
-            offset_label = options.label("once_per_offset", "--once-per-offset")
-            raise ConfigError(
-                f"{offset_label} {options.once_per_offset!r} must be shorter than "
-                f"{label} {options.once_per!r}; e.g. --once-per 1d "
-                "--once-per-offset 2h for windows starting at 02:00 UTC"
-            )
-        once_per = OncePer(period_s, offset_s, options.retry_failed)
-    elif offset_s is not None or options.retry_failed:
-        flag = "--retry-failed" if offset_s is None else "--once-per-offset"
-        raise ConfigError(f"{flag} needs --once-per, e.g. --once-per 1d")
     if max_runtime_s is not None and max_runtime_s <= 0:
         label = options.label("max_runtime", "--max-runtime")
         raise ConfigError(f"{label} must be longer than zero, e.g. 30m")
+    splay_s = seconds("splay", "--splay") or 0.0
+    once_per = once_per_from(options)
+    if once_per is not None and splay_s > 0:
+        limit_s = once_per.late_limit_s(now_s)
+        if splay_s >= limit_s:
+            label = options.label("splay", "--splay")
+            raise ConfigError(
+                f"{label} {options.splay!r} could start a run after its slot ends: "
+                f"with {once_per.flags()} a start may come at most {limit_s:g}s "
+                "late; use a shorter splay"
+            )
     keep = options.history_keep
     keep = DEFAULT_HISTORY_KEEP if keep is None else keep
     if keep < 1:
         label = options.label("history_keep", "--history-keep")
         raise ConfigError(f"{label} {keep} must be at least 1")
-    return (0.0 if min_hold_s is None else min_hold_s), once_per, max_runtime_s, keep
+    return Guards(
+        min_hold_s=0.0 if min_hold_s is None else min_hold_s,
+        once_per=once_per,
+        splay_s=splay_s,
+        max_runtime_s=max_runtime_s,
+        history_keep=keep,
+    )
+
+
+def once_per_from(options: RawRunOptions) -> OncePer | None:
+    """``--once-per`` or ``--schedule``, with ``--tz`` and the early tolerance.
+
+    Raises:
+        ConfigError: both given, a companion flag without either, or a value
+            that is not a window, a schedule or a zone.
+    """
+    # Imported here: a run without a schedule does not pay for it at start-up.
+    from leaderrun.slots import (
+        DEFAULT_EARLY_S,
+        OncePer,
+        Schedule,
+        ScheduleError,
+        Window,
+        cron_expression,
+    )
+
+    def label(name: str) -> str:
+        return options.label(name, "--" + name.replace("_", "-"))
+
+    def seconds(name: str) -> float | None:
+        text: str | None = getattr(options, name)
+        return None if text is None else parse_duration(text, option=label(name))
+
+    if options.once_per is not None and options.schedule is not None:
+        raise ConfigError(
+            f"{label('once_per')} and {label('schedule')} both given; use one: "
+            "--schedule for a crontab's slots, --once-per for fixed windows"
+        )
+    if options.once_per is None and options.schedule is None:
+        for name in ("once_per_offset", "tz", "early_tolerance", "retry_failed"):
+            # A variable may be set for a whole crontab (LEADERRUN_TZ), lines
+            # without a schedule included: only a flag is a mistake.
+            from_environment = name in options.labels
+            if getattr(options, name) not in (None, False) and not from_environment:
+                raise ConfigError(
+                    f"{label(name)} needs --once-per or --schedule, "
+                    "e.g. --schedule '30 2 * * *'"
+                )
+        return None
+    early_s = seconds("early_tolerance")
+    tz = "UTC" if options.tz is None else options.tz.strip()
+    try:
+        if options.schedule is not None:
+            if options.once_per_offset is not None:
+                raise ConfigError(
+                    f"{label('once_per_offset')} is for --once-per; put the time "
+                    "in the schedule, e.g. --schedule '0 2 * * *'"
+                )
+            cadence: Window | Schedule = Schedule(cron_expression(options.schedule))
+        else:
+            period_s = seconds("once_per") or 0.0
+            if period_s <= 0:
+                raise ConfigError(
+                    f"{label('once_per')} must be longer than zero, e.g. 1h or 1d"
+                )
+            offset_s = seconds("once_per_offset") or 0.0
+            if offset_s >= period_s:
+                raise ConfigError(
+                    f"{label('once_per_offset')} {options.once_per_offset!r} must be "
+                    f"shorter than {label('once_per')} {options.once_per!r}; e.g. "
+                    "--once-per 1d --once-per-offset 2h for windows from 02:00"
+                )
+            cadence = Window(period_s, offset_s)
+        return OncePer(
+            cadence,
+            retry_failed=options.retry_failed,
+            tz=tz,
+            early_s=DEFAULT_EARLY_S if early_s is None else early_s,
+        )
+    except ScheduleError as exc:
+        given = options.once_per if exc.option == "once_per" else None
+        text = {"tz": tz, "early_tolerance": options.early_tolerance}.get(
+            exc.option, given or options.schedule
+        )
+        raise ConfigError(f"{label(exc.option)} {text!r}: {exc}") from None

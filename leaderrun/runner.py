@@ -86,10 +86,13 @@ def child_environment(
         LEADERRUN_HOLDER=lease.holder,
         LEADERRUN_LEASE_DURATION=f"{settings.timing.lease_s:g}",
     )
-    if window_start is not None:
-        # The operators' output module, needed by a run only for its window.
+    if window_start is not None and settings.once_per is not None:
+        # The operators' output module, needed by a run only for its slot.
         from leaderrun.views import iso_utc
 
+        start_s = window_start.timestamp()
+        child["LEADERRUN_SLOT"] = settings.once_per.local(start_s).isoformat()
+        # The same instant in UTC, as the first releases named it.
         child["LEADERRUN_WINDOW"] = iso_utc(window_start) or ""
     return child
 
@@ -184,6 +187,7 @@ class Run:
             log.warning("%s", warning)
         pidfds = self._probe_pidfds()
         with SignalInbox() as inbox:
+            self._splay(inbox)
             watchdog = self._start_watchdog()
             try:
                 acquired = self.acquire(inbox)
@@ -191,6 +195,24 @@ class Run:
             finally:
                 if watchdog is not None:
                     watchdog.close()
+
+    def _splay(self, inbox: SignalInbox) -> None:
+        """``--splay``: a random pause before the first acquire; a signal cancels it.
+
+        So that a fleet's identical crontabs neither reach the database in the
+        same millisecond nor always let the node with the fastest clock win.
+        """
+        pause_s = self.settings.splay_s * self.unit_random()
+        if pause_s <= 0:
+            return
+        log.debug("splay: trying %s in %.3gs", self.settings.lock, pause_s)
+        until_s = self.clock() + pause_s
+        while (left_s := until_s - self.clock()) > 0:
+            cancelling = [n for n in inbox.wait(left_s) if n in CANCELLING_SIGNALS]
+            if cancelling:
+                raise CancelledBySignalError(
+                    cancelling[0], "cancelled by a signal during --splay; nothing ran"
+                )
 
     def _probe_pidfds(self) -> bool:
         try:
@@ -620,13 +642,15 @@ class Run:
         return f"{s.lock} is held by {who}{left}; not running the command{waited}"
 
     def _window_message(self, result: AcquireResult) -> str:
-        from leaderrun.views import iso_utc
-
-        window = iso_utc(result.window_start) or "the current window"
+        once_per = self.settings.once_per
+        slot = "the current slot"
+        if once_per is not None and result.window_start is not None:
+            slot = once_per.local(result.window_start.timestamp()).isoformat()
+        what = "" if once_per is None else f" ({once_per.flags()})"
         where = "" if result.holder_host is None else f" on {result.holder_host}"
         return (
-            f"{self.settings.lock} already ran{where} in the --once-per window "
-            f"starting {window}; not running the command"
+            f"{self.settings.lock} already ran{where} in the slot of {slot}{what}; "
+            "not running the command"
         )
 
 

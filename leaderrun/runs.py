@@ -1,18 +1,11 @@
-"""Cron-grade guards and run history, the pure part: windows and outcomes.
+"""Run history, the pure part: how a run ended, and what a record of it holds.
 
-Nothing here reads a clock or does I/O. The database computes the window of a
-``--once-per`` run with its own ``now()`` (``leaderrun.stores.postgres_sql`` mirrors
-:func:`window_start_s` in SQL); this module is the reference the SQL is tested
-against, the arithmetic of the in-memory store, and the classification of how a
-run ended.
-
-Windows are aligned to the Unix epoch in UTC: with ``--once-per 1d
---once-per-offset 2h`` a window runs from 02:00 UTC to 02:00 UTC the next day.
+Nothing here reads a clock or does I/O. Which slot a ``--once-per`` or
+``--schedule`` run belongs to is :mod:`leaderrun.slots`'s.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -41,24 +34,6 @@ RUNNING = "running"
 
 
 @dataclass(frozen=True)
-class OncePer:
-    """``--once-per``: at most one start per window of database time.
-
-    Args:
-        period_s: the window length, in seconds.
-        offset_s: where windows start, after the multiples of ``period_s``
-            since the Unix epoch (``0 <= offset_s < period_s``).
-        retry_failed: whether a window whose run failed, timed out, was killed
-            or was lost may start again (off: at most one start, whatever
-            happened to it).
-    """
-
-    period_s: float
-    offset_s: float = 0.0
-    retry_failed: bool = False
-
-
-@dataclass(frozen=True)
 class RunEnd:
     """How a run ended, given to the release statement that closes it.
 
@@ -68,8 +43,8 @@ class RunEnd:
             128+N for signal N); None when the command never produced one.
         min_hold_s: keep the lease taken until ``acquired_at + min_hold_s`` in
             database time (``--min-hold``); 0 frees it at once.
-        in_window: the run was a ``--once-per`` window's run, so whether it
-            ended well decides ``--retry-failed``.
+        in_window: the run was a ``--once-per``/``--schedule`` slot's run, so
+            whether it ended well decides ``--retry-failed``.
     """
 
     outcome: RunOutcome
@@ -79,7 +54,7 @@ class RunEnd:
 
     @property
     def window_ok(self) -> bool | None:
-        """For ``--retry-failed``: whether the window's run ended ok; None if none."""
+        """For ``--retry-failed``: whether the slot's run ended ok; None if none."""
         return self.outcome is RunOutcome.ok if self.in_window else None
 
 
@@ -112,24 +87,6 @@ class RunRecord:
     def lock(self) -> str:
         """The lock's name, or its key when it has none."""
         return self.lock_name if self.lock_name is not None else str(self.lock_key)
-
-
-def window_start_s(now_s: float, period_s: float, offset_s: float = 0.0) -> float:
-    """The start of the window that contains ``now_s`` (seconds since the epoch).
-
-    Windows are ``[offset + k * period, offset + (k + 1) * period)`` for every
-    integer ``k``, so a window starts exactly at its own start and the previous
-    one ends there.
-
-    Raises:
-        ValueError: ``period_s`` is not positive, or ``offset_s`` is outside
-            ``[0, period_s)``.
-    """
-    if not (math.isfinite(period_s) and period_s > 0):
-        raise ValueError(f"a window must be positive, not {period_s!r}s")
-    if not 0 <= offset_s < period_s:
-        raise ValueError(f"offset {offset_s!r}s must be in [0, {period_s!r}s)")
-    return math.floor((now_s - offset_s) / period_s) * period_s + offset_s
 
 
 def classify(

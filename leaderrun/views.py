@@ -14,6 +14,7 @@ functions return (a rich table on a terminal, plain text when piped, JSON).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -90,6 +91,10 @@ class LockStatus:
     command: str | None
     last_run: RunRecord | None = None
     """The newest run in the history (``leader_run``), if any was recorded."""
+    cadence: dict[str, Any] | None = None
+    """The ``--once-per``/``--schedule`` cadence of the lock's last slotted run:
+    ``schedule`` (five cron fields) or ``once_per_s`` and ``offset_s``, with
+    ``tz``, ``early_s`` and ``retry_failed``; None if it never had one."""
 
     @property
     def taken(self) -> bool:
@@ -123,7 +128,19 @@ def lock_status(record: LeaseRecord, db_now: datetime) -> LockStatus:
         expires_in_s=expires_in_s,
         renewed_ago_s=(db_now - record.renewed_at).total_seconds(),
         command=record.command,
+        cadence=_cadence(record.cadence),
     )
+
+
+def _cadence(text: str | None) -> dict[str, Any] | None:
+    """The recorded cadence (JSON that leaderrun wrote); None if none or unreadable."""
+    if text is None:
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None  # edited by hand: status still shows the rest
+    return document if isinstance(document, dict) else None
 
 
 def never_taken(lock: LockId) -> LockStatus:
@@ -190,8 +207,8 @@ def status_document(found: Sequence[LockStatus], db_now: datetime) -> dict[str, 
     ``{"version": 1, "database_time": ISO, "locks": [{...}]}``, each lock with
     ``lock``, ``name``, ``key``, ``state``, ``holder``, ``host``, ``pid``,
     ``token``, ``acquired_at``, ``renewed_at``, ``expires_at`` (ISO 8601 UTC or
-    null), ``expires_in_s``, ``renewed_ago_s`` (seconds, database time) and
-    ``command``.
+    null), ``expires_in_s``, ``renewed_ago_s`` (seconds, database time),
+    ``command``, ``last_run`` and ``cadence`` (see :attr:`LockStatus.cadence`).
     """
     return {
         "version": STATUS_JSON_VERSION,
@@ -214,6 +231,7 @@ def status_document(found: Sequence[LockStatus], db_now: datetime) -> dict[str, 
                 "renewed_ago_s": _seconds(s.renewed_ago_s),
                 "command": s.command,
                 "last_run": _last_run_document(s.last_run),
+                "cadence": s.cadence,
             }
             for s in found
         ],

@@ -22,11 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from leaderrun.errors import ConfigError, DatabaseUnavailableError
 from leaderrun.lease import Lease, LockId
-from leaderrun.runs import OncePer, RunEnd, RunRecord
+from leaderrun.runs import RunEnd, RunRecord
+
+if TYPE_CHECKING:
+    from leaderrun.slots import OncePer
 
 TABLE = "leader_lease"
 """The lease table's name (the seed's), in every store."""
@@ -80,9 +83,9 @@ class AcquireResult:
     expires_in_s: float | None = None
     """Seconds until the current holder's lease ends, in database time."""
     window_start: datetime | None = None
-    """With ``once_per``: the current window's start, in database time."""
+    """With ``once_per``: the current slot's start, in database time."""
     window_done: bool = False
-    """With ``once_per``: refused because the current window already ran."""
+    """With ``once_per``: refused because the current slot already ran."""
 
 
 def acquire_result(
@@ -138,10 +141,11 @@ class LeaseSession(Protocol):
     ) -> AcquireResult:
         """Take the lock if it is free or expired, bumping the fencing token.
 
-        With ``once_per``, also refuse when the current window (of database
-        time) already had a start. With ``history_keep``, record the run in the
-        history, close the runs of holders that died as ``lost``, and keep at
-        most that many runs of the lock; all in the same statement.
+        With ``once_per``, also refuse when the current slot (of database
+        time) already had a start, and record the cadence in the row. With
+        ``history_keep``, record the run in the history, close the runs of
+        holders that died as ``lost``, and keep at most that many runs of the
+        lock; all in the same statement.
         """
         ...
 
@@ -215,6 +219,9 @@ class LeaseRecord:
     host: str | None
     pid: int | None
     command: str | None
+    cadence: str | None = None
+    """The cadence of the lock's last ``--once-per``/``--schedule`` run, as JSON
+    (:meth:`leaderrun.slots.OncePer.describe`); None if it never had one."""
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
 from leaderrun.lease import Lease, LockId
-from leaderrun.runs import (
-    RUNNING,
-    OncePer,
-    RunEnd,
-    RunOutcome,
-    RunRecord,
-    window_start_s,
-)
+from leaderrun.runs import RUNNING, RunEnd, RunOutcome, RunRecord
 from leaderrun.stores.base import (
     MAX_COMMAND_CHARS,
     REVOKED_HOLDER,
@@ -42,6 +36,9 @@ from leaderrun.stores.base import (
     from_row,
     release_outcome,
 )
+
+if TYPE_CHECKING:
+    from leaderrun.slots import OncePer
 
 
 @dataclass(frozen=True)
@@ -60,6 +57,7 @@ class LeaseRow:
     command: str | None
     window_start_s: float | None = None
     window_ok: bool | None = None
+    cadence: str | None = None
 
     def live(self, now_s: float) -> bool:
         """Whether the lease is held at ``now_s`` (by a holder, or revoked)."""
@@ -181,18 +179,14 @@ class InMemorySession:
     ) -> AcquireResult:
         """Take the lock if it is free or expired in the store's time.
 
-        With ``once_per``, refuse when the store clock's window already ran;
+        With ``once_per``, refuse when the store clock's slot already ran;
         with ``history_keep``, record the run and prune, as the SQL does.
         """
         store = self.store
         with store.statement("acquire") as now_s:
             store.initialized = True
             row = store.rows.get(lock.key)
-            window_s = (
-                None
-                if once_per is None
-                else window_start_s(now_s, once_per.period_s, once_per.offset_s)
-            )
+            window_s = None if once_per is None else once_per.slot_at(now_s).start_s
             done = (
                 once_per is not None
                 and row is not None
@@ -213,8 +207,8 @@ class InMemorySession:
                 }
                 return acquire_result(lock, claim, refused, _at)
             token = 1 if row is None else row.token + 1
-            # Without --once-per, the row keeps the window of the last run that
-            # had one, as the SQL's coalesce does.
+            # Without --once-per, the row keeps the slot (and cadence) of the
+            # last run that had one, as the SQL's coalesce does.
             keep_window = row is not None and window_s is None
             store.rows[lock.key] = LeaseRow(
                 key=lock.key,
@@ -229,6 +223,11 @@ class InMemorySession:
                 command=claim.command[:MAX_COMMAND_CHARS],
                 window_start_s=row.window_start_s if keep_window and row else window_s,
                 window_ok=row.window_ok if keep_window and row else None,
+                cadence=(
+                    once_per.describe()
+                    if once_per is not None
+                    else (row.cadence if row is not None else None)
+                ),
             )
             if history_keep is not None:
                 self._record_start(row, lock, claim, token, window_s, history_keep)

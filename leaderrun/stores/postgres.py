@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 from psycopg import errors as e
@@ -72,6 +72,9 @@ from leaderrun.stores.postgres_sql import (
     statement,
 )
 from leaderrun.stores.sql import SqlSession, SqlStore
+
+if TYPE_CHECKING:
+    from leaderrun.slots import OncePer
 
 log = logging.getLogger("leaderrun")
 
@@ -278,6 +281,8 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
         connection_factory: opens each connection instead of ``dsn`` (which then
             only names the server in messages). Every connection it returns is
             switched to autocommit without prepared statements (``no-session-state``).
+        wall_clock: our guess of the server's now (Unix seconds), around which
+            the slot tables of ``--once-per``/``--schedule`` are built.
     """
 
     def __init__(
@@ -288,10 +293,13 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
         attempt_budget_s: float = 5.0,
         create: bool = True,
         connection_factory: ConnectionFactory | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(create=create, bound_s=attempt_budget_s)
         self.schema = schema
         self._factory = connection_factory
+        # Only a guess: the server's own now() chooses the slot.
+        self.wall_clock = wall_clock
         self._secrets = dsn_secrets(dsn)
         try:
             params = conninfo_to_dict(dsn)
@@ -658,6 +666,22 @@ class PostgresSession(SqlSession):
         what = _WHAT[name].format(lock=_which(lock))
         query = self._store.statements[name]
         return self._run(what, lambda: _rows(self._conn.execute(query, params)))
+
+    def _slot_params(
+        self, once_per: OncePer | None, db_now_s: float | None
+    ) -> dict[str, Any]:
+        # The server picks its now's slot from a table built here (the SQL has
+        # no cron and no time zone rules): around our clock, which is usually
+        # within milliseconds of the server's, else around the server's now.
+        if once_per is None:
+            return {"slot_opens": None, "slot_starts": None, "slots_until": None}
+        guess_s = self._store.wall_clock() if db_now_s is None else db_now_s
+        table = once_per.table(guess_s)
+        return {
+            "slot_opens": [slot.opens_s for slot in table.slots],
+            "slot_starts": [slot.start_s for slot in table.slots],
+            "slots_until": table.until_s,
+        }
 
     def _release_params(self, lease: Lease, end: RunEnd | None) -> dict[str, Any]:
         # The release wakes the lock's waiters (leaderrun.handoff) on this channel.

@@ -41,19 +41,13 @@ DDL: LiteralString = """
     pid          integer,
     command      text,
     window_start timestamptz,
-    window_ok    boolean
+    window_ok    boolean,
+    cadence      text
 )"""
 
 COMMENT: LiteralString = """
 COMMENT ON TABLE {table} IS
 'leaderrun leases. Never delete rows: the fencing token must keep increasing.'"""
-
-# The start of the --once-per window containing {at}: the SQL twin of
-# leaderrun.runs.window_start_s, NULL without --once-per (period_s NULL).
-_WINDOW: LiteralString = """to_timestamp(
-    floor((extract(epoch FROM {at})::float8 - %(offset_s)s::float8)
-          / %(period_s)s::float8)
-    * %(period_s)s::float8 + %(offset_s)s::float8)"""
 
 # One statement: take the lock when it is free (holder NULL) or expired in the
 # server's time, bumping the token in the same row; otherwise report the holder.
@@ -61,32 +55,49 @@ _WINDOW: LiteralString = """to_timestamp(
 # its latest version, so of N racing contenders exactly one wins. The second
 # branch reads the pre-statement snapshot: good enough to know how long to sleep.
 #
-# With --once-per (period_s not NULL), the window of the server's now() is
-# computed here too, and a row whose window_start is that window refuses in the
-# same WHERE (unless retry_failed and the window's run did not end ok), so no
-# client clock decides whether a window ran. With history (keep not NULL), the
-# same statement records the run, closes runs whose holder died as 'lost' (their
-# last renewal is the last sign of life, read from the pre-statement snapshot),
-# and prunes the lock's history to the newest `keep` tokens.
+# With --once-per or --schedule, the slot of the server's now() is chosen here
+# too, from the table of slots the client built around its guess of that now
+# (leaderrun.slots.SlotTable: opens/starts as epoch seconds, valid below
+# slots_until); a row whose window_start is that slot refuses in the same WHERE
+# (unless retry_failed and the slot's run did not end ok), so no client clock
+# decides whether a slot ran. If the server's now is outside the table (a client
+# clock far off), nothing is taken and slot_known is false: the client builds a
+# table around db_now_s and asks again. The row records the cadence (JSON) of
+# its last slotted run. With history (keep not NULL), the same statement
+# records the run, closes runs whose holder died as 'lost' (their last renewal
+# is the last sign of life, read from the pre-statement snapshot), and prunes
+# the lock's history to the newest `keep` tokens.
 ACQUIRE: LiteralString = """
-WITH w AS (
-    SELECT {window} AS window_start
+WITH e AS (
+    SELECT extract(epoch FROM now())::float8 AS now_s
+), w AS (
+    SELECT to_timestamp(s.start_s) AS window_start, e.now_s,
+           %(slots_until)s::float8 IS NULL
+           OR (s.start_s IS NOT NULL AND e.now_s < %(slots_until)s::float8) AS known
+      FROM e LEFT JOIN LATERAL (
+          SELECT t.start_s
+            FROM unnest(%(slot_opens)s::float8[], %(slot_starts)s::float8[])
+                 AS t(opens_s, start_s)
+           WHERE t.opens_s <= e.now_s
+           ORDER BY t.opens_s DESC LIMIT 1) AS s ON true
 ), prev AS (
     SELECT token, renewed_at FROM {table} WHERE lock_key = %(key)s
 ), attempt AS (
     INSERT INTO {table} AS l
         (lock_key, lock_name, holder, token, acquired_at, renewed_at, expires_at,
-         host, pid, command, window_start, window_ok)
-    VALUES (%(key)s, %(name)s, %(holder)s, 1, now(), now(),
-            now() + make_interval(secs => %(lease_s)s), %(host)s, %(pid)s, %(command)s,
-            (SELECT window_start FROM w), NULL)
+         host, pid, command, window_start, window_ok, cadence)
+    SELECT %(key)s, %(name)s, %(holder)s, 1, now(), now(),
+           now() + make_interval(secs => %(lease_s)s), %(host)s, %(pid)s,
+           %(command)s, w.window_start, NULL, %(cadence)s
+      FROM w WHERE w.known
     ON CONFLICT (lock_key) DO UPDATE
         SET lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder,
             token = l.token + 1, acquired_at = now(), renewed_at = now(),
             expires_at = EXCLUDED.expires_at, host = EXCLUDED.host,
             pid = EXCLUDED.pid, command = EXCLUDED.command,
             window_start = coalesce(EXCLUDED.window_start, l.window_start),
-            window_ok = CASE WHEN EXCLUDED.window_start IS NULL THEN l.window_ok END
+            window_ok = CASE WHEN EXCLUDED.window_start IS NULL THEN l.window_ok END,
+            cadence = coalesce(EXCLUDED.cadence, l.cadence)
         WHERE (l.holder IS NULL OR l.expires_at <= now())
           AND l.lock_name IS NOT DISTINCT FROM EXCLUDED.lock_name
           AND NOT coalesce(
@@ -123,15 +134,19 @@ WITH w AS (
 )
 SELECT true AS acquired, a.token, NULL::text AS holder, NULL::text AS host,
        NULL::integer AS pid, NULL::float8 AS expires_in_s, %(name)s AS lock_name,
-       w.window_start, false AS window_done
+       w.window_start, false AS window_done, true AS slot_known, w.now_s AS db_now_s
   FROM attempt a, w
 UNION ALL
 SELECT false, l.token, l.holder, l.host, l.pid,
        extract(epoch FROM l.expires_at - now())::float8, l.lock_name, w.window_start,
        coalesce(l.window_start = w.window_start
-                AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false)
+                AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false),
+       true, w.now_s
   FROM {table} l, w
- WHERE l.lock_key = %(key)s AND NOT EXISTS (SELECT FROM attempt)"""
+ WHERE l.lock_key = %(key)s AND w.known AND NOT EXISTS (SELECT FROM attempt)
+UNION ALL
+SELECT false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false, false, w.now_s
+  FROM w WHERE NOT w.known"""
 
 # A compare-and-swap on (holder, token): every takeover bumps the token, so a
 # match proves nobody acquired in between, and a stale renewal matches nothing.
@@ -200,7 +215,8 @@ def release_channel(schema: str, key: int) -> str:
 LEASE_UPGRADE: LiteralString = """
 ALTER TABLE {table}
     ADD COLUMN IF NOT EXISTS window_start timestamptz,
-    ADD COLUMN IF NOT EXISTS window_ok    boolean"""
+    ADD COLUMN IF NOT EXISTS window_ok    boolean,
+    ADD COLUMN IF NOT EXISTS cadence      text"""
 
 RUN_DDL: LiteralString = """
 {create} {runs} (
@@ -459,18 +475,8 @@ def statement(template: LiteralString, schema: str) -> sql.Composed:
     return sql.SQL(template).format(
         table=sql.Identifier(schema, TABLE),
         runs=sql.Identifier(schema, RUN_TABLE),
-        window=window_sql(sql.SQL("now()")),
         create=sql.SQL("CREATE TABLE"),
     )
-
-
-def window_sql(at: sql.Composable) -> sql.Composed:
-    """The SQL expression of the ``--once-per`` window containing ``at``.
-
-    Takes the parameters ``period_s`` and ``offset_s``; the acquire statement
-    uses it with ``now()``, and tests with other instants.
-    """
-    return sql.SQL(_WINDOW).format(at=at)
 
 
 QUERIES: Mapping[str, LiteralString] = {

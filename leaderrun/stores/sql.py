@@ -17,7 +17,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from leaderrun.bounded import CallTimedOut, call_bounded
 from leaderrun.errors import (
@@ -28,7 +28,7 @@ from leaderrun.errors import (
     StatementTimeoutError,
 )
 from leaderrun.lease import Lease, LockId
-from leaderrun.runs import OncePer, RunEnd, RunOutcome, RunRecord
+from leaderrun.runs import RunEnd, RunOutcome, RunRecord
 from leaderrun.stores.base import (
     MAX_COMMAND_CHARS,
     REVOKED_HOLDER,
@@ -59,14 +59,19 @@ QUERIES = (
     "history",
     "last_runs",
 )
+
+if TYPE_CHECKING:
+    from leaderrun.slots import OncePer
 """The queries each SQL dialect names and runs (:meth:`SqlSession._query`).
 
 What each returns, by column name:
 
 - ``acquire``: no row (someone took the lock in between), or one row with
-  ``acquired`` and ``token``; a refused one also has ``holder``, ``host``,
-  ``pid``, ``expires_in_s``, ``lock_name``, ``window_start`` (the current
-  window, with ``period_s``) and ``window_done``.
+  ``acquired``, ``token`` and ``slot_known``; a refused one also has
+  ``holder``, ``host``, ``pid``, ``expires_in_s``, ``lock_name``,
+  ``window_start`` (the current slot, with ``once_per``) and ``window_done``.
+  ``slot_known`` false (nothing taken) asks for a slot table built around
+  ``db_now_s``, the store's now in epoch seconds.
 - ``renew``, ``release``: one row if the lease was ours, else none.
 - ``snapshot``: at least one row, each with ``db_now``; a row of the lease
   table has its columns and ``acquired_at``, ``renewed_at``, ``expires_at``;
@@ -212,6 +217,15 @@ class SqlSession(ABC):
         """
         params = self._acquire_params(lock, claim, lease_s, once_per, history_keep)
         row = self._acquire_row(lock, params)
+        if row is not None and not row["slot_known"] and once_per is not None:
+            # Our clock is far from the store's: place the slot by its now.
+            slots = self._slot_params(once_per, float(row["db_now_s"]))
+            row = self._acquire_row(lock, {**params, **slots})
+            if row is not None and not row["slot_known"]:
+                raise DatabaseUnavailableError(
+                    f"could not tell which slot of {once_per.flags()} the "
+                    f"database's now falls in, while acquiring {lock}; try again"
+                )
         if row is not None and self._store.unanswered(lock, claim.holder, row):
             # Ours, yet never answered: an earlier acquire of this claim was
             # given up (a frozen server, a partition; its cancel never arrived)
@@ -371,11 +385,23 @@ class SqlSession(ABC):
             "host": claim.host,
             "pid": claim.pid,
             "command": claim.command[:MAX_COMMAND_CHARS],
-            "period_s": None if once_per is None else once_per.period_s,
-            "offset_s": 0.0 if once_per is None else once_per.offset_s,
+            "once_per": once_per,
+            "cadence": None if once_per is None else once_per.describe(),
             "retry_failed": once_per is not None and once_per.retry_failed,
             "keep": history_keep,
+            **self._slot_params(once_per, None),
         }
+
+    def _slot_params(
+        self, once_per: OncePer | None, db_now_s: float | None
+    ) -> dict[str, Any]:
+        """The acquire's parameters that place its slot, if the dialect needs them.
+
+        ``db_now_s`` is the store's now when known (after an acquire said its
+        table missed it); None means the store is guessed to be near our clock.
+        SQLite reads the cadence itself (``once_per``) by its own clock.
+        """
+        return {}
 
     def _release_params(self, lease: Lease, end: RunEnd | None) -> dict[str, Any]:
         """The release query's parameters."""

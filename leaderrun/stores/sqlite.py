@@ -65,7 +65,6 @@ from leaderrun.errors import (
     StatementTimeoutError,
 )
 from leaderrun.lease import LockId
-from leaderrun.runs import window_start_s
 from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome, Row
 from leaderrun.stores.host import (
     VOLATILE_FS_TYPES,
@@ -105,6 +104,7 @@ DEFAULT_PATH_HINT = "--dsn sqlite:///var/lib/leaderrun/leases.db"
 #
 # Format 1: the lease's timing is in boot seconds of the boot named by boot_id;
 # the wall clock (Unix seconds) is kept for display only, in *_unix_s columns.
+# Format 2: the lease row records the cadence (JSON) of its last slotted run.
 
 _LEASE_DDL = """
 CREATE TABLE leader_lease (
@@ -121,7 +121,8 @@ CREATE TABLE leader_lease (
     pid             INTEGER,
     command         TEXT,
     window_start    REAL,
-    window_ok       INTEGER
+    window_ok       INTEGER,
+    cadence         TEXT
 )"""
 
 _RUN_DDL = """
@@ -153,6 +154,10 @@ _LEASE_COLUMNS_0 = _names(
     "lock_key lock_name holder token acquired_at renewed_at expires_at host pid command"
 )
 _WINDOW_COLUMNS = _names("window_start window_ok")
+_LEASE_COLUMNS_1 = _names(
+    "lock_key lock_name holder token boot_id acquired_boot_s expires_boot_s "
+    "acquired_unix_s renewed_unix_s host pid command window_start window_ok"
+)
 _RUN_COLUMNS_0 = _names(
     "lock_key lock_name token holder host pid command window_start started_at "
     "finished_at exit_status outcome"
@@ -218,6 +223,15 @@ def _to_boot_clock(conn: sqlite3.Connection, now: Instant) -> str:
     return f"{live} live lease(s) converted to the boot clock"
 
 
+def _add_cadence(conn: sqlite3.Connection, now: Instant) -> str:
+    """Format 1 to 2: a column for the cadence of the lock's last slotted run."""
+    del now  # nothing converts: the column starts empty
+    # Step 1 rebuilds the table from today's DDL, which has the column already.
+    if "cadence" not in _columns(conn)[TABLE]:
+        conn.execute("ALTER TABLE leader_lease ADD COLUMN cadence TEXT")
+    return "the lease table records each lock's cadence"
+
+
 STEPS: tuple[Step, ...] = (
     Step(
         1,
@@ -229,6 +243,12 @@ STEPS: tuple[Step, ...] = (
             TABLE: (_LEASE_COLUMNS_0, _LEASE_COLUMNS_0 | _WINDOW_COLUMNS),
             RUN_TABLE: (_RUN_COLUMNS_0,),
         },
+    ),
+    Step(
+        2,
+        "the lease row records the cadence of its last slotted run",
+        _add_cadence,
+        {TABLE: (_LEASE_COLUMNS_1,), RUN_TABLE: (frozenset(columns_of(_RUN_DDL)),)},
     ),
 )
 """Every upgrade, in order; ``STEPS[n]`` upgrades format ``n`` to ``n + 1``.
@@ -348,9 +368,10 @@ def _fits(version: int, tables: Mapping[str, Sequence[str]]) -> bool:
 _ACQUIRE = """
 INSERT INTO leader_lease AS l
     (lock_key, lock_name, holder, token, boot_id, acquired_boot_s, expires_boot_s,
-     acquired_unix_s, renewed_unix_s, host, pid, command, window_start, window_ok)
+     acquired_unix_s, renewed_unix_s, host, pid, command, window_start, window_ok,
+     cadence)
 VALUES (:key, :name, :holder, 1, :boot_id, :boot_s, :boot_s + :lease_s,
-        :unix_s, :unix_s, :host, :pid, :command, :window_start, NULL)
+        :unix_s, :unix_s, :host, :pid, :command, :window_start, NULL, :cadence)
 ON CONFLICT (lock_key) DO UPDATE
     SET lock_name = excluded.lock_name, holder = excluded.holder,
         token = l.token + 1, boot_id = excluded.boot_id,
@@ -360,7 +381,8 @@ ON CONFLICT (lock_key) DO UPDATE
         renewed_unix_s = excluded.renewed_unix_s,
         host = excluded.host, pid = excluded.pid, command = excluded.command,
         window_start = coalesce(excluded.window_start, l.window_start),
-        window_ok = CASE WHEN excluded.window_start IS NULL THEN l.window_ok END
+        window_ok = CASE WHEN excluded.window_start IS NULL THEN l.window_ok END,
+        cadence = coalesce(excluded.cadence, l.cadence)
     WHERE (l.holder IS NULL OR l.boot_id IS NOT :boot_id
            OR l.expires_boot_s <= :boot_s)
       AND l.lock_name IS excluded.lock_name
@@ -989,20 +1011,17 @@ Unit = Callable[[sqlite3.Connection, Mapping[str, Any]], list[Row]]
 def _acquire(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
     """Take the lock if free or expired; record the run; else describe the holder.
 
-    The ``--once-per`` window is of the wall clock: windows are calendar time.
+    The slot of a ``--once-per``/``--schedule`` run is of the wall clock:
+    slots are calendar time, and this store's clock is the host's.
     """
-    period_s = params["period_s"]
-    window = (
-        None
-        if period_s is None
-        else window_start_s(params["unix_s"], period_s, params["offset_s"])
-    )
+    once_per = params["once_per"]
+    window = None if once_per is None else once_per.slot_at(params["unix_s"]).start_s
     at = {**params, "window_start": window}
     keep = at["keep"]
     previous = _fetch(conn, _PREVIOUS, at) if keep is not None else []
     taken = _fetch(conn, _ACQUIRE, at)
     if not taken:
-        return _fetch(conn, _HOLDER, at)
+        return [{**row, "slot_known": True} for row in _fetch(conn, _HOLDER, at)]
     token = taken[0]["token"]
     if keep is not None:
         last = previous[0] if previous else {}
@@ -1014,7 +1033,9 @@ def _acquire(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
         }
         for statement in (_CLOSE_LOST, _START_RUN, _PRUNE):
             conn.execute(statement, run)
-    return [{"acquired": True, "token": token, "window_start": window}]
+    return [
+        {"acquired": True, "token": token, "window_start": window, "slot_known": True}
+    ]
 
 
 def _release(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:

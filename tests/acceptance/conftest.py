@@ -260,19 +260,21 @@ class LeaseAdmin:
         path = self.store_dsn.removeprefix("sqlite://")
         return sqlite3.connect(path, isolation_level=None, timeout=READ_TIMEOUT_S)
 
-    def _one(self, postgres: str, sqlite: str, lock: str) -> tuple[Any, ...]:
+    def _one(
+        self, postgres: str, sqlite: str, lock: str, *before: Any
+    ) -> tuple[Any, ...]:
         """The one row a statement returns, on the store under test.
 
         ``postgres`` and ``sqlite`` are the same statement in each dialect, with
-        the lock's name as their one parameter; the row must exist.
+        ``before`` then the lock's name as their parameters; the row must exist.
         """
         if self.pg_admin is not None:
             with self.pg_admin() as conn:
-                found = conn.execute(postgres, (lock,)).fetchone()
+                found = conn.execute(postgres, (*before, lock)).fetchone()
         else:
             with contextlib.closing(self.sqlite()) as conn:
                 # fetchall: an UPDATE commits only once RETURNING is read to the end.
-                rows = conn.execute(sqlite, (lock,)).fetchall()
+                rows = conn.execute(sqlite, (*before, lock)).fetchall()
             found = rows[0] if len(rows) == 1 else None
         assert found is not None, f"no row for {lock}"
         return tuple(found)
@@ -312,6 +314,17 @@ class LeaseAdmin:
             lock,
         )
         return int(count)
+
+    def set_slot(self, lock: str, start_s: float) -> None:
+        """Record ``start_s`` as the slot of the lock's last run, as if it ran then."""
+        self._one(
+            "UPDATE leader_lease SET window_start = to_timestamp(%s)"
+            " WHERE lock_name = %s RETURNING token",
+            "UPDATE leader_lease SET window_start = ? WHERE lock_name = ?"
+            " RETURNING token",
+            lock,
+            start_s,
+        )
 
     def take_over(self, lock: str) -> datetime:
         """Give the lock to 'thief' with a new token; the expiry it had, in UTC."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from leaderrun.runs import window_start_s
+from leaderrun.slots import OncePer, Window
 from leaderrun.views import iso_utc
 from tests.acceptance.conftest import (
     FAST,
@@ -58,9 +58,8 @@ def test_once_per_runs_the_job_once_across_skewed_starts(leaderrun, tmp_path):
     """Six nodes whose cron fires over several seconds: one run, five skips (75)."""
     ran = tmp_path / "ran"
     offset_s = mid_window_offset_s(HOUR_S)
-    window = iso_utc(
-        datetime.fromtimestamp(window_start_s(time.time(), HOUR_S, offset_s), UTC)
-    )
+    hourly = OncePer(Window(HOUR_S, offset_s))
+    window = iso_utc(datetime.fromtimestamp(hourly.slot_at(time.time()).start_s, UTC))
     args = ("--once-per", "1h", "--once-per-offset", f"{offset_s}s", "--")
     job = ("sh", "-c", f'echo "$LEADERRUN_WINDOW" >> {ran}')
     procs = []
@@ -122,7 +121,8 @@ def test_once_per_skip_says_why_with_v(leaderrun):
     result = leaderrun.run(*args, "-v", "--", "true")
     assert result.returncode == 75
     assert "already ran on " in result.stderr
-    assert "--once-per window starting" in result.stderr
+    assert "in the slot of " in result.stderr
+    assert "(--once-per 1h --once-per-offset " in result.stderr
 
 
 def test_once_per_retry_failed_reruns_a_failed_window(leaderrun):

@@ -14,11 +14,12 @@ import time
 import pytest
 
 from leaderrun.lease import parse_lock_id
-from leaderrun.runs import OncePer, RunEnd, RunOutcome
+from leaderrun.runs import RunEnd, RunOutcome
+from leaderrun.slots import OncePer, Window
 from tests.stores import LEASE_S, WAIT_S, acquired, claim, race
 
-HOUR = OncePer(3600.0)
-HOUR_RETRY = OncePer(3600.0, retry_failed=True)
+HOUR = OncePer(Window(3600.0))
+HOUR_RETRY = OncePer(Window(3600.0), retry_failed=True)
 OK_IN_WINDOW = RunEnd(RunOutcome.ok, 0, in_window=True)
 FAILED_IN_WINDOW = RunEnd(RunOutcome.failed, 2, in_window=True)
 
@@ -49,7 +50,7 @@ def test_the_next_window_runs_again(backend, lock):
     session = backend.session()
     first = session.acquire(lock, claim(1), LEASE_S, once_per=HOUR)
     session.release(acquired(first), OK_IN_WINDOW)
-    backend.advance(lock, HOUR.period_s)
+    backend.advance(lock, 3600.0)
     again = acquired(session.acquire(lock, claim(2), LEASE_S, once_per=HOUR))
     assert again.token == 2
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from leaderrun.errors import DatabaseUnavailableError, SchemaMissingError
-from leaderrun.runs import OncePer
+from leaderrun.slots import OncePer, Window
 from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome
 from leaderrun.stores.postgres import PostgresLeaseStore
 from leaderrun.stores.postgres_sql import TABLE_COLUMNS, foreign_table
@@ -206,11 +206,15 @@ def test_an_older_lease_table_is_refused_on_the_hot_path_until_init_upgrades_it(
     assert relations(pg_admin, older_schema) == before
 
     assert store.init() is InitOutcome.upgraded  # the lease table was there already
-    assert columns(pg_admin, older_schema)[-2:] == ["window_start", "window_ok"]
+    assert columns(pg_admin, older_schema)[-3:] == [
+        "window_start",
+        "window_ok",
+        "cadence",
+    ]
     session = store.connect()
     try:
         result = session.acquire(
-            lock, HOLDER, LEASE_S, once_per=OncePer(3600.0), history_keep=5
+            lock, HOLDER, LEASE_S, once_per=OncePer(Window(3600.0)), history_keep=5
         )
     finally:
         session.close()

@@ -1,23 +1,21 @@
 """What only the PostgreSQL store has: its tables made on first use, row locks,
-idle connections, schemas and roles, the window in SQL, and secrets.
+idle connections, schemas and roles, the slot chosen by the server, and secrets.
 
 What every store decides alike is in ``tests/contract``.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
@@ -29,10 +27,9 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import LockId, parse_lock_id
 from leaderrun.redact import MASK, dsn_secrets
-from leaderrun.runs import window_start_s
+from leaderrun.slots import OncePer, Schedule
 from leaderrun.stores.base import TABLE, AcquireResult
 from leaderrun.stores.postgres import PostgresLeaseStore, PostgresSession
-from leaderrun.stores.postgres_sql import window_sql
 from tests.stores import LEASE_S, WAIT_S, acquired, claim, new_name, race
 
 pytestmark = pytest.mark.pg
@@ -385,44 +382,55 @@ def test_no_password_when_a_statement_fails(pg_dsn, pg_admin, store_schema, lock
     assert secret not in raised.value.message
 
 
-# --- the --once-per window, in SQL ---------------------------------------------------
+# --- the slot, chosen by the server's now() ------------------------------------------
 
-EPOCH_2000_S = 946684800.0
-EPOCH_2100_S = 4102444800.0
+HOURLY = OncePer(Schedule("0 * * * *"), tz="Europe/Berlin")
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
+@pytest.mark.parametrize(
+    "client_ahead_s",
+    [0.0, 3 * 3600.0, -86400.0, 1e-3],
+    ids=["same-clock", "3h-ahead", "a-day-behind", "1ms-ahead"],
 )
-@given(
-    at_us=st.integers(int(EPOCH_2000_S * 1e6), int(EPOCH_2100_S * 1e6)),
-    period_s=st.sampled_from([1.0, 60.0, 300.0, 3600.0, 86400.0, 7 * 86400.0, 0.25]),
-    offset_fraction=st.floats(0, 0.999),
-)
-def test_the_sql_window_is_the_python_window(
-    pg_admin, at_us, period_s, offset_fraction
+def test_the_server_picks_the_slot_of_its_own_now(
+    pg_dsn, pg_admin, store_schema, open_session, lock, client_ahead_s
 ):
-    """The server's window arithmetic agrees with runs.window_start_s exactly."""
-    at = datetime.fromtimestamp(at_us / 1e6, UTC)
-    offset_s = round(period_s * offset_fraction)  # whole seconds, as flags give
-    if offset_s >= period_s:
-        offset_s = 0
-    query = sql.SQL("SELECT {}").format(window_sql(sql.Placeholder("at")))
-    with pg_admin() as conn:
-        row = conn.execute(
-            query, {"at": at, "period_s": period_s, "offset_s": float(offset_s)}
-        ).fetchone()
+    """The table is built around the client's clock; a client far off is
+    answered with the server's now and asks again around it, so the slot is
+    the server's either way, and the row records the cadence."""
+    store = PostgresLeaseStore(
+        pg_dsn, store_schema, wall_clock=lambda: time.time() + client_ahead_s
+    )
+    session = open_session(store)
+    before_s = time.time()
+    result = session.acquire(lock, claim(1), LEASE_S, once_per=HOURLY)
+    after_s = time.time()
+    assert result.lease is not None
+    assert result.window_start is not None
+    # The server's clock is this host's: its now was between before and after.
+    expected = {HOURLY.slot_at(before_s).start_s, HOURLY.slot_at(after_s).start_s}
+    assert result.window_start.timestamp() in expected
+    cadence = cadence_of(pg_admin, store_schema, lock)
+    assert cadence is not None
+    assert json.loads(cadence) == json.loads(HOURLY.describe())
+
+
+def test_a_run_without_a_cadence_keeps_the_last_one(
+    session, pg_admin, store_schema, lock
+):
+    first = session.acquire(lock, claim(1), LEASE_S, once_per=HOURLY)
+    assert session.release(acquired(first))
+    plain = session.acquire(lock, claim(2), LEASE_S)
+    assert plain.lease is not None
+    assert plain.window_start is None
+    assert cadence_of(pg_admin, store_schema, lock) == HOURLY.describe()
+
+
+def cadence_of(admin: Admin, schema: str, lock: LockId) -> str | None:
+    query = sql.SQL("SELECT cadence FROM {} WHERE lock_key = %s").format(
+        table_of(schema)
+    )
+    with admin() as conn:
+        row = conn.execute(query, (lock.key,)).fetchone()
     assert row is not None
-    expected = window_start_s(at.timestamp(), period_s, offset_s)
-    assert row[0].timestamp() == pytest.approx(expected, abs=1e-6)
-    assert row[0] <= at
-
-
-def test_the_window_is_null_without_once_per(pg_admin):
-    """Without --once-per (no period), the acquire's window is NULL."""
-    query = sql.SQL("SELECT {}").format(window_sql(sql.SQL("now()")))
-    with pg_admin() as conn:
-        row = conn.execute(query, {"period_s": None, "offset_s": 0.0}).fetchone()
-    assert row == (None,)
+    return cast(str | None, row[0])

@@ -18,7 +18,7 @@ import pytest
 
 from leaderrun.clock import boottime
 from leaderrun.lease import Lease, LockId
-from leaderrun.runs import OncePer
+from leaderrun.slots import OncePer, Window
 from leaderrun.stores.base import ReleaseAction
 from leaderrun.stores.host import HostClock
 from leaderrun.stores.sqlite import SqliteLeaseStore, SqliteSession
@@ -201,5 +201,5 @@ def test_the_once_per_window_is_calendar_time(session_on, lock, boot_id):
     """--once-per windows follow the wall clock (they are dates), not boot time."""
     unix_s = 1_800_000_123.0
     session = session_on(SetClock(boot_id, 1000.0, unix_s))
-    result = session.acquire(lock, claim(1), LEASE_S, once_per=OncePer(86400.0))
+    result = session.acquire(lock, claim(1), LEASE_S, once_per=OncePer(Window(86400.0)))
     assert iso_utc(result.window_start) == "2027-01-15T00:00:00.000Z"

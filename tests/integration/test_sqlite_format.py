@@ -144,6 +144,9 @@ def test_init_upgrades_an_older_file_and_its_live_lease_stays_live(tmp_path):
     assert upgraded.stderr == (
         f"leaderrun: upgraded {db} to file format 1 (lease times on CLOCK_BOOTTIME,"
         " not the wall clock): 1 live lease(s) converted to the boot clock\n"
+        f"leaderrun: upgraded {db} to file format 2 (the lease row records the"
+        " cadence of its last slotted run): the lease table records each lock's"
+        " cadence\n"
     )
 
     store = SqliteLeaseStore(db)

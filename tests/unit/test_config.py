@@ -23,7 +23,7 @@ LIBPQ_SOURCE = "the libpq environment (PGHOST, PGSERVICE, ...)"
 
 def settings(env: Mapping[str, str] | None = None, **options: Any) -> RunSettings:
     """run_settings for COMMAND with the given raw options and environment."""
-    return run_settings(RawRunOptions(**options), COMMAND, env or {})
+    return run_settings(RawRunOptions(**options), COMMAND, env or {}, now_s=0.0)
 
 
 def config_error(call: Callable[..., object], *args: Any, **kwargs: Any) -> str:
@@ -116,7 +116,9 @@ def test_a_bad_watchdog_mode_is_named_with_the_accepted_words():
 
 def test_run_settings_without_command_is_an_error():
     """An empty command is refused with an example of where it goes."""
-    assert config_error(run_settings, RawRunOptions(lock_id="7"), (), {}) == (
+    assert config_error(
+        run_settings, RawRunOptions(lock_id="7"), (), {}, now_s=0.0
+    ) == (
         "no command given; put it after --, e.g. "
         "leaderrun --lock-id nightly-backup -- ./backup.sh"
     )
@@ -312,8 +314,11 @@ def test_env_sourced_duration_is_named_by_its_variable(name, flag, env_var):
     from_env = RawRunOptions(lock_id="7", labels={name: env_var}, **value)
     from_flag = RawRunOptions(lock_id="7", **value)
     suffix = " 'soon' is not a duration; use e.g. 250ms, 1.5s, 10s, 2m or 1h"
-    assert config_error(run_settings, from_env, COMMAND, {}) == env_var + suffix
-    assert config_error(run_settings, from_flag, COMMAND, {}) == flag + suffix
+    errors = [
+        config_error(run_settings, options, COMMAND, {}, now_s=0.0)
+        for options in (from_env, from_flag)
+    ]
+    assert errors == [env_var + suffix, flag + suffix]
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,7 @@ def run_for(
         ),
         ("true",),
         {},
+        now_s=0.0,
     )
     return Run(settings, store, {}, host="host", clock=clock, unit_random=lambda: 0.0)
 

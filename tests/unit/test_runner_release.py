@@ -43,6 +43,7 @@ def test_a_cancel_does_not_wait_for_a_hanging_release(caplog):
         RawRunOptions(lock_id="cancel", dsn="sqlite:///unused", lease_duration=LEASE),
         ("true",),
         {},
+        now_s=0.0,
     )
     budget_s = settings.timing.attempt_budget_s
     store = InMemoryLeaseStore(FakeClock())

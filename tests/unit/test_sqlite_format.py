@@ -19,7 +19,8 @@ from leaderrun.stores.sqlite import (
 LEASE_0 = sorted(SHAPES[0][TABLE][1])
 FIRST_LEASE_0 = sorted(SHAPES[0][TABLE][0])
 LEASE_1 = sorted(SHAPES[1][TABLE][0])
-RUN = sorted(SHAPES[1][RUN_TABLE][0])
+LEASE_NOW = sorted(SHAPES[FORMAT][TABLE][0])
+RUN = sorted(SHAPES[FORMAT][RUN_TABLE][0])
 SEED = ["id", "leader_id", "expires_at", "created_at"]
 
 
@@ -32,14 +33,21 @@ SEED = ["id", "leader_id", "expires_at", "created_at"]
         (
             APPLICATION_ID,
             FORMAT,
-            {TABLE: LEASE_1, RUN_TABLE: RUN},
+            {TABLE: LEASE_NOW, RUN_TABLE: RUN},
             FileFormat(Shape.current, FORMAT),
         ),
         (
             APPLICATION_ID,
             FORMAT,
-            {TABLE: LEASE_1},
+            {TABLE: LEASE_NOW},
             FileFormat(Shape.current, FORMAT, missing=(RUN_TABLE,)),
+        ),
+        # Format 1, stamped: before the lease row recorded its cadence.
+        (
+            APPLICATION_ID,
+            1,
+            {TABLE: LEASE_1, RUN_TABLE: RUN},
+            FileFormat(Shape.older, 1),
         ),
         # Format 0 predates stamps: known by its columns, both releases of it.
         (0, 0, {TABLE: LEASE_0, RUN_TABLE: RUN}, FileFormat(Shape.older, 0)),
@@ -50,7 +58,7 @@ SEED = ["id", "leader_id", "expires_at", "created_at"]
             FileFormat(Shape.older, 0, missing=(RUN_TABLE,)),
         ),
         # This format's tables created by hand without the PRAGMAs.
-        (0, 0, {TABLE: LEASE_1, RUN_TABLE: RUN}, FileFormat(Shape.current, FORMAT)),
+        (0, 0, {TABLE: LEASE_NOW, RUN_TABLE: RUN}, FileFormat(Shape.current, FORMAT)),
         # A newer leaderrun's.
         (
             APPLICATION_ID,

@@ -117,6 +117,7 @@ def test_json_document_shape_is_stable():
                 "renewed_ago_s": 2.5,
                 "command": "./backup.sh --full",
                 "last_run": None,
+                "cadence": None,
             }
         ],
     }
