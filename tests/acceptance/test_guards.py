@@ -165,14 +165,17 @@ def test_min_hold_keeps_a_late_node_from_rerunning_a_short_job(leaderrun, tmp_pa
 def test_max_runtime_stops_the_group_and_exits_124(leaderrun, ignore_term):
     """After --max-runtime the whole group is stopped (SIGKILL if need be): 124."""
     flags = ["--grandchild", *(["--ignore-term"] if ignore_term else [])]
+    # From before leaderrun starts, so that a slow read of the child's first
+    # lines cannot make the stop look early.
+    started = time.monotonic()
     proc = leaderrun.start(*FAST, "--max-runtime", "1s", "--", *child(*flags))
     pids = [int(readline(proc.stdout).split()[1]) for _ in range(2)]
-    started = time.monotonic()
     assert proc.wait(timeout=30) == 124
     took_s = time.monotonic() - started
     assert all(pid_gone(pid) for pid in pids)
-    # 1 s, plus the kill grace (lease/6 = 0.67 s) when SIGTERM is ignored.
-    assert 0.9 < took_s < 1 + 0.67 + 3
+    # 1 s, plus the kill grace (lease/6 = 0.67 s) when SIGTERM is ignored, plus
+    # leaderrun's start.
+    assert 1.0 <= took_s < 1 + 0.67 + 4
     err = read_rest(proc.stderr)
     assert "--max-runtime" in err
     # Once the stop began, renewing ended: no renewal was sent (and refused) in a
