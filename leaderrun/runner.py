@@ -17,6 +17,7 @@ import math
 import random
 import shlex
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 
 from leaderrun.clock import boottime
@@ -390,7 +391,7 @@ class Run:
             )
             contender.hand_over()
             return grant
-        release(grant.session, lease, self._end(RunOutcome.lost, None, started=False))
+        release(grant.session, lease, self._unstarted)
         if not s.wait:
             raise DatabaseUnavailableError(
                 f"the database took {now_s - grant.t_sent_s:.3g}s to grant the lease, "
@@ -474,7 +475,8 @@ class Run:
         try:
             return Child(s.command, env, helpers)
         except LeaderrunError as exc:
-            end = self._end(RunOutcome.failed, exc.exit_code, started=False)
+            # A run that failed to start, recorded as failed; nothing to hold.
+            end = self._end(RunOutcome.failed, exc.exit_code, hold=False)
             session = held.renewer.stop(0.0)  # never started: it hands it back
             release_or_expire(self.store, session, grant.lease, s.timing, end)
             held.close()
@@ -589,25 +591,28 @@ class Run:
             watchdog.close()
 
     def _end(
-        self, outcome: RunOutcome, status: int | None, *, started: bool = True
+        self, outcome: RunOutcome, status: int | None, *, hold: bool = True
     ) -> RunEnd:
         """How this run ended, for the release that closes it.
 
-        ``--min-hold`` applies only to a command that started: a lease taken
-        but never used is freed at once.
+        ``--min-hold`` applies only to a command that started (``hold``): a
+        lease taken but never used is freed at once.
         """
         s = self.settings
         return RunEnd(
             outcome,
             status,
-            min_hold_s=s.min_hold_s if started else 0.0,
+            min_hold_s=s.min_hold_s if hold else 0.0,
             in_window=s.once_per is not None,
         )
 
     @property
     def _unstarted(self) -> RunEnd:
-        """The end of a run cancelled by a signal before its command started."""
-        return self._end(RunOutcome.killed, None, started=False)
+        """The end of a grant whose command never started; no run is recorded.
+
+        A signal came first, or the grant came too late to use.
+        """
+        return replace(self._end(RunOutcome.killed, None, hold=False), started=False)
 
     def _cancel_on(
         self, signals: list[int], contender: _Contender, lease: Lease | None = None

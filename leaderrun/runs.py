@@ -51,6 +51,12 @@ class RunEnd:
     exit_status: int | None
     min_hold_s: float = 0.0
     in_window: bool = False
+    started: bool = True
+    """False: the command never started (a grant too late to use, a cancel), so
+    the run leaves no history, counts in no counter and spends no slot."""
+    output: str | None = None
+    """The last ``--capture-output`` bytes of the child's stdout and stderr,
+    decoded with errors='replace'; None when not captured."""
 
     @property
     def window_ok(self) -> bool | None:

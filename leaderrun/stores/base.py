@@ -222,6 +222,18 @@ class LeaseRecord:
     cadence: str | None = None
     """The cadence of the lock's last ``--once-per``/``--schedule`` run, as JSON
     (:meth:`leaderrun.slots.OncePer.describe`); None if it never had one."""
+    runs_ok: int = 0
+    """Runs of the lock that ended with status 0, ever (kept through pruning)."""
+    runs_failed: int = 0
+    """Runs that ended with a non-zero status (or could not start), ever."""
+    runs_killed: int = 0
+    """Runs that died of a signal leaderrun did not send for a deadline, ever."""
+    runs_timeout: int = 0
+    """Runs stopped at ``--max-runtime``, ever."""
+    runs_lost: int = 0
+    """Runs whose lease was lost or whose holder died, ever."""
+    last_ok_at: datetime | None = None
+    """When the lock's last run that ended with status 0 ended."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +272,15 @@ class ReleaseResult:
     db_now: datetime
 
 
+@dataclass(frozen=True)
+class RunOutput:
+    """What ``--capture-output`` kept of one run: its token and the output tail."""
+
+    token: int
+    output: str | None
+    """None when the run captured nothing (no ``--capture-output``)."""
+
+
 class OperatorSession(LeaseSession, Protocol):
     """A session that also runs the operators' queries: status, release, history."""
 
@@ -279,6 +300,10 @@ class OperatorSession(LeaseSession, Protocol):
 
     def last_runs(self) -> list[RunRecord]:
         """The newest run of every lock that has one, by lock key."""
+        ...
+
+    def run_output(self, lock: LockId, token: int | None) -> RunOutput | None:
+        """The captured output of ``lock``'s newest run, or of run ``token``."""
         ...
 
 
@@ -336,6 +361,14 @@ class ManagedStore(ABC):
         """The newest run of every lock, for ``status``."""
         with contextlib.closing(self.connect()) as session:
             return session.last_runs()
+
+    def run_output(self, lock: LockId, token: int | None = None) -> RunOutput | None:
+        """The captured output of ``lock``'s newest run, or of run ``token``.
+
+        None when there is no such run in the history.
+        """
+        with contextlib.closing(self.connect()) as session:
+            return session.run_output(lock, token)
 
 
 def release_outcome(

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from leaderrun.errors import DatabaseUnavailableError, StatementTimeoutError
 from leaderrun.lease import Lease, LockId
@@ -32,6 +32,7 @@ from leaderrun.stores.base import (
     LeaseSnapshot,
     ManagedStore,
     ReleaseResult,
+    RunOutput,
     acquire_result,
     from_row,
     release_outcome,
@@ -58,6 +59,19 @@ class LeaseRow:
     window_start_s: float | None = None
     window_ok: bool | None = None
     cadence: str | None = None
+    runs_ok: int = 0
+    runs_failed: int = 0
+    runs_killed: int = 0
+    runs_timeout: int = 0
+    runs_lost: int = 0
+    last_ok_at_s: float | None = None
+
+    def counted(self, outcome: RunOutcome, now_s: float) -> LeaseRow:
+        """This row with one more run of ``outcome`` counted."""
+        field = f"runs_{outcome.value}"
+        counts = {field: getattr(self, field) + 1}
+        last_ok_s = now_s if outcome is RunOutcome.ok else self.last_ok_at_s
+        return replace(self, **counts, last_ok_at_s=last_ok_s)
 
     def live(self, now_s: float) -> bool:
         """Whether the lease is held at ``now_s`` (by a holder, or revoked)."""
@@ -80,6 +94,7 @@ class RunRow:
     outcome: str | None = None
     pid: int | None = None
     command: str | None = None
+    output: str | None = None
 
 
 class InMemoryLeaseStore(ManagedStore):
@@ -228,6 +243,7 @@ class InMemorySession:
                     if once_per is not None
                     else (row.cadence if row is not None else None)
                 ),
+                **({} if row is None else _counters(row)),
             )
             if history_keep is not None:
                 self._record_start(row, lock, claim, token, window_s, history_keep)
@@ -255,27 +271,43 @@ class InMemorySession:
         """
         store = self.store
         with store.statement("release") as now_s:
-            run = store.runs.get((lease.lock.key, lease.token))
-            if (
+            started = end is None or end.started
+            key = (lease.lock.key, lease.token)
+            found = store.runs.get(key)
+            run = found if found is not None and found.holder == lease.holder else None
+            # Counted once: unless another node closed it as lost (and counted).
+            once = (
+                end is not None
+                and started
+                and (run is None or run.finished_at_s is None)
+            )
+            if run is not None and not started:
+                del store.runs[key]
+            elif (
                 end is not None
                 and run is not None
-                and run.holder == lease.holder
                 and (run.finished_at_s is None or run.outcome == RunOutcome.lost)
             ):
                 if run.finished_at_s is None:
                     run.finished_at_s = now_s
                 run.exit_status = end.exit_status
                 run.outcome = end.outcome.value
+                run.output = end.output
             row = store.rows.get(lease.lock.key)
             if row is None or (row.holder, row.token) != (lease.holder, lease.token):
                 return False
             hold_until_s = row.acquired_at_s + (0.0 if end is None else end.min_hold_s)
             window_ok = None if end is None else end.window_ok
+            if end is not None and once:
+                row = row.counted(end.outcome, now_s)
             store.rows[lease.lock.key] = replace(
                 row,
                 holder=row.holder if hold_until_s > now_s else None,
                 expires_at_s=max(now_s, hold_until_s),
-                window_ok=row.window_ok if window_ok is None else window_ok,
+                window_ok=(row.window_ok if window_ok is None else window_ok)
+                if started
+                else None,
+                window_start_s=row.window_start_s if started else None,
             )
             return True
 
@@ -329,6 +361,17 @@ class InMemorySession:
                 newest[run.lock_key] = run
         return [newest[key] for key in sorted(newest)]
 
+    def run_output(self, lock: LockId, token: int | None) -> RunOutput | None:
+        """The captured output of ``lock``'s newest run, or of run ``token``."""
+        with self.store.statement("history"):
+            runs = [
+                run
+                for (key, run_token), run in self.store.runs.items()
+                if key == lock.key and token in (None, run_token)
+            ]
+        newest = max(runs, key=lambda run: run.token, default=None)
+        return None if newest is None else RunOutput(newest.token, newest.output)
+
     def close(self) -> None:
         """Mark the session closed."""
         self.closed = True
@@ -367,6 +410,8 @@ class InMemorySession:
                     else now_s
                 )
                 run.finished_at_s, run.outcome = last_seen_s, RunOutcome.lost.value
+                row = store.rows[lock.key]
+                store.rows[lock.key] = row.counted(RunOutcome.lost, now_s)
         store.runs[(lock.key, token)] = RunRow(
             key=lock.key,
             name=lock.name,
@@ -378,6 +423,12 @@ class InMemorySession:
             pid=claim.pid,
             command=claim.command[:MAX_COMMAND_CHARS],
         )
+
+
+def _counters(row: LeaseRow) -> dict[str, Any]:
+    """The counters a row carries from one holder to the next."""
+    names = [f"runs_{o.value}" for o in RunOutcome] + ["last_ok_at_s"]
+    return {name: getattr(row, name) for name in names}
 
 
 def _at(epoch_s: float) -> datetime:
@@ -393,7 +444,8 @@ def _record(row: LeaseRow) -> LeaseRecord:
 
 
 _LEASE_FIELDS = {
-    f"{name}_at": f"{name}_at_s" for name in ("acquired", "renewed", "expires")
+    f"{name}_at": f"{name}_at_s"
+    for name in ("acquired", "renewed", "expires", "last_ok")
 }
 """The row's field behind each :class:`LeaseRecord` time."""
 

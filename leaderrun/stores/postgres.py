@@ -125,6 +125,7 @@ _WHAT: Mapping[str, str] = {
     "operator_release": "operator release of {lock}",
     "history": "history of {lock}",
     "last_runs": "history of {lock}",
+    "run_output": "output of {lock}'s run",
 }
 """How messages name each query; ``{lock}`` is the lock, or every lock."""
 

@@ -42,7 +42,13 @@ DDL: LiteralString = """
     command      text,
     window_start timestamptz,
     window_ok    boolean,
-    cadence      text
+    cadence      text,
+    runs_ok      bigint      NOT NULL DEFAULT 0,
+    runs_failed  bigint      NOT NULL DEFAULT 0,
+    runs_killed  bigint      NOT NULL DEFAULT 0,
+    runs_timeout bigint      NOT NULL DEFAULT 0,
+    runs_lost    bigint      NOT NULL DEFAULT 0,
+    last_ok_at   timestamptz
 )"""
 
 COMMENT: LiteralString = """
@@ -97,7 +103,13 @@ WITH e AS (
             pid = EXCLUDED.pid, command = EXCLUDED.command,
             window_start = coalesce(EXCLUDED.window_start, l.window_start),
             window_ok = CASE WHEN EXCLUDED.window_start IS NULL THEN l.window_ok END,
-            cadence = coalesce(EXCLUDED.cadence, l.cadence)
+            cadence = coalesce(EXCLUDED.cadence, l.cadence),
+            -- The runs the `lost` CTE closes, read from the same snapshot.
+            runs_lost = l.runs_lost + (
+                SELECT count(*) FROM {runs} r
+                 WHERE %(keep)s::integer IS NOT NULL
+                   AND r.lock_key = %(key)s AND r.finished_at IS NULL
+                   AND r.token <= l.token AND r.token > l.token + 1 - %(keep)s::integer)
         WHERE (l.holder IS NULL OR l.expires_at <= now())
           AND l.lock_name IS NOT DISTINCT FROM EXCLUDED.lock_name
           AND NOT coalesce(
@@ -164,21 +176,37 @@ UPDATE {table}
 # run's end it also closes the run (overriding a 'lost' that another node guessed:
 # the holder knows better how it ended, though a release that comes late, after a
 # partition, keeps the guessed finish, the last renewal, rather than its own
-# now()) and, for --min-hold, keeps the lease taken by the same
-# holder until acquired_at + min_hold in the server's time, so a late node finds
-# it held without the holder staying alive. window_ok records, for
-# --retry-failed, whether the window's run ended well. Still one statement, it
-# also wakes the lock's waiters (leaderrun.handoff) when the lock is really free
-# now: the notification goes out at commit, and only if the lease was ours.
+# now()), stores its captured output and, for --min-hold, keeps the lease taken
+# by the same holder until acquired_at + min_hold in the server's time, so a
+# late node finds it held without the holder staying alive. window_ok records,
+# for --retry-failed, whether the slot's run ended well. A run that never
+# started (a grant too late to use, a cancel) leaves no trace: its history row
+# goes and its slot is not spent. The lease row counts each run once, by
+# outcome (monotonic counters for metrics, kept when history is pruned): here,
+# unless another node already closed it as lost (and counted it so).
+# Still one statement, it also wakes the lock's waiters (leaderrun.handoff) when
+# the lock is really free now: the notification goes out at commit, and only if
+# the lease was ours.
 RELEASE: LiteralString = """
-WITH finished AS (
+WITH run AS (
+    SELECT finished_at IS NULL AS open FROM {runs}
+     WHERE lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
+), counted AS (
+    SELECT %(started)s AND %(outcome)s::text IS NOT NULL
+           AND coalesce((SELECT open FROM run), true) AS once
+), finished AS (
     UPDATE {runs}
        SET finished_at = coalesce(finished_at, now()),
            exit_status = %(exit_status)s::integer,
-           outcome = %(outcome)s::text
-     WHERE %(outcome)s::text IS NOT NULL
+           outcome = %(outcome)s::text,
+           output = %(output)s::text
+     WHERE %(outcome)s::text IS NOT NULL AND %(started)s
        AND lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
        AND (finished_at IS NULL OR outcome = 'lost')
+), unstarted AS (
+    DELETE FROM {runs}
+     WHERE NOT %(started)s
+       AND lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
 ), released AS (
     UPDATE {table}
        SET holder = CASE
@@ -186,7 +214,17 @@ WITH finished AS (
                THEN holder END,
            expires_at = greatest(now(),
                                  acquired_at + make_interval(secs => %(min_hold_s)s)),
-           window_ok = coalesce(%(window_ok)s::boolean, window_ok)
+           window_ok = CASE WHEN %(started)s
+                            THEN coalesce(%(window_ok)s::boolean, window_ok) END,
+           window_start = CASE WHEN %(started)s THEN window_start END,
+           runs_ok = runs_ok + (c.once AND %(outcome)s = 'ok')::int,
+           runs_failed = runs_failed + (c.once AND %(outcome)s = 'failed')::int,
+           runs_killed = runs_killed + (c.once AND %(outcome)s = 'killed')::int,
+           runs_timeout = runs_timeout + (c.once AND %(outcome)s = 'timeout')::int,
+           runs_lost = runs_lost + (c.once AND %(outcome)s = 'lost')::int,
+           last_ok_at = CASE WHEN c.once AND %(outcome)s = 'ok' THEN now()
+                             ELSE last_ok_at END
+      FROM counted c
      WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
     RETURNING holder
 )
@@ -216,7 +254,18 @@ LEASE_UPGRADE: LiteralString = """
 ALTER TABLE {table}
     ADD COLUMN IF NOT EXISTS window_start timestamptz,
     ADD COLUMN IF NOT EXISTS window_ok    boolean,
-    ADD COLUMN IF NOT EXISTS cadence      text"""
+    ADD COLUMN IF NOT EXISTS cadence      text,
+    ADD COLUMN IF NOT EXISTS runs_ok      bigint      NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS runs_failed  bigint      NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS runs_killed  bigint      NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS runs_timeout bigint      NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS runs_lost    bigint      NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS last_ok_at   timestamptz"""
+
+# The same for the run table: every column added since its first version.
+RUN_UPGRADE: LiteralString = """
+ALTER TABLE {runs}
+    ADD COLUMN IF NOT EXISTS output text"""
 
 RUN_DDL: LiteralString = """
 {create} {runs} (
@@ -232,6 +281,7 @@ RUN_DDL: LiteralString = """
     finished_at  timestamptz,
     exit_status  integer,
     outcome      text CHECK (outcome IN ('ok', 'failed', 'killed', 'timeout', 'lost')),
+    output       text,
     PRIMARY KEY (lock_key, token)
 )"""
 
@@ -272,12 +322,19 @@ SELECT DISTINCT ON (lock_key) * FROM ("""
 )
 
 
+RUN_OUTPUT: LiteralString = """
+SELECT token, output FROM {runs}
+ WHERE lock_key = %(key)s AND (%(token)s::bigint IS NULL OR token = %(token)s)
+ ORDER BY token DESC LIMIT 1"""
+
+
 SCHEMA: tuple[LiteralString, ...] = (
     DDL,
     COMMENT,
     LEASE_UPGRADE,
     RUN_DDL,
     RUN_COMMENT,
+    RUN_UPGRADE,
 )
 """Every DDL statement a DBA runs, in order; each is idempotent."""
 
@@ -287,7 +344,7 @@ CREATE: Mapping[str, tuple[LiteralString, LiteralString]] = {
 }
 """How leaderrun creates each of its tables: the table, then its comment."""
 
-UPGRADE: Mapping[str, LiteralString] = {TABLE: LEASE_UPGRADE}
+UPGRADE: Mapping[str, LiteralString] = {TABLE: LEASE_UPGRADE, RUN_TABLE: RUN_UPGRADE}
 """What ``init`` runs on a table of an older version (and only ``init``)."""
 
 TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
@@ -487,6 +544,7 @@ QUERIES: Mapping[str, LiteralString] = {
     "operator_release": OPERATOR_RELEASE,
     "history": HISTORY,
     "last_runs": LAST_RUNS,
+    "run_output": RUN_OUTPUT,
 }
 """The statement of each query the shared SQL session names (``sql.QUERIES``)."""
 

@@ -40,6 +40,7 @@ from leaderrun.stores.base import (
     ManagedStore,
     ReleaseResult,
     Row,
+    RunOutput,
     acquire_result,
     from_row,
     release_outcome,
@@ -58,6 +59,7 @@ QUERIES = (
     "operator_release",
     "history",
     "last_runs",
+    "run_output",
 )
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ What each returns, by column name:
 - ``operator_release``: the row it changed, as ``snapshot`` has it, or none.
 - ``history``, ``last_runs``: rows with :class:`~leaderrun.runs.RunRecord`'s
   fields.
+- ``run_output``: the newest run of the lock (or the one with ``token``), as
+  ``token`` and ``output``; none if there is no such run.
 """
 
 _LEASE_RECORD_COLUMNS = {"key": "lock_key", "name": "lock_name"}
@@ -232,9 +236,8 @@ class SqlSession(ABC):
             # and committed after all. Nobody runs under that token: give it
             # back rather than keep everyone out, us too, until it expires.
             unused = Lease(lock, claim.holder, int(row["token"]))
-            self.release(
-                unused, RunEnd(RunOutcome.lost, None, in_window=once_per is not None)
-            )
+            never_ran = RunEnd(RunOutcome.lost, None, started=False)
+            self.release(unused, never_ran)
             log.warning(
                 "gave back %s's fencing token %d: an acquire of ours was granted "
                 "it, but its answer never came",
@@ -301,6 +304,12 @@ class SqlSession(ABC):
     def last_runs(self) -> list[RunRecord]:
         """The newest run of every lock that has one, by lock key."""
         return self._runs("last_runs", {}, None)
+
+    def run_output(self, lock: LockId, token: int | None) -> RunOutput | None:
+        """The captured output of the lock's newest run, or of run ``token``."""
+        params = {"key": lock.key, "token": token}
+        rows = self._query("run_output", params, lock)
+        return RunOutput(int(rows[0]["token"]), rows[0]["output"]) if rows else None
 
     def close(self) -> None:
         """Close the connection; never raises.
@@ -411,6 +420,8 @@ class SqlSession(ABC):
             "exit_status": None if end is None else end.exit_status,
             "min_hold_s": 0.0 if end is None else end.min_hold_s,
             "window_ok": None if end is None else end.window_ok,
+            "started": end is None or end.started,
+            "output": None if end is None else end.output,
         }
 
     def _acquire_row(self, lock: LockId, params: Mapping[str, Any]) -> Row | None:

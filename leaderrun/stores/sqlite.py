@@ -105,6 +105,8 @@ DEFAULT_PATH_HINT = "--dsn sqlite:///var/lib/leaderrun/leases.db"
 # Format 1: the lease's timing is in boot seconds of the boot named by boot_id;
 # the wall clock (Unix seconds) is kept for display only, in *_unix_s columns.
 # Format 2: the lease row records the cadence (JSON) of its last slotted run.
+# Format 3: the lease row counts runs by outcome and keeps the last success;
+# a run keeps its captured output.
 
 _LEASE_DDL = """
 CREATE TABLE leader_lease (
@@ -122,7 +124,13 @@ CREATE TABLE leader_lease (
     command         TEXT,
     window_start    REAL,
     window_ok       INTEGER,
-    cadence         TEXT
+    cadence         TEXT,
+    runs_ok         INTEGER NOT NULL DEFAULT 0,
+    runs_failed     INTEGER NOT NULL DEFAULT 0,
+    runs_killed     INTEGER NOT NULL DEFAULT 0,
+    runs_timeout    INTEGER NOT NULL DEFAULT 0,
+    runs_lost       INTEGER NOT NULL DEFAULT 0,
+    last_ok_unix_s  REAL
 )"""
 
 _RUN_DDL = """
@@ -139,6 +147,7 @@ CREATE TABLE leader_run (
     finished_at  REAL,
     exit_status  INTEGER,
     outcome      TEXT CHECK (outcome IN ('ok', 'failed', 'killed', 'timeout', 'lost')),
+    output       TEXT,
     PRIMARY KEY (lock_key, token)
 )"""
 
@@ -158,6 +167,7 @@ _LEASE_COLUMNS_1 = _names(
     "lock_key lock_name holder token boot_id acquired_boot_s expires_boot_s "
     "acquired_unix_s renewed_unix_s host pid command window_start window_ok"
 )
+_LEASE_COLUMNS_2 = _LEASE_COLUMNS_1 | _names("cadence")
 _RUN_COLUMNS_0 = _names(
     "lock_key lock_name token holder host pid command window_start started_at "
     "finished_at exit_status outcome"
@@ -223,13 +233,39 @@ def _to_boot_clock(conn: sqlite3.Connection, now: Instant) -> str:
     return f"{live} live lease(s) converted to the boot clock"
 
 
+def _rebuild(conn: sqlite3.Connection, table: str, ddl: str) -> bool:
+    """Rebuild ``table`` from today's ``ddl``, keeping every row and column it had.
+
+    Rebuilt rather than altered column by column, so that an upgraded file has
+    the same schema as a new one (SQLite's ALTER leaves its mark in the DDL).
+    False when the table already has today's columns.
+    """
+    had = _columns(conn)[table]
+    if set(had) == set(columns_of(ddl)):
+        return False
+    kept = ", ".join(c for c in had if c in columns_of(ddl))
+    conn.execute(f"ALTER TABLE {table} RENAME TO {table}_before")
+    conn.execute(ddl)
+    # Our own table and column names, read from our DDL and the catalog.
+    copy = f"INSERT INTO {table} ({kept}) SELECT {kept} FROM {table}_before"  # noqa: S608
+    conn.execute(copy)
+    conn.execute(f"DROP TABLE {table}_before")
+    return True
+
+
 def _add_cadence(conn: sqlite3.Connection, now: Instant) -> str:
     """Format 1 to 2: a column for the cadence of the lock's last slotted run."""
     del now  # nothing converts: the column starts empty
-    # Step 1 rebuilds the table from today's DDL, which has the column already.
-    if "cadence" not in _columns(conn)[TABLE]:
-        conn.execute("ALTER TABLE leader_lease ADD COLUMN cadence TEXT")
+    _rebuild(conn, TABLE, _LEASE_DDL)
     return "the lease table records each lock's cadence"
+
+
+def _add_counters(conn: sqlite3.Connection, now: Instant) -> str:
+    """Format 2 to 3: run counters and the last success; a run's captured output."""
+    del now  # the counters start at zero: nothing was counted before
+    _rebuild(conn, TABLE, _LEASE_DDL)
+    _rebuild(conn, RUN_TABLE, _RUN_DDL)
+    return "runs are counted by outcome from now on"
 
 
 STEPS: tuple[Step, ...] = (
@@ -248,7 +284,13 @@ STEPS: tuple[Step, ...] = (
         2,
         "the lease row records the cadence of its last slotted run",
         _add_cadence,
-        {TABLE: (_LEASE_COLUMNS_1,), RUN_TABLE: (frozenset(columns_of(_RUN_DDL)),)},
+        {TABLE: (_LEASE_COLUMNS_1,), RUN_TABLE: (_RUN_COLUMNS_0,)},
+    ),
+    Step(
+        3,
+        "run counters and the last success in the lease row, output in the run",
+        _add_counters,
+        {TABLE: (_LEASE_COLUMNS_2,), RUN_TABLE: (_RUN_COLUMNS_0,)},
     ),
 )
 """Every upgrade, in order; ``STEPS[n]`` upgrades format ``n`` to ``n + 1``.
@@ -426,15 +468,29 @@ ON CONFLICT (lock_key, token) DO UPDATE
 
 _PRUNE = "DELETE FROM leader_run WHERE lock_key = :key AND token <= :token - :keep"
 
+_COUNT_LOST = (
+    "UPDATE leader_lease SET runs_lost = runs_lost + :lost WHERE lock_key = :key"
+)
+
+# Whether the run is still open: a run another node closed as lost was counted.
+_RUN_OPEN = """
+SELECT finished_at IS NULL FROM leader_run
+ WHERE lock_key = :key AND token = :token AND holder = :holder"""
+
 # Closes the run, overriding a 'lost' that another node guessed (the holder
 # knows better how it ended) but keeping the guessed finish.
 _FINISH_RUN = """
 UPDATE leader_run
    SET finished_at = coalesce(finished_at, :unix_s), exit_status = :exit_status,
-       outcome = :outcome
- WHERE :outcome IS NOT NULL
+       outcome = :outcome, output = :output
+ WHERE :outcome IS NOT NULL AND :started
    AND lock_key = :key AND token = :token AND holder = :holder
    AND (finished_at IS NULL OR outcome = 'lost')"""
+
+# A run that never started leaves no trace.
+_DROP_RUN = """
+DELETE FROM leader_run
+ WHERE NOT :started AND lock_key = :key AND token = :token AND holder = :holder"""
 
 # A compare-and-swap on (holder, token), as in PostgreSQL; and, as there, an
 # expired lease is not revived by a renewal that comes too late to count.
@@ -450,7 +506,15 @@ _RELEASE = """
 UPDATE leader_lease
    SET holder = CASE WHEN acquired_boot_s + :min_hold_s > :boot_s THEN holder END,
        expires_boot_s = max(:boot_s, acquired_boot_s + :min_hold_s),
-       window_ok = coalesce(:window_ok, window_ok)
+       window_ok = CASE WHEN :started THEN coalesce(:window_ok, window_ok) END,
+       window_start = CASE WHEN :started THEN window_start END,
+       runs_ok = runs_ok + (:once AND :outcome = 'ok'),
+       runs_failed = runs_failed + (:once AND :outcome = 'failed'),
+       runs_killed = runs_killed + (:once AND :outcome = 'killed'),
+       runs_timeout = runs_timeout + (:once AND :outcome = 'timeout'),
+       runs_lost = runs_lost + (:once AND :outcome = 'lost'),
+       last_ok_unix_s = CASE WHEN :once AND :outcome = 'ok' THEN :unix_s
+                             ELSE last_ok_unix_s END
  WHERE lock_key = :key AND holder = :holder AND token = :token"""
 
 # A run with no outcome is 'running' while its lease (same token) is live, and
@@ -474,6 +538,11 @@ _HISTORY = (
  ORDER BY r.started_at DESC, r.lock_key, r.token DESC
  LIMIT :limit"""
 )
+
+_RUN_OUTPUT = """
+SELECT token, output FROM leader_run
+ WHERE lock_key = :key AND (:token IS NULL OR token = :token)
+ ORDER BY token DESC LIMIT 1"""
 
 _LAST_RUNS = (
     _RUN_SELECT  # noqa: S608 - constant SQL, no value is formatted in
@@ -1031,7 +1100,9 @@ def _acquire(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
             "prev_token": last.get("token"),
             "prev_renewed": last.get("renewed_unix_s"),
         }
-        for statement in (_CLOSE_LOST, _START_RUN, _PRUNE):
+        lost = conn.execute(_CLOSE_LOST, run).rowcount
+        conn.execute(_COUNT_LOST, {**run, "lost": lost})
+        for statement in (_START_RUN, _PRUNE):
             conn.execute(statement, run)
     return [
         {"acquired": True, "token": token, "window_start": window, "slot_known": True}
@@ -1039,9 +1110,21 @@ def _acquire(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
 
 
 def _release(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
-    """Close the run (with an outcome), then end the lease if it is ours."""
+    """Close the run (with an outcome), then end the lease if it is ours.
+
+    The lease row counts the run once, by outcome, unless another node
+    already closed it as lost (and counted it so); one never started is
+    neither kept nor counted.
+    """
+    open_run = conn.execute(_RUN_OPEN, params).fetchone()
+    once = (
+        bool(params["started"])
+        and params["outcome"] is not None
+        and (open_run is None or bool(open_run[0]))
+    )
     conn.execute(_FINISH_RUN, params)
-    return _fetch(conn, _RELEASE, params)
+    conn.execute(_DROP_RUN, params)
+    return _fetch(conn, _RELEASE, {**params, "once": once})
 
 
 def _leases(statement: str) -> Unit:
@@ -1069,10 +1152,11 @@ QUERIES: Mapping[str, Unit] = {
     "operator_release": _leases(_OPERATOR_RELEASE),
     "history": _statement(_HISTORY),
     "last_runs": _statement(_LAST_RUNS),
+    "run_output": _statement(_RUN_OUTPUT),
 }
 """The SQLite twin of each query the shared SQL session names (``sql.QUERIES``)."""
 
-_READS = frozenset({"snapshot", "history", "last_runs"})
+_READS = frozenset({"snapshot", "history", "last_runs", "run_output"})
 """The queries that only read: no write transaction, no write lock."""
 
 _WHAT: Mapping[str, str] = {
@@ -1083,6 +1167,7 @@ _WHAT: Mapping[str, str] = {
     "operator_release": "releasing {lock}",
     "history": "reading the run history",
     "last_runs": "reading the run history",
+    "run_output": "reading a run's output",
 }
 """How messages name each query."""
 
@@ -1111,9 +1196,10 @@ def expires_unix_s(
     return min(renewed_unix_s, now.unix_s)
 
 
-def _shown_times(row: Row, now: Instant) -> dict[str, float]:
+def _shown_times(row: Row, now: Instant) -> dict[str, float | None]:
     """A lease row's times as ``status`` shows them, in Unix seconds."""
     return {
+        "last_ok_at": row["last_ok_unix_s"],
         "acquired_at": row["acquired_unix_s"],
         "renewed_at": row["renewed_unix_s"],
         "expires_at": expires_unix_s(

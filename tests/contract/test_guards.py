@@ -16,6 +16,7 @@ import pytest
 from leaderrun.lease import parse_lock_id
 from leaderrun.runs import RunEnd, RunOutcome
 from leaderrun.slots import OncePer, Window
+from leaderrun.stores.base import RunOutput
 from tests.stores import LEASE_S, WAIT_S, acquired, claim, race
 
 HOUR = OncePer(Window(3600.0))
@@ -235,3 +236,81 @@ def test_a_store_without_runs_has_an_empty_history(backend):
     fresh = backend.fresh_store()
     assert fresh.history(None, 10) == []
     assert fresh.last_runs() == []
+
+
+# --- counters and runs that never started -------------------------------------------
+
+
+def counts(backend, lock) -> dict[str, int]:
+    record = backend.record(lock)
+    return {o.value: getattr(record, f"runs_{o.value}") for o in RunOutcome}
+
+
+def test_each_run_is_counted_once_by_its_outcome(backend, lock):
+    """The lease row counts runs by outcome and keeps the last success; the
+    counters outlive the history pruned to two runs."""
+    session = backend.session()
+    for outcome, status in [("ok", 0), ("failed", 2), ("ok", 0), ("timeout", 143)]:
+        lease = acquired(session.acquire(lock, claim(1), LEASE_S, history_keep=2))
+        assert session.release(lease, RunEnd(RunOutcome(outcome), status))
+    assert counts(backend, lock) == {
+        "ok": 2,
+        "failed": 1,
+        "killed": 0,
+        "timeout": 1,
+        "lost": 0,
+    }
+    assert len(backend.store.history(lock, 10)) == 2
+    last_ok = backend.record(lock).last_ok_at
+    assert last_ok is not None
+    assert [r.outcome for r in backend.store.history(lock, 10)] == ["timeout", "ok"]
+
+
+def test_a_dead_holder_s_run_is_counted_lost_once(backend, lock):
+    """The next acquire closes it as lost and counts it; the dead holder's late
+    release (after a partition) corrects the history but not the counters."""
+    session = backend.session()
+    dead = acquired(session.acquire(lock, claim(1), LEASE_S, history_keep=5))
+    backend.expire(lock)
+    acquired(session.acquire(lock, claim(2), LEASE_S, history_keep=5))
+    assert counts(backend, lock)["lost"] == 1
+    session.release(dead, RunEnd(RunOutcome.ok, 0))
+    assert counts(backend, lock) == {
+        "ok": 0,
+        "failed": 0,
+        "killed": 0,
+        "timeout": 0,
+        "lost": 1,
+    }
+    assert backend.record(lock).last_ok_at is None
+
+
+def test_a_run_that_never_started_leaves_no_trace(backend, lock):
+    """A grant given back unused (too late, cancelled): no run in the history,
+    no count, and its slot is not spent."""
+    session = backend.session()
+    lease = acquired(
+        session.acquire(lock, claim(1), LEASE_S, once_per=HOUR, history_keep=5)
+    )
+    never = RunEnd(RunOutcome.killed, None, in_window=True, started=False)
+    assert session.release(lease, never)
+    assert backend.store.history(lock, 10) == []
+    assert sum(counts(backend, lock).values()) == 0
+    again = session.acquire(lock, claim(2), LEASE_S, once_per=HOUR, history_keep=5)
+    assert acquired(again).token == lease.token + 1
+
+
+def test_a_run_keeps_its_captured_output(backend, lock):
+    """The release stores the output tail; run_output finds the newest run's, or
+    a given token's; a run without capture has none."""
+    session = backend.session()
+    first = acquired(session.acquire(lock, claim(1), LEASE_S, history_keep=5))
+    session.release(first, RunEnd(RunOutcome.failed, 2, output="boom\nline 2\n"))
+    second = acquired(session.acquire(lock, claim(1), LEASE_S, history_keep=5))
+    session.release(second, RunEnd(RunOutcome.ok, 0))
+    store = backend.store
+    assert store.run_output(lock) == RunOutput(second.token, None)
+    assert store.run_output(lock, first.token) == RunOutput(
+        first.token, "boom\nline 2\n"
+    )
+    assert store.run_output(lock, 999) is None

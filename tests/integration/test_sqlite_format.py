@@ -147,6 +147,9 @@ def test_init_upgrades_an_older_file_and_its_live_lease_stays_live(tmp_path):
         f"leaderrun: upgraded {db} to file format 2 (the lease row records the"
         " cadence of its last slotted run): the lease table records each lock's"
         " cadence\n"
+        f"leaderrun: upgraded {db} to file format 3 (run counters and the last"
+        " success in the lease row, output in the run): runs are counted by"
+        " outcome from now on\n"
     )
 
     store = SqliteLeaseStore(db)

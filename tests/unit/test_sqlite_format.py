@@ -21,6 +21,7 @@ FIRST_LEASE_0 = sorted(SHAPES[0][TABLE][0])
 LEASE_1 = sorted(SHAPES[1][TABLE][0])
 LEASE_NOW = sorted(SHAPES[FORMAT][TABLE][0])
 RUN = sorted(SHAPES[FORMAT][RUN_TABLE][0])
+RUN_0 = sorted(SHAPES[0][RUN_TABLE][0])
 SEED = ["id", "leader_id", "expires_at", "created_at"]
 
 
@@ -46,11 +47,11 @@ SEED = ["id", "leader_id", "expires_at", "created_at"]
         (
             APPLICATION_ID,
             1,
-            {TABLE: LEASE_1, RUN_TABLE: RUN},
+            {TABLE: LEASE_1, RUN_TABLE: RUN_0},
             FileFormat(Shape.older, 1),
         ),
         # Format 0 predates stamps: known by its columns, both releases of it.
-        (0, 0, {TABLE: LEASE_0, RUN_TABLE: RUN}, FileFormat(Shape.older, 0)),
+        (0, 0, {TABLE: LEASE_0, RUN_TABLE: RUN_0}, FileFormat(Shape.older, 0)),
         (
             0,
             0,

@@ -150,9 +150,9 @@ def test_each_sql_dialect_names_every_query_the_shared_session_runs():
 def test_the_columns_of_a_table_are_read_from_its_ddl():
     """columns_of lists the DDL's columns in order, not its table constraints."""
     assert sql.columns_of(postgres_sql.RUN_DDL)[-3:] == (
-        "finished_at",
         "exit_status",
         "outcome",
+        "output",
     )
     assert "PRIMARY" not in sql.columns_of(postgres_sql.RUN_DDL)
     assert postgres_sql.TABLE_COLUMNS[TABLE][:4] == (
