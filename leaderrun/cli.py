@@ -28,6 +28,7 @@ from leaderrun.config import (
     RawRunOptions,
     check_schema,
     lock_from,
+    parse_duration,
     resolve_dsn,
     run_settings,
 )
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from leaderrun import views
     from leaderrun.stores import ManagedStore
 
-SUBCOMMANDS = ("run", "status", "release", "init", "history")
+SUBCOMMANDS = ("run", "status", "release", "init", "history", "check")
 """Every subcommand; any other first argument is the bare form of ``run``."""
 
 _TOP_LEVEL_FLAGS = (
@@ -698,6 +699,88 @@ def history(
         typer.echo(json.dumps(views.history_document(runs), indent=2))
         return
     typer.echo(views.history_table(runs), nl=False)
+
+
+@app.command("check")
+def check(
+    lock_id: Annotated[str, _lock_option("The lock to check.")],
+    max_age: Annotated[
+        str | None,
+        typer.Option(
+            "--max-age",
+            help="Expect a success at most this long ago (WARNING past it, "
+            "CRITICAL past it plus --grace). [default: from the lock's recorded "
+            "--schedule or --once-per]",
+            show_default=False,
+        ),
+    ] = None,
+    grace: Annotated[
+        str | None,
+        typer.Option(
+            "--grace",
+            help="With a cadence: how long after its slot a run may take to "
+            "start; with --max-age: from WARNING to CRITICAL. [default: 5m]",
+            show_default=False,
+        ),
+    ] = None,
+    max_running: Annotated[
+        str | None,
+        typer.Option(
+            "--max-running",
+            help="A run going on longer than this is a WARNING. [default: until "
+            "its next slot]",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The verdict and its figures as JSON.")
+    ] = False,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Did the job run, and did it succeed? A monitoring plugin: exit 0-3."""
+    from leaderrun import checks, views  # the operators' modules: not a run's cost
+
+    env, dsn_value = _start(dsn, verbose, quiet, log_format)
+    lock = None
+    try:
+        lock = parse_lock_id(lock_id)
+
+        def seconds(text: str | None, flag: str) -> float | None:
+            return None if text is None else parse_duration(text, option=flag)
+
+        grace_s = seconds(grace, "--grace")
+        expect = checks.Expectation(
+            max_age_s=seconds(max_age, "--max-age"),
+            grace_s=checks.DEFAULT_GRACE_S if grace_s is None else grace_s,
+            max_running_s=seconds(max_running, "--max-running"),
+        )
+        store = _operator_store(dsn_value, schema, env)
+        snapshot = store.snapshot(lock)
+        (found,) = views.statuses(snapshot, lock)
+        result = checks.check(found, store.history(lock, 50), snapshot.db_now, expect)
+    except LeaderrunError as exc:
+        # A plugin never crashes: what it cannot tell is UNKNOWN, on stdout.
+        name = lock_id if lock is None else str(lock)
+        line = f"LEADERRUN UNKNOWN - {name}: {exc.message}"
+        typer.echo(
+            json.dumps(
+                {
+                    "lock": name,
+                    "state": "UNKNOWN",
+                    "exit_code": 3,
+                    "message": exc.message,
+                }
+            )
+            if as_json
+            else line
+        )
+        raise typer.Exit(int(checks.CheckState.UNKNOWN)) from None
+    typer.echo(json.dumps(result.document(), indent=2) if as_json else result.line())
+    raise typer.Exit(int(result.state))
 
 
 def _route(args: list[str]) -> list[str]:

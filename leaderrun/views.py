@@ -15,15 +15,15 @@ functions return (a rich table on a terminal, plain text when piped, JSON).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from leaderrun.errors import EXIT_BUSY, EXIT_STATUS_FREE
 from leaderrun.lease import LockId
-from leaderrun.runs import RunRecord
+from leaderrun.runs import RunOutcome, RunRecord
 from leaderrun.stores.base import (
     REVOKED_HOLDER,
     LeaseRecord,
@@ -91,6 +91,10 @@ class LockStatus:
     command: str | None
     last_run: RunRecord | None = None
     """The newest run in the history (``leader_run``), if any was recorded."""
+    last_ok_at: datetime | None = None
+    """When the lock's last successful run ended (kept through pruning)."""
+    counts: Mapping[str, int] = field(default_factory=dict)
+    """Runs of the lock ever, by outcome (``ok``, ``failed``, ...)."""
     cadence: dict[str, Any] | None = None
     """The ``--once-per``/``--schedule`` cadence of the lock's last slotted run:
     ``schedule`` (five cron fields) or ``once_per_s`` and ``offset_s``, with
@@ -129,6 +133,8 @@ def lock_status(record: LeaseRecord, db_now: datetime) -> LockStatus:
         renewed_ago_s=(db_now - record.renewed_at).total_seconds(),
         command=record.command,
         cadence=_cadence(record.cadence),
+        last_ok_at=record.last_ok_at,
+        counts={o.value: getattr(record, f"runs_{o.value}") for o in RunOutcome},
     )
 
 

@@ -326,6 +326,23 @@ class LeaseAdmin:
             start_s,
         )
 
+    def age_run(self, lock: str, seconds: float) -> None:
+        """Move the lock's one run (its slot and times) ``seconds`` into the past."""
+        self._one(
+            "UPDATE leader_run"
+            " SET window_start = window_start - make_interval(secs => %s),"
+            " started_at = started_at - make_interval(secs => %s),"
+            " finished_at = finished_at - make_interval(secs => %s)"
+            " WHERE lock_name = %s RETURNING token",
+            "UPDATE leader_run SET window_start = window_start - ?,"
+            " started_at = started_at - ?, finished_at = finished_at - ?"
+            " WHERE lock_name = ? RETURNING token",
+            lock,
+            seconds,
+            seconds,
+            seconds,
+        )
+
     def take_over(self, lock: str) -> datetime:
         """Give the lock to 'thief' with a new token; the expiry it had, in UTC."""
         return self._expiry(
