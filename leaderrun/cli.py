@@ -7,16 +7,19 @@ form to ``run``. Usage errors exit 64, not click's 2, which children use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -46,9 +49,11 @@ from leaderrun.redact import MASK, dsn_secrets, redact
 
 if TYPE_CHECKING:
     from leaderrun import views
+    from leaderrun.runs import RunRecord
     from leaderrun.stores import ManagedStore
+    from leaderrun.stores.base import LeaseSnapshot
 
-SUBCOMMANDS = ("run", "status", "release", "init", "history", "check")
+SUBCOMMANDS = ("run", "status", "release", "init", "history", "check", "metrics")
 """Every subcommand; any other first argument is the bare form of ``run``."""
 
 _TOP_LEVEL_FLAGS = (
@@ -781,6 +786,60 @@ def check(
         raise typer.Exit(int(checks.CheckState.UNKNOWN)) from None
     typer.echo(json.dumps(result.document(), indent=2) if as_json else result.line())
     raise typer.Exit(int(result.state))
+
+
+@app.command("metrics")
+def metrics(
+    textfile: Annotated[
+        Path | None,
+        typer.Option(
+            "--textfile",
+            help="Write the metrics to this file atomically (node_exporter's "
+            "textfile collector reads *.prom) instead of printing them.",
+            show_default=False,
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            "--listen",
+            metavar="HOST:PORT",
+            help="Serve /metrics on this address until SIGTERM, reading the "
+            "database at each scrape.",
+            show_default=False,
+        ),
+    ] = None,
+    dsn: DsnOption = None,
+    schema: SchemaOption = DEFAULT_SCHEMA,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    log_format: LogFormatOption = LogFormat.text,
+) -> None:
+    """Every lock as Prometheus metrics: held, token, last run, runs by outcome."""
+    # The Prometheus client and the operators' modules: not a run's cost.
+    from leaderrun import metrics as exporter
+
+    env, dsn_value = _start(dsn, verbose, quiet, log_format)
+    if textfile is not None and listen is not None:
+        raise ConfigError("--textfile and --listen both given; use one")
+    address = None if listen is None else exporter.parse_listen(listen)
+    store = _operator_store(dsn_value, schema, env)
+
+    def read() -> tuple[LeaseSnapshot, list[RunRecord]]:
+        with contextlib.closing(store.connect()) as session:
+            return session.snapshot(None), session.last_runs()
+
+    if address is not None:
+        stop = threading.Event()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stop.set())
+        exporter.serve(read, *address, stop)
+        return
+    text = exporter.exposition(read)
+    if textfile is None:
+        sys.stdout.buffer.write(text)
+    else:
+        exporter.write_textfile(textfile, text)
 
 
 def _route(args: list[str]) -> list[str]:

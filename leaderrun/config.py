@@ -369,15 +369,6 @@ def once_per_from(options: RawRunOptions) -> OncePer | None:
         ConfigError: both given, a companion flag without either, or a value
             that is not a window, a schedule or a zone.
     """
-    # Imported here: a run without a schedule does not pay for it at start-up.
-    from leaderrun.slots import (
-        DEFAULT_EARLY_S,
-        OncePer,
-        Schedule,
-        ScheduleError,
-        Window,
-        cron_expression,
-    )
 
     def label(name: str) -> str:
         return options.label(name, "--" + name.replace("_", "-"))
@@ -402,6 +393,16 @@ def once_per_from(options: RawRunOptions) -> OncePer | None:
                     "e.g. --schedule '30 2 * * *'"
                 )
         return None
+    # Imported here: a run without a schedule does not pay for it at start-up.
+    from leaderrun.slots import (
+        DEFAULT_EARLY_S,
+        OncePer,
+        Schedule,
+        ScheduleError,
+        Window,
+        cron_expression,
+    )
+
     early_s = seconds("early_tolerance")
     tz = "UTC" if options.tz is None else options.tz.strip()
     try:

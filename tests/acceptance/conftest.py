@@ -326,6 +326,20 @@ class LeaseAdmin:
             start_s,
         )
 
+    def insert_free(self, lock: str) -> None:
+        """A free lock's row written by hand, named ``lock`` (a newline, say)."""
+        key = abs(hash(lock)) % 2**62
+        self._one(
+            "INSERT INTO leader_lease (lock_key, lock_name, token, acquired_at,"
+            " renewed_at, expires_at) VALUES (%s, %s, 1, now(), now(), now())"
+            " RETURNING token",
+            "INSERT INTO leader_lease (lock_key, lock_name, token, boot_id,"
+            " acquired_boot_s, expires_boot_s, acquired_unix_s, renewed_unix_s)"
+            " VALUES (?, ?, 1, NULL, 0, 0, 0, 0) RETURNING token",
+            lock,
+            key,
+        )
+
     def age_run(self, lock: str, seconds: float) -> None:
         """Move the lock's one run (its slot and times) ``seconds`` into the past."""
         self._one(

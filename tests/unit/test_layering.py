@@ -74,3 +74,24 @@ def test_help_mentions_run_and_loads_no_psycopg():
     # -X importtime lists every module imported; make sure it really did.
     assert any(line.endswith("leaderrun.cli") for line in imports), result.stderr
     assert [line for line in result.stderr.splitlines() if "psycopg" in line] == []
+
+
+def test_a_run_loads_nothing_only_operators_or_schedules_need(tmp_path):
+    """`leaderrun --lock-id x -- true` imports no operator module (views, check,
+    metrics), no Prometheus client and no cron or zone code: start-up is paid on
+    every node, every time."""
+    db = tmp_path / "leases.db"
+    result = python(
+        "-X", "importtime", "-m", "leaderrun",
+        "--dsn", f"sqlite://{db}", "--lock-id", "x", "--", "true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "leaderrun.runner" in imported  # the probe saw the run's imports
+    unwanted = {"leaderrun.views", "leaderrun.checks", "leaderrun.metrics"}
+    unwanted |= {"leaderrun.slots", "prometheus_client", "cronsim", "zoneinfo", "rich"}
+    assert imported & unwanted == set()
