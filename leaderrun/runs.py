@@ -45,12 +45,15 @@ class RunEnd:
             database time (``--min-hold``); 0 frees it at once.
         in_window: the run was a ``--once-per``/``--schedule`` slot's run, so
             whether it ended well decides ``--retry-failed``.
+        output: the last ``--capture-output`` bytes of the child's stdout and
+            stderr, decoded with ``errors='replace'``; None when not captured.
     """
 
     outcome: RunOutcome
     exit_status: int | None
     min_hold_s: float = 0.0
     in_window: bool = False
+    output: str | None = None
 
     @property
     def window_ok(self) -> bool | None:
