@@ -45,18 +45,18 @@ def exit_delay_s(
     return exited_s - float(stamp.read_text()), proc
 
 
+def run_pinged(leaderrun, monitor: Monitor, size: str, *command: str, **kw):
+    """Run ``command`` under leaderrun with --ping and --capture-output ``size``."""
+    return leaderrun.run(
+        "--ping", monitor.url, "--capture-output", size, "--", *command, **kw
+    )
+
+
 def test_the_running_node_pings_start_then_its_status_with_the_output(leaderrun):
     """/start, then /<status> with the same rid and the output's tail as the body."""
     with Monitor() as monitor:
-        result = leaderrun.run(
-            "--ping",
-            monitor.url,
-            "--capture-output",
-            "64k",
-            "--",
-            "sh",
-            "-c",
-            "echo hello; echo oops >&2; exit 3",
+        result = run_pinged(
+            leaderrun, monitor, "64k", "sh", "-c", "echo hello; echo oops >&2; exit 3"
         )
     assert result.returncode == 3, result.stderr
     start, end = monitor.pings
@@ -203,12 +203,10 @@ ALTERNATE = (
 def test_one_file_for_stdout_and_stderr_keeps_the_command_s_interleaving(leaderrun):
     """With 2>&1, the command's lines arrive in the order it wrote them."""
     with Monitor() as monitor:
-        result = leaderrun.run(
-            "--ping",
-            monitor.url,
-            "--capture-output",
+        result = run_pinged(
+            leaderrun,
+            monitor,
             "64k",
-            "--",
             sys.executable,
             "-c",
             ALTERNATE,
@@ -235,16 +233,7 @@ def test_only_the_last_size_bytes_are_kept(leaderrun):
     """--capture-output 1k keeps the last 1024 bytes of a longer output."""
     script = "for i in range(5000): print('%06d' % i)"
     with Monitor() as monitor:
-        result = leaderrun.run(
-            "--ping",
-            monitor.url,
-            "--capture-output",
-            "1k",
-            "--",
-            sys.executable,
-            "-c",
-            script,
-        )
+        result = run_pinged(leaderrun, monitor, "1k", sys.executable, "-c", script)
     assert result.returncode == 0
     assert result.stdout.count("\n") == 5000
     assert monitor.pings[-1].body == result.stdout.encode()[-1024:]
