@@ -37,6 +37,7 @@ from leaderrun.config import (
 )
 from leaderrun.errors import (
     EXIT_INTERNAL,
+    EXIT_STATUS_FREE,
     EXIT_USAGE,
     BusyError,
     ConfigError,
@@ -45,13 +46,14 @@ from leaderrun.errors import (
 )
 from leaderrun.lease import parse_lock_id
 from leaderrun.logsink import SinkHandler, stderr_sink
-from leaderrun.redact import MASK, dsn_secrets, redact
+from leaderrun.redact import MASK, dsn_secrets, redact, url_secrets
 
 if TYPE_CHECKING:
     from leaderrun import views
+    from leaderrun.lease import LockId
     from leaderrun.runs import RunRecord
     from leaderrun.stores import ManagedStore
-    from leaderrun.stores.base import LeaseSnapshot
+    from leaderrun.stores.base import LeaseSnapshot, RunOutput
 
 SUBCOMMANDS = ("run", "status", "release", "init", "history", "check", "metrics")
 """Every subcommand; any other first argument is the bare form of ``run``."""
@@ -191,10 +193,16 @@ def _error_line(message: str, event: str = "error") -> str:
     return _Formatter(_State.log_format, _State.secrets).format(record) + "\n"
 
 
-def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat, dsn: str) -> None:
+def _setup_logging(
+    verbose: int,
+    quiet: bool,
+    log_format: LogFormat,
+    dsn: str,
+    secrets: Sequence[str] = (),
+) -> None:
     _State.verbose = verbose
     _State.log_format = log_format
-    _State.secrets = dsn_secrets(dsn)
+    _State.secrets = sorted([*dsn_secrets(dsn), *secrets], key=len, reverse=True)
     # Never a StreamHandler: a stalled stderr must not block the thread that
     # logs, which may be about to stop the child (leaderrun.logsink).
     sink = stderr_sink()
@@ -210,12 +218,16 @@ def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat, dsn: str) -
 
 
 def _start(
-    dsn: str | None, verbose: int, quiet: bool, log_format: LogFormat
+    dsn: str | None,
+    verbose: int,
+    quiet: bool,
+    log_format: LogFormat,
+    secrets: Sequence[str] = (),
 ) -> tuple[dict[str, str], str]:
-    """The environment and the resolved DSN, with logging set up to redact it."""
+    """The environment and the resolved DSN; logging masks it and ``secrets``."""
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
-    _setup_logging(verbose, quiet, log_format, dsn_value)
+    _setup_logging(verbose, quiet, log_format, dsn_value, secrets)
     return env, dsn_value
 
 
@@ -468,12 +480,40 @@ def run(
         bool,
         typer.Option("--no-watchdog", help="The same as --watchdog off."),
     ] = False,
+    ping: Annotated[
+        str | None,
+        typer.Option(
+            "--ping",
+            envvar="LEADERRUN_PING_URL",
+            metavar="URL",
+            help="Ping this monitor (the healthchecks.io protocol) when the command "
+            "starts (URL/start) and ends (URL/<exit status>, with the captured "
+            "output as the body); only the node that runs the command pings. At "
+            "most 2.5s is spent on it after the release; the URL is never shown. "
+            "[default: none]",
+            show_default=False,
+        ),
+    ] = None,
+    capture_output: Annotated[
+        str | None,
+        typer.Option(
+            "--capture-output",
+            envvar="LEADERRUN_CAPTURE_OUTPUT",
+            metavar="SIZE",
+            help="Relay the command's stdout and stderr through leaderrun and keep "
+            "their last SIZE bytes (64k; at most 1m) for the run history and "
+            "--ping. [default: off]",
+            show_default=False,
+        ),
+    ] = None,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Take the lock and run COMMAND while holding it; skip if another node has it."""
-    env, _ = _start(dsn, verbose, quiet, log_format)
+    env, _ = _start(
+        dsn, verbose, quiet, log_format, () if ping is None else url_secrets(ping)
+    )
     # The function's signature is the one list of the options: their values and
     # the variables they came from are read from click's context, by name.
     given = {
@@ -686,6 +726,23 @@ def history(
             "outcome.",
         ),
     ] = False,
+    output: Annotated[
+        bool,
+        typer.Option(
+            "--output",
+            help="Print the output --capture-output kept of the lock's newest run "
+            "(or of --token N) instead; exit 3 if there is none.",
+        ),
+    ] = False,
+    token: Annotated[
+        int | None,
+        typer.Option(
+            "--token",
+            help="With --output: the run with this fencing token. [default: the "
+            "newest]",
+            show_default=False,
+        ),
+    ] = None,
     dsn: DsnOption = None,
     schema: SchemaOption = DEFAULT_SCHEMA,
     verbose: VerboseOption = 0,
@@ -698,8 +755,17 @@ def history(
     env, dsn_value = _start(dsn, verbose, quiet, log_format)
     if limit < 1:
         raise ConfigError(f"--limit {limit} must be at least 1")
+    if (token is not None or output) and lock_id is None:
+        flag = "--output" if output else "--token"
+        raise ConfigError(f"{flag} needs --lock-id, e.g. history --lock-id ID {flag}")
+    if token is not None and not output:
+        raise ConfigError("--token is for --output, e.g. history --output --token 42")
     lock = None if lock_id is None else parse_lock_id(lock_id)
-    runs = _operator_store(dsn_value, schema, env).history(lock, limit)
+    store = _operator_store(dsn_value, schema, env)
+    if output and lock is not None:
+        _print_output(store.run_output(lock, token), lock, token)
+        return
+    runs = store.history(lock, limit)
     if as_json:
         typer.echo(json.dumps(views.history_document(runs), indent=2))
         return
@@ -840,6 +906,20 @@ def metrics(
         sys.stdout.buffer.write(text)
     else:
         exporter.write_textfile(textfile, text)
+
+
+def _print_output(found: RunOutput | None, lock: LockId, token: int | None) -> None:
+    """``history --output``: the kept tail as it was written, or why there is none."""
+    which = "newest run" if token is None else f"run with token {token}"
+    if found is None:
+        _fail(f"{lock} has no {which} in the history", EXIT_STATUS_FREE)
+    if found.output is None:
+        _fail(
+            f"the {which} of {lock} (token {found.token}) kept no output; run the "
+            "command with --capture-output SIZE",
+            EXIT_STATUS_FREE,
+        )
+    sys.stdout.write(found.output)
 
 
 def _route(args: list[str]) -> list[str]:

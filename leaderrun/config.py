@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from leaderrun.dsnfile import DSN_FILE_ENV, read_dsn_file
 from leaderrun.errors import EXIT_BUSY, ConfigError
 from leaderrun.lease import LockId, Timing, make_timing, parse_lock_id
+from leaderrun.redact import url_shown
 from leaderrun.runs import DEFAULT_HISTORY_KEEP
 
 if TYPE_CHECKING:
@@ -68,6 +70,67 @@ def parse_duration(text: str, *, option: str) -> float:
     raise ConfigError(
         f"{option} {text!r} is not a duration; use e.g. 250ms, 1.5s, 10s, 2m or 1h"
     )
+
+
+MAX_CAPTURE_BYTES = 1024 * 1024
+"""The most ``--capture-output`` keeps: the tail is held in memory, stored with
+the run, and sent as a ping's body (Healthchecks keeps 100 kB of it)."""
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024}
+_SIZE_UNITS |= {"m": 1024**2, "mb": 1024**2, "mib": 1024**2}
+_SIZE = re.compile(r"([0-9]+)\s*([a-z]*)")
+
+
+def parse_size(text: str, *, option: str) -> int | None:
+    """Parse a size such as ``64k``, ``512``, ``1m`` (units of 1024); 0 is None (off).
+
+    Raises:
+        ConfigError: not a size, or more than :data:`MAX_CAPTURE_BYTES`.
+    """
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        raise ConfigError(f"{option} {text!r} is not a size; use e.g. 64k, 512 or 1m")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size > MAX_CAPTURE_BYTES:
+        raise ConfigError(
+            f"{option} {text!r} is more than 1m, the most kept in memory and in the "
+            "run history; use e.g. 64k"
+        )
+    return size or None
+
+
+def ping_url(text: str, *, option: str) -> str:
+    """Check a monitor's ping URL (``--ping``): http or https, with a host.
+
+    The URL holds the check's key, so a message shows only its scheme and host.
+
+    Raises:
+        ConfigError: not such a URL, naming what is wrong.
+    """
+    url = text.strip()
+    shown = url_shown(url)
+    example = "e.g. https://hc-ping.com/<uuid>"
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(
+            f"{option} {shown!r} must be ASCII without spaces; percent-encode "
+            "other characters"
+        )
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: a bad port raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{option} {shown!r} must be an http:// or https:// URL with a host, "
+            + example
+        )
+    if parts.username is not None:
+        raise ConfigError(
+            f"{option} {shown!r} must not carry a user or password; the key goes "
+            f"in the path, {example}"
+        )
+    return url
 
 
 class WatchdogMode(StrEnum):
@@ -125,6 +188,8 @@ class RawRunOptions:
     max_runtime: str | None = None
     history_keep: int | None = None
     watchdog: str = "on"
+    ping: str | None = None
+    capture_output: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     """How to name an option in messages when it came from elsewhere than its flag."""
 
@@ -158,6 +223,10 @@ class RunSettings:
     """``--history-keep``: runs of the lock kept in ``leader_run``."""
     watchdog: WatchdogMode = WatchdogMode.on
     """The watchdog process that stops the child if leaderrun is paused."""
+    ping_url: str | None = None
+    """``--ping``: the monitor's URL, pinged at the command's start and end."""
+    capture_bytes: int | None = None
+    """``--capture-output``: keep this many last bytes of the command's output."""
 
 
 def resolve_dsn(
@@ -304,6 +373,15 @@ def run_settings(
         history_keep=guards.history_keep,
         watchdog=watchdog_mode(
             options.watchdog, option=options.label("watchdog", "--watchdog")
+        ),
+        ping_url=None
+        if options.ping is None
+        else ping_url(options.ping, option=options.label("ping", "--ping")),
+        capture_bytes=None
+        if options.capture_output is None
+        else parse_size(
+            options.capture_output,
+            option=options.label("capture_output", "--capture-output"),
         ),
     )
 

@@ -38,3 +38,51 @@ def redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
     return text
+
+
+# A URL's scheme and authority (user info, host, port): what precedes its path.
+_URL_HEAD = re.compile(r"^(?:([a-z][a-z0-9+.-]*):)?(?://)?([^/?#]*)", re.IGNORECASE)
+
+KEY_MIN_CHARS = 16
+"""Path segments at least this long are masked as keys: a Healthchecks UUID has 36
+characters and a ping key 22, while a check's slug is usually shorter."""
+
+REST_MIN_CHARS = 8
+"""What follows a URL's host is masked whole from this length on: shorter, it
+would mask ordinary words, and it holds no key."""
+
+
+def _url_parts(url: str) -> tuple[str | None, str, str]:
+    """A URL's scheme (or None), authority, and everything after them."""
+    match = _URL_HEAD.match(url)
+    if match is None:  # the pattern matches any text, if only emptily
+        return None, "", url
+    return match.group(1), match.group(2), url[match.end() :]
+
+
+def url_shown(url: str) -> str:
+    """A URL as a message may show it: ``scheme://host:port/…``, never its secrets.
+
+    A monitor's ping URL carries its key in the path (``https://hc-ping.com/<uuid>``),
+    and may carry a password before the host: both are left out, and so is the
+    query. Text that is not a URL keeps what would be its host.
+    """
+    scheme, authority, rest = _url_parts(url.strip())
+    host = authority.rpartition("@")[2]
+    shown = f"{scheme}://{host}" if scheme else host
+    return shown + "/…" if rest.strip("/") else shown
+
+
+def url_secrets(url: str) -> list[str]:
+    """What of a URL no message may show, longest first (for :func:`redact`).
+
+    All of it; all after its host; its user info; and every path or query
+    segment long enough to be a key, so that a message quoting part of it is
+    masked too.
+    """
+    _, authority, rest = _url_parts(url)
+    found = {url, authority.rpartition("@")[0]}
+    if len(rest) >= REST_MIN_CHARS:
+        found.add(rest)
+    found.update(s for s in re.split(r"[/?&#=]", rest) if len(s) >= KEY_MIN_CHARS)
+    return sorted((s for s in found if s), key=len, reverse=True)

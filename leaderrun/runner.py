@@ -19,6 +19,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from leaderrun.clock import boottime
 from leaderrun.config import RunSettings, WatchdogMode
@@ -60,6 +61,10 @@ from leaderrun.supervisor import (
     resolve_command,
 )
 from leaderrun.watchdog import WATCHDOG_LATE_S, Watchdog
+
+if TYPE_CHECKING:
+    from leaderrun.capture import Capture
+    from leaderrun.ping import Pinger
 
 log = logging.getLogger("leaderrun")
 
@@ -171,6 +176,10 @@ class Run:
         self.clock = clock
         self.unit_random = unit_random
         self.claim = make_claim(host, shlex.join(settings.command))
+        self.capture: Capture | None = None
+        """``--capture-output``: the command's pipes and the tail of its output."""
+        self.pinger: Pinger | None = None
+        """``--ping``: the monitor told of the command's start and end."""
 
     def __call__(self) -> int:
         """Run to the end and return leaderrun's exit status.
@@ -187,6 +196,7 @@ class Run:
         if warning is not None:
             log.warning("%s", warning)
         pidfds = self._probe_pidfds()
+        self._prepare_monitoring()
         with SignalInbox() as inbox:
             self._splay(inbox)
             watchdog = self._start_watchdog()
@@ -196,6 +206,29 @@ class Run:
             finally:
                 if watchdog is not None:
                     watchdog.close()
+                if self.capture is not None:
+                    self.capture.close(0.0)  # a run that never started the command
+
+    def _prepare_monitoring(self) -> None:
+        """Make the pipes ``--capture-output`` needs, and the ``--ping`` sender.
+
+        Imported only when asked for, so a plain run pays nothing for them.
+        """
+        s = self.settings
+        if s.capture_bytes is not None:
+            from leaderrun.capture import Capture
+
+            try:
+                self.capture = Capture(s.capture_bytes)
+            except OSError as exc:
+                raise SystemResourceError(
+                    f"cannot make the pipes for --capture-output "
+                    f"({exc.strerror or exc}); nothing ran"
+                ) from None
+        if s.ping_url is not None:
+            from leaderrun.ping import Pinger
+
+            self.pinger = Pinger(s.ping_url, self.clock)
 
     def _splay(self, inbox: SignalInbox) -> None:
         """``--splay``: a random pause before the first acquire; a signal cancels it.
@@ -453,10 +486,29 @@ class Run:
         child = self._start_child(grant, held, watchdog)
         outcome = self._run_child(child, held, inbox, watchdog, pidfds=pidfds)
         self._disarm(watchdog)
-        self._release_last(held, outcome)
+        # The group is gone, so the pipes are at their end: the tail is complete
+        # before the release, which stores it with the run.
+        output = None if self.capture is None else self.capture.finish()
+        self._release_last(held, outcome, output)
         child.close()
         held.close()
-        return self._exit_status(outcome)
+        status = self._exit_status(outcome)
+        self._report(status, output)
+        return status
+
+    def _report(self, status: int, output: str | None) -> None:
+        """After the release: ping the end, and let the relays finish; bounded.
+
+        Both go on other threads; the end ping and the relays' last writes
+        overlap, and the whole takes at most ``PING_BOUND_S``
+        (``RELAY_FLUSH_S`` without ``--ping``). The status is not changed.
+        """
+        if self.pinger is not None:
+            self.pinger.end(status, output.encode() if output else None)
+        if self.capture is not None:
+            self.capture.close()
+        if self.pinger is not None:
+            self.pinger.wait()
 
     def _start_child(
         self, grant: Grant, held: HeldLease, watchdog: Watchdog | None
@@ -472,14 +524,23 @@ class Run:
         become_subreaper()
         env = child_environment(self.env, grant.lease, s, grant.window_start)
         helpers = () if watchdog is None or watchdog.pid is None else (watchdog.pid,)
+        capture = self.capture
         try:
-            return Child(s.command, env, helpers)
+            return Child(
+                s.command,
+                env,
+                helpers,
+                stdout=None if capture is None else capture.child_stdout,
+                stderr=None if capture is None else capture.child_stderr,
+            )
         except LeaderrunError as exc:
             # A run that failed to start, recorded as failed; nothing to hold.
             end = self._end(RunOutcome.failed, exc.exit_code, hold=False)
             session = held.renewer.stop(0.0)  # never started: it hands it back
             release_or_expire(self.store, session, grant.lease, s.timing, end)
             held.close()
+            # This node took the lease to run it: the monitor hears of the failure.
+            self._report(exc.exit_code, None)
             raise
 
     def _run_child(
@@ -516,7 +577,11 @@ class Run:
                 # Only now may another thread start: the child was forked from the
                 # main thread, whose life its parent-death signal is tied to
                 # (child-dies-with-us).
+                if self.capture is not None:
+                    self.capture.spawned()
                 held.start_renewing()
+                if self.pinger is not None:
+                    self.pinger.start()  # on its own thread: never a wait here
                 return supervisor.run()
             except Exception as exc:
                 # Stop first (a signal), then say why: nothing may wait before it.
@@ -528,7 +593,9 @@ class Run:
                     unstoppable=supervisor.unstoppable,
                 )
 
-    def _release_last(self, held: HeldLease, outcome: Outcome) -> None:
+    def _release_last(
+        self, held: HeldLease, outcome: Outcome, output: str | None = None
+    ) -> None:
         """The group is gone: stop renewing and release, closing the run.
 
         Not while a process of the command that we could not stop still runs:
@@ -552,7 +619,7 @@ class Run:
             run_outcome = RunOutcome.killed
         timing = self.settings.timing
         session = held.renewer.stop(timing.attempt_budget_s)
-        end = self._end(run_outcome, status)
+        end = self._end(run_outcome, status, output=output)
         release_or_expire(self.store, session, held.lease, timing, end)
 
     def _exit_status(self, outcome: Outcome) -> int:
@@ -591,12 +658,18 @@ class Run:
             watchdog.close()
 
     def _end(
-        self, outcome: RunOutcome, status: int | None, *, hold: bool = True
+        self,
+        outcome: RunOutcome,
+        status: int | None,
+        *,
+        hold: bool = True,
+        output: str | None = None,
     ) -> RunEnd:
         """How this run ended, for the release that closes it.
 
         ``--min-hold`` applies only to a command that started (``hold``): a
-        lease taken but never used is freed at once.
+        lease taken but never used is freed at once. ``output`` is the
+        captured tail.
         """
         s = self.settings
         return RunEnd(
@@ -604,6 +677,7 @@ class Run:
             status,
             min_hold_s=s.min_hold_s if hold else 0.0,
             in_window=s.once_per is not None,
+            output=output,
         )
 
     @property

@@ -45,6 +45,8 @@ class RunEnd:
             database time (``--min-hold``); 0 frees it at once.
         in_window: the run was a ``--once-per``/``--schedule`` slot's run, so
             whether it ended well decides ``--retry-failed``.
+        output: the last ``--capture-output`` bytes of the child's stdout and
+            stderr, decoded with ``errors='replace'``; None when not captured.
     """
 
     outcome: RunOutcome

@@ -205,12 +205,16 @@ class Child:
         argv: Sequence[str],
         env: Mapping[str, str],
         helpers: Collection[int] = (),
+        stdout: int | None = None,
+        stderr: int | None = None,
     ) -> None:
         """Start ``argv`` with ``env``, from the calling (main) thread.
 
         ``helpers`` are leaderrun's own processes, never the command's: the
         watchdog, which a leaderrun running as PID 1 (a container's
-        entrypoint) adopts like any orphan.
+        entrypoint) adopts like any orphan. ``stdout`` and ``stderr`` are the
+        descriptors the command writes to (``--capture-output``'s pipes);
+        by default, leaderrun's own.
 
         Raises:
             CommandNotFoundError: exec found no such file (exit 127).
@@ -223,6 +227,8 @@ class Child:
             self._process = subprocess.Popen(
                 list(argv),
                 env=dict(env),
+                stdout=stdout,
+                stderr=stderr,
                 start_new_session=True,
                 # Safe here: no thread of ours holds a lock this code needs. The
                 # renewal thread starts later; a statement's worker has been

@@ -1,14 +1,16 @@
 """The job that fault tests run under leaderrun: it records when it starts.
 
 Usage: ``job.py EVENTS [--ignore-term] [--grandchildren N] [--daemonize]
-[--exit-after SECONDS]``
+[--exit-after SECONDS] [--chatter]``
 
 Every process of the job (itself, its grandchildren in its process group, and
 with ``--daemonize`` one that leaves the group with ``setsid`` after a double
 fork) appends ``start <token> <pid> <boottime>`` to EVENTS, one ``write`` per
 line on an ``O_APPEND`` file, and then runs until it is killed (or, for the job
-itself, until ``--exit-after``). When each process disappeared is recorded by the
-test, not here: a SIGKILLed process cannot say.
+itself, until ``--exit-after``). With ``--chatter`` the job writes a line to
+its stdout and one to its stderr every 10 ms, from a thread, while it runs.
+When each process disappeared is recorded by the test, not here: a SIGKILLed
+process cannot say.
 
 CLOCK_BOOTTIME is one clock for every process on the host. Under libfaketime
 (``LD_PRELOAD``), the job first re-executes itself without it, so that its
@@ -21,6 +23,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 
 
@@ -40,6 +43,15 @@ def idle_forever() -> None:
         signal.pause()
 
 
+def chatter() -> None:
+    line = 0
+    while True:
+        line += 1
+        for fd in (1, 2):
+            os.write(fd, b"chatter %d\n" % line)
+        time.sleep(0.01)
+
+
 def main() -> None:
     if "LD_PRELOAD" in os.environ:
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -50,10 +62,13 @@ def main() -> None:
     parser.add_argument("--grandchildren", type=int, default=0)
     parser.add_argument("--daemonize", action="store_true")
     parser.add_argument("--exit-after", type=float)
+    parser.add_argument("--chatter", action="store_true")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     record(args.events)
+    if args.chatter:
+        threading.Thread(target=chatter, daemon=True).start()
     for _ in range(args.grandchildren):
         if os.fork() == 0:
             record(args.events)

@@ -396,3 +396,75 @@ def test_dsn_source_names_the_environment_twin():
         "labels": {"dsn": "LEADERRUN_DSN"},
     }
     assert settings(**options).dsn_source == "LEADERRUN_DSN"
+
+
+# --- --capture-output and --ping --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("64k", 65536), ("512", 512), ("1m", 1048576), ("64 KiB", 65536), ("0", None)],
+)
+def test_capture_output_takes_a_size_and_zero_is_off(text, size):
+    """Units are of 1024; 0 turns it off; off by default."""
+    assert settings(lock_id="x", capture_output=text).capture_bytes == size
+    assert settings(lock_id="x").capture_bytes is None
+
+
+def test_a_bad_capture_size_is_named_verbatim():
+    """Not a size, or more than the tail may hold, each in one line."""
+    assert config_error(settings, lock_id="x", capture_output="1.5k") == (
+        "--capture-output '1.5k' is not a size; use e.g. 64k, 512 or 1m"
+    )
+    env_named = {"capture_output": "LEADERRUN_CAPTURE_OUTPUT"}
+    assert config_error(
+        settings, lock_id="x", capture_output="2m", labels=env_named
+    ) == (
+        "LEADERRUN_CAPTURE_OUTPUT '2m' is more than 1m, the most kept in memory "
+        "and in the run history; use e.g. 64k"
+    )
+
+
+def test_a_ping_url_is_kept_as_given():
+    """An http(s) URL with a host is the setting; none by default."""
+    url = "https://hc-ping.com/0d1b2c3e-5f60-4718-9a2b-3c4d5e6f7a8b"
+    assert settings(lock_id="x", ping=url).ping_url == url
+    assert settings(lock_id="x").ping_url is None
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "ftp://hc-ping.com/SECRETKEY",
+            "--ping 'ftp://hc-ping.com/…' must be an http:// or https:// URL with a "
+            "host, e.g. https://hc-ping.com/<uuid>",
+        ),
+        (
+            "http://hc-ping.com:99999/SECRETKEY",
+            "--ping 'http://hc-ping.com:99999/…' must be an http:// or https:// URL "
+            "with a host, e.g. https://hc-ping.com/<uuid>",
+        ),
+        (
+            "https://me:SECRETKEY@hc-ping.com/x",
+            "--ping 'https://hc-ping.com/…' must not carry a user or password; the "
+            "key goes in the path, e.g. https://hc-ping.com/<uuid>",
+        ),
+        (
+            "https://hc-ping.com/SECRETKEY\n",
+            None,  # surrounding blanks are trimmed, not an error
+        ),
+        (
+            "https://hc-ping.com/SECRET KEY",
+            "--ping 'https://hc-ping.com/…' must be ASCII without spaces; "
+            "percent-encode other characters",
+        ),
+    ],
+    ids=["scheme", "port", "user", "trimmed", "space"],
+)
+def test_a_bad_ping_url_is_named_without_its_key(url, message):
+    """Each message shows the scheme and host, never the path that holds the key."""
+    if message is None:
+        assert settings(lock_id="x", ping=url).ping_url == url.strip()
+        return
+    assert config_error(settings, lock_id="x", ping=url) == message

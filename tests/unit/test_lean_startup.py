@@ -72,3 +72,16 @@ def test_a_path_that_connects_loads_the_driver_but_not_rich():
     assert code == EXIT_UNAVAILABLE
     assert "psycopg" in modules
     assert [m for m in heavy(modules) if not m.startswith("psycopg")] == []
+
+
+HTTP = ("urllib.request", "http.client", "ssl", "leaderrun.ping", "leaderrun.capture")
+"""What only --ping and --capture-output load."""
+
+
+def test_a_run_without_ping_or_capture_loads_no_http(tmp_path):
+    """A plain run, which runs its command, pays nothing for the monitoring options."""
+    code, modules = imported(
+        "--dsn", f"sqlite://{tmp_path}/l.db", "--lock-id", "x", "--", "true"
+    )
+    assert code == 0
+    assert sorted(m for m in modules if m in HTTP) == []

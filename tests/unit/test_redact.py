@@ -2,7 +2,7 @@
 
 import pytest
 
-from leaderrun.redact import MASK, dsn_secrets, redact
+from leaderrun.redact import MASK, dsn_secrets, redact, url_secrets, url_shown
 
 
 @pytest.mark.parametrize(
@@ -112,3 +112,31 @@ def test_mask_is_eight_stars():
 def test_ssl_key_passphrase_is_a_secret(dsn):
     """sslpassword unlocks a client key: it is masked like a password."""
     assert dsn_secrets(dsn) == ["keypass"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "https://hc-ping.com/0d1b2c3e-5f60-4718-9a2b-3c4d5e6f7a8b",
+            "https://hc-ping.com/…",
+        ),
+        ("https://user:pw@hc.example:8000/k?create=1", "https://hc.example:8000/…"),
+        ("hc-ping.com/0d1b2c3e", "hc-ping.com/…"),
+        ("https://hc-ping.com/", "https://hc-ping.com"),
+    ],
+)
+def test_a_url_is_shown_as_its_scheme_and_host_only(url, shown):
+    """Messages name the monitor, never its key, password or query."""
+    assert url_shown(url) == shown
+
+
+def test_a_url_s_secrets_mask_it_and_its_key_quoted_alone():
+    """The whole URL, what follows the host, and a key-long segment are masked."""
+    key = "0d1b2c3e-5f60-4718-9a2b-3c4d5e6f7a8b"
+    url = f"https://hc-ping.com/{key}/start"
+    secrets = url_secrets(url)
+    assert redact(f"GET {url} failed", secrets) == f"GET {MASK} failed"
+    assert redact(f"no check {key}", secrets) == f"no check {MASK}"
+    assert redact("acquired start of the run", secrets) == "acquired start of the run"
+    assert url_secrets("https://hc-ping.com/") == ["https://hc-ping.com/"]

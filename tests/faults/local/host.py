@@ -79,11 +79,13 @@ class Local:
         self,
         *args: str,
         stderr: int | None = None,
+        stdout: int = subprocess.DEVNULL,
         job: tuple[str, ...] = (),
         launcher: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start leaderrun; its stderr goes to ``stderr`` (an fd) or a log file."""
+        """Start leaderrun; its stderr goes to ``stderr`` (an fd) or a log file,
+        its stdout to ``stdout`` (an fd) or nowhere."""
         log = None
         if stderr is None:
             log = open(self.dir / f"leaderrun-{len(self.procs)}.stderr", "wb")  # noqa: SIM115
@@ -92,7 +94,7 @@ class Local:
             proc = subprocess.Popen(
                 self.argv(*args, job=job, launcher=launcher),
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                stdout=stdout,
                 stderr=stderr,
                 env={**os.environ, **(env or {})},
             )

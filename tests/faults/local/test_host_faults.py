@@ -65,11 +65,19 @@ def pg_local(pg_dsn, lock_name, tmp_path):
 # --- a stalled stderr -----------------------------------------------------------------
 
 
-def test_a_stalled_stderr_does_not_delay_the_supervisor_s_kill(local):
+@pytest.mark.parametrize("capture", [False, True], ids=["plain", "captured"])
+def test_a_stalled_stderr_does_not_delay_the_supervisor_s_kill(local, capture):
     """With its stderr a full pipe nobody reads, a holder whose lease is revoked
-    still stops its child at once; the waiting node then runs alone."""
-    with stalled_pipe() as stderr:
-        holder, token = local.holder(stderr=stderr)
+    still stops its child at once; the waiting node then runs alone. Captured
+    (--capture-output), the child chatters on both streams, and leaderrun's
+    stdout is stalled too: the relay must not hold up the kill either."""
+    with stalled_pipe() as stderr, stalled_pipe() as stdout:
+        holder, token = local.holder(
+            *(("--capture-output", "64k") if capture else ()),
+            stderr=stderr,
+            stdout=stdout if capture else subprocess.DEVNULL,
+            job=("--chatter",) if capture else (),
+        )
         contender = local.start("--wait", "-vv")
         wait_until(lambda: "is held; retrying" in local.stderr(contender), "waits")
         fault_s = boottime()
@@ -82,8 +90,9 @@ def test_a_stalled_stderr_does_not_delay_the_supervisor_s_kill(local):
         assert stopped_s < KILLED_BY_S
         # Its own messages go nowhere, yet it finishes and says how it ended.
         assert holder.wait(WAIT_S) == 122
+    captured = ", --capture-output, stdout stalled too" if capture else ""
     record_figure(
-        f"L1 stalled stderr, lease revoked ({local.kind})",
+        f"L1 stalled stderr{captured}, lease revoked ({local.kind})",
         f"child stopped in {stopped_s:.2f}s, leaderrun exited 122",
         None,
     )
