@@ -941,6 +941,57 @@ def _route(args: list[str]) -> list[str]:
     return options + args[end:]
 
 
+def _misplaced_subcommand(
+    args: Sequence[str], takes_value: Mapping[str, bool]
+) -> str | None:
+    """The hint for ``leaderrun --dsn X status``: a subcommand named after options.
+
+    ``args`` is a routed bare form (``run`` first, put there by ``_route``); its
+    first argument that is neither an option nor an option's value is the
+    command to run. When that names a subcommand, the user almost surely meant
+    the subcommand and put it after its options: running a program called
+    ``status`` (exit 127), or complaining of a missing ``--lock-id``, would hide
+    that. A program really named ``status`` goes after ``--``, never checked
+    here. The hint repeats option names only: a value may hold a password.
+
+    Args:
+        args: the arguments after ``_route``, starting with ``run``.
+        takes_value: every option of ``run`` -> whether it takes a value.
+    """
+    options: list[str] = []
+    index = 1
+    while index < len(args) and args[index] != "--":
+        arg = args[index]
+        if not arg.startswith("-") or arg == "-":
+            if arg not in SUBCOMMANDS:
+                return None
+            shown = " ".join(options)
+            return (
+                f"subcommands come first: leaderrun {arg} {shown}".rstrip()
+                + f"; to run a program named {arg}, put it after --"
+            )
+        name, has_value, _ = arg.partition("=")
+        if takes_value.get(name) and not has_value:
+            options.append(f"{name} …")
+            index += 1  # its value, whatever it looks like
+        else:
+            options.append(f"{name}=…" if has_value else name)
+        index += 1
+    return None
+
+
+def _options_taking_values(command: Any) -> dict[str, bool]:
+    """Each option of click's ``command`` -> whether it takes a value."""
+    taking: dict[str, bool] = {}
+    for param in command.params:
+        if param.param_type_name != "option":
+            continue
+        takes = not (param.is_flag or param.count)
+        for name in (*param.opts, *param.secondary_opts):
+            taking[name] = takes
+    return taking
+
+
 def _requested_log_format(args: Sequence[str], env: Mapping[str, str]) -> LogFormat:
     """The --log-format of the command line or environment, before click parses it."""
     value = env.get("LEADERRUN_LOG_FORMAT", "")
@@ -967,11 +1018,16 @@ def _print_traceback() -> None:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``leaderrun`` console script: route, run, map every error to its status."""
-    args = _route(list(sys.argv[1:] if argv is None else argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = _route(given)
     # Errors raised before a command sets up logging (usage errors) still honour
     # the requested format, so a JSON log consumer never sees a bare text line.
     _State.log_format = _requested_log_format(args, os.environ)
     command = get_command(app)
+    if given[:1] != ["run"] and args[:1] == ["run"]:  # the bare form
+        run_options = _options_taking_values(command.commands["run"])  # type: ignore[attr-defined]
+        if (hint := _misplaced_subcommand(args, run_options)) is not None:
+            _fail(hint, EXIT_USAGE)
     try:
         status = command.main(args, prog_name="leaderrun", standalone_mode=False)
     except BusyError as exc:

@@ -168,6 +168,7 @@ def open_elector_store(
         schema,
         attempt_budget_s=attempt_budget_s,
         connection_factory=connection_factory,
+        labels=PARAMETERS,
     )
 
 

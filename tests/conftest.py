@@ -10,9 +10,12 @@ import os
 
 pytest_plugins = ["tests.pg", "tests.stores", "tests.helpers.faketime"]
 
-# The suite's own input, read by tests/pg.py as the default of --pg-dsn; leaderrun
-# itself never reads it.
-_KEPT = frozenset({"LEADERRUN_TEST_DSN"})
+# The suite's own inputs, read by tests/pg.py and tests/pg_container.py (the
+# defaults of --pg-dsn and --pg-route, and the container image); leaderrun itself
+# never reads them.
+_KEPT = frozenset(
+    {"LEADERRUN_TEST_DSN", "LEADERRUN_TEST_PG_ROUTE", "LEADERRUN_TEST_PG_IMAGE"}
+)
 _SCRUBBED_PREFIXES = ("LEADERRUN_", "LE_", "PG")
 
 for _name in list(os.environ):

@@ -1,14 +1,21 @@
 """The PostgreSQL server for the test suite: where it comes from, and its fixtures.
 
-The first of these routes that applies wins:
+The first of these routes that applies wins (``choose_route`` decides):
 
 1. ``--pg-dsn``, whose default is ``LEADERRUN_TEST_DSN``: an existing server, used
    as it is. It must answer; a DSN that was given but fails is an error, not a skip.
 2. A throwaway cluster made for this session with the local ``initdb``/``pg_ctl``.
    It listens on TCP 127.0.0.1 on a free port, so that fault tests can put a proxy
    in front of it, and on a Unix socket in its own directory.
-3. Otherwise the tests that need the database skip, unless ``CI`` is set: there they
+3. A container started with testcontainers, when a Docker-compatible engine
+   answers (tests/pg_container.py); the image is ``LEADERRUN_TEST_PG_IMAGE``,
+   by default ``postgres:16``.
+4. Otherwise the tests that need the database skip, unless ``CI`` is set: there they
    fail, because a CI run whose database tests quietly skipped proves nothing.
+
+``--pg-route local`` or ``container`` (``LEADERRUN_TEST_PG_ROUTE``) insists on one
+route, and fails when it is not available: to test the container route on a
+machine that also has the server programs.
 
 Fixtures: ``pg_cluster``, ``pg_dsn`` and ``pg_admin`` (session), ``lock_name`` (per
 test). A test that uses ``pg_dsn`` (directly or through another fixture) is marked
@@ -17,6 +24,7 @@ test). A test that uses ``pg_dsn`` (directly or through another fixture) is mark
 
 from __future__ import annotations
 
+import enum
 import os
 import pwd
 import shlex
@@ -27,15 +35,22 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
+if TYPE_CHECKING:
+    from tests.pg_container import ContainerPgCluster
+
 DSN_ENV = "LEADERRUN_TEST_DSN"
-NO_PG_MESSAGE = f"no PostgreSQL: set {DSN_ENV}, or install initdb/pg_ctl"
+ROUTE_ENV = "LEADERRUN_TEST_PG_ROUTE"
+NO_PG_MESSAGE = (
+    f"no PostgreSQL: set {DSN_ENV}, install initdb/pg_ctl, or run a Docker engine"
+)
 
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 5
@@ -46,6 +61,7 @@ START_ATTEMPTS = 4  # a free port can be taken between the probe and postgres's 
 _PORT_CLASH_LOG_LINES = ("could not bind", "could not create any TCP/IP sockets")
 
 _CLUSTER_KEY = pytest.StashKey["PgCluster"]()
+_CHOICE_KEY = pytest.StashKey["RouteChoice"]()
 
 
 class ClusterError(Exception):
@@ -75,6 +91,11 @@ class PgCluster:
     def local(self) -> bool:
         """Whether this session owns the server, so tests may stop and restart it."""
         return self.datadir is not None
+
+    @property
+    def restartable(self) -> bool:
+        """Whether ``stop``, ``start`` and ``restart`` work (not on an external one)."""
+        return self.local
 
     def probe(self) -> None:
         """Connect once, to fail early and to learn the address and server version."""
@@ -353,17 +374,84 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
+class Route(enum.Enum):
+    """Where the session's PostgreSQL comes from; the value names it in the header."""
+
+    DSN = f"--pg-dsn / {DSN_ENV}"
+    LOCAL = "throwaway local cluster"
+    CONTAINER = "testcontainers"
+    NONE = "none"
+
+
+ROUTE_CHOICES = ("auto", "local", "container")
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """The route the session takes, and for ``NONE`` why, and whether that fails."""
+
+    route: Route
+    reason: str = ""
+    fail: bool = False  # NONE only: fail the database tests instead of skipping
+
+
+def choose_route(
+    *,
+    dsn: str | None,
+    local_problem: str | None,
+    engine_problem: Callable[[], str | None],
+    in_ci: bool,
+    insist: str = "auto",
+) -> RouteChoice:
+    """Pick the session's PostgreSQL route from what this machine offers.
+
+    ``local_problem`` and ``engine_problem()`` say why a route is out, or None;
+    the engine is asked only when its answer matters, since asking costs a
+    connection attempt. ``insist`` (``--pg-route``) names the only route to
+    consider: its absence is then a failure, as a given DSN that fails is.
+    """
+    if dsn:
+        return RouteChoice(Route.DSN)
+    if insist != "container":
+        if local_problem is None:
+            return RouteChoice(Route.LOCAL)
+        if insist == "local":
+            return RouteChoice(Route.NONE, f"--pg-route local: {local_problem}", True)
+    engine = engine_problem()
+    if engine is None:
+        return RouteChoice(Route.CONTAINER)
+    if insist == "container":
+        return RouteChoice(Route.NONE, f"--pg-route container: {engine}", True)
+    return RouteChoice(Route.NONE, f"{local_problem}; {engine}", fail=in_ci)
+
+
+def _session_route(config: pytest.Config) -> RouteChoice:
+    """The session's route, chosen once: the header and the fixture must agree."""
+    if (choice := config.stash.get(_CHOICE_KEY, None)) is None:
+        from tests import pg_container  # testcontainers only when it may be used
+
+        choice = choose_route(
+            dsn=config.getoption("pg_dsn"),
+            local_problem=_local_unavailable_reason(),
+            engine_problem=pg_container.engine_problem,
+            in_ci=_in_ci(),
+            insist=config.getoption("pg_route"),
+        )
+        config.stash[_CHOICE_KEY] = choice
+    return choice
+
+
 def _version_text(server_version: int) -> str:
     """Turn libpq's integer version (150018) into PostgreSQL's own text (15.18)."""
     return f"{server_version // 10000}.{server_version % 10000}"
 
 
-def _no_postgres(reason: str) -> NoReturn:
-    """Skip the test for want of a database, or fail it when running in CI."""
-    if _in_ci():
+def _no_postgres(reason: str, *, fail: bool | None = None) -> NoReturn:
+    """Skip the test for want of a database; fail it in CI, or when ``fail`` says so."""
+    if _in_ci() if fail is None else fail:
         pytest.fail(
-            f"{NO_PG_MESSAGE} ({reason}); CI is set, and there the database tests "
-            "must run, not skip",
+            f"{NO_PG_MESSAGE} ({reason}); with CI set or a --pg-route given, "
+            "the database tests must run, not skip",
             pytrace=False,
         )
     pytest.skip(f"{NO_PG_MESSAGE} ({reason})")
@@ -380,12 +468,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             f"(default: ${DSN_ENV}; without it, a throwaway local cluster)"
         ),
     )
+    group.addoption(
+        "--pg-route",
+        choices=ROUTE_CHOICES,
+        default=os.environ.get(ROUTE_ENV) or "auto",
+        help=(
+            "without a DSN, where PostgreSQL comes from: auto (local initdb/pg_ctl, "
+            f"else a container), local, or container (default: ${ROUTE_ENV} or auto)"
+        ),
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """Say which PostgreSQL the database tests will use, and its version."""
-    if dsn := config.getoption("pg_dsn"):
-        external = PgCluster(dsn)
+    """Say which PostgreSQL route the database tests will take, and its version."""
+    choice = _session_route(config)
+    if choice.route is Route.DSN:
+        external = PgCluster(config.getoption("pg_dsn"))
         try:
             external.probe()
         except psycopg.Error as exc:
@@ -395,11 +493,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"{_version_text(external.server_version)} "
             f"at {external.host or 'the default socket'}:{external.port}"
         ]
-    if reason := _local_unavailable_reason():
-        outcome = "fail, as CI is set" if _in_ci() else "skip"
-        return [f"postgresql: none ({reason}); database tests will {outcome}"]
+    if choice.route is Route.CONTAINER:
+        from tests import pg_container
+
+        return [
+            f"postgresql: {Route.CONTAINER.value}, image {pg_container.image()}; "
+            "started on first use"
+        ]
+    if choice.route is Route.NONE:
+        outcome = "fail" if choice.fail else "skip"
+        return [f"postgresql: none ({choice.reason}); database tests will {outcome}"]
     bindir = find_bindir()
-    assert bindir is not None  # _local_unavailable_reason() found it a moment ago
+    assert bindir is not None  # the local route was chosen because it exists
     version = subprocess.run(
         [bindir / "postgres", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -438,12 +543,16 @@ def pytest_terminal_summary(
 def pg_cluster(pytestconfig: pytest.Config) -> Iterator[PgCluster]:
     """The session's PostgreSQL server: ``.dsn``, ``.host``, ``.port``, ``.datadir``.
 
-    A local cluster (``.local``) can also ``.stop(mode)``, ``.start()`` and
-    ``.restart(mode)`` on the same port; a test that does so must leave it running.
-    An external one raises ``ClusterError`` there.
+    A local cluster or a container (``.restartable``) can also ``.stop(mode)``,
+    ``.start()`` and ``.restart(mode)`` on the same port; a test that does so must
+    leave it running. An external one raises ``ClusterError`` there. Only a
+    local cluster's processes (``.local``) are ours to signal.
     """
-    if dsn := pytestconfig.getoption("pg_dsn"):
-        external = PgCluster(dsn)
+    choice = _session_route(pytestconfig)
+    if choice.route is Route.NONE:
+        _no_postgres(choice.reason, fail=choice.fail)
+    if choice.route is Route.DSN:
+        external = PgCluster(pytestconfig.getoption("pg_dsn"))
         try:
             external.probe()
         except psycopg.Error as exc:
@@ -452,11 +561,15 @@ def pg_cluster(pytestconfig: pytest.Config) -> Iterator[PgCluster]:
         yield external
         return
 
-    if reason := _local_unavailable_reason():
-        _no_postgres(reason)
-    bindir = find_bindir()
-    assert bindir is not None  # _local_unavailable_reason() found it a moment ago
-    cluster = LocalPgCluster(bindir)
+    cluster: LocalPgCluster | ContainerPgCluster
+    if choice.route is Route.CONTAINER:
+        from tests.pg_container import ContainerPgCluster, image
+
+        cluster = ContainerPgCluster(image())
+    else:
+        bindir = find_bindir()
+        assert bindir is not None  # the local route was chosen because it exists
+        cluster = LocalPgCluster(bindir)
     pytestconfig.stash[_CLUSTER_KEY] = cluster
     try:
         try:

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from leaderrun.config import DEFAULT_SCHEMA, MAX_IDENTIFIER_BYTES
 from leaderrun.errors import ConfigError
-from leaderrun.stores.base import ManagedStore
+from leaderrun.stores.base import FLAG_LABELS, ManagedStore
 
 __all__ = [
     "ManagedStore",
@@ -139,8 +139,8 @@ def open_store(
     Raises:
         ConfigError: no database named, or a bad DSN for the chosen store.
     """
-    dsn_label = (labels or {}).get("dsn", "--dsn")
-    schema_label = (labels or {}).get("schema", "--schema")
+    dsn_label = (labels or {}).get("dsn", FLAG_LABELS["dsn"])
+    schema_label = (labels or {}).get("schema", FLAG_LABELS["schema"])
     if not configured(dsn, env):
         raise ConfigError(no_dsn_message(dsn_label))
     if is_sqlite(dsn):
@@ -158,12 +158,13 @@ def open_store(
             busy_s=attempt_budget_s,
             create=create,
             vouched_fs=vouched_fs_types(env),
+            labels=labels,
         )
     # psycopg costs ~100 ms to import: only a PostgreSQL run pays for it.
     from leaderrun.stores.postgres import PostgresLeaseStore
 
     return PostgresLeaseStore(
-        dsn, schema, attempt_budget_s=attempt_budget_s, create=create
+        dsn, schema, attempt_budget_s=attempt_budget_s, create=create, labels=labels
     )
 
 

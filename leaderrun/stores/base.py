@@ -45,7 +45,18 @@ Row = Mapping[str, Any]
 """One row of a store's table or query, by column name."""
 
 
-def key_collision(lock: LockId, other_name: str | None) -> ConfigError:
+FLAG_LABELS: Mapping[str, str] = {
+    "lock_id": "--lock-id",
+    "dsn": "--dsn",
+    "schema": "--schema",
+}
+"""How a store's messages name its settings by default: the command line's flags.
+The library passes its parameter names instead (``elector.PARAMETERS``)."""
+
+
+def key_collision(
+    lock: LockId, other_name: str | None, label: str = FLAG_LABELS["lock_id"]
+) -> ConfigError:
     """The error for a lock whose 64-bit key a lock of another name already uses.
 
     Names hash to keys, so two names can collide; the row's name decides, and
@@ -53,7 +64,7 @@ def key_collision(lock: LockId, other_name: str | None) -> ConfigError:
     """
     other = other_name if other_name is not None else lock.key
     return ConfigError(
-        f"--lock-id {str(lock)!r} has the same 64-bit key as the lock "
+        f"{label} {str(lock)!r} has the same 64-bit key as the lock "
         f"{other!r}; choose another name"
     )
 
@@ -93,6 +104,7 @@ def acquire_result(
     claim: Claim,
     row: Row | None,
     to_datetime: Callable[[Any], datetime],
+    lock_label: str = FLAG_LABELS["lock_id"],
 ) -> AcquireResult:
     """What one acquire decided, from its row (``acquire`` in ``sql.QUERIES``).
 
@@ -110,7 +122,7 @@ def acquire_result(
         lease = Lease(lock, claim.holder, int(row["token"]))
         return AcquireResult(lease=lease, window_start=window_start)
     if row["lock_name"] != lock.name:
-        raise key_collision(lock, row["lock_name"])
+        raise key_collision(lock, row["lock_name"], lock_label)
     return AcquireResult(
         lease=None,
         holder=row["holder"],

@@ -295,8 +295,9 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
         create: bool = True,
         connection_factory: ConnectionFactory | None = None,
         wall_clock: Callable[[], float] = time.time,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(create=create, bound_s=attempt_budget_s)
+        super().__init__(create=create, bound_s=attempt_budget_s, labels=labels)
         self.schema = schema
         self._factory = connection_factory
         # Only a guess: the server's own now() chooses the slot.
@@ -527,12 +528,14 @@ class PostgresSession(SqlSession):
         self.check_settings()
         schema = self._store.schema
         found = self.inspect()
-        if (foreign := foreign_table(schema, found)) is not None:
+        foreign = foreign_table(schema, found, self._store.labels["schema"])
+        if foreign is not None:
             raise foreign
         if absent := [name for name in TABLE_COLUMNS if name not in found]:
             self._create_tables(absent)
             found = self.inspect()  # whoever made them: a racing first user too
-            if (foreign := foreign_table(schema, found)) is not None:
+            foreign = foreign_table(schema, found, self._store.labels["schema"])
+            if foreign is not None:
                 raise foreign
         outdated = missing_columns(found)
         for name, missing in outdated.items():
@@ -581,7 +584,8 @@ class PostgresSession(SqlSession):
             return
         except e.InvalidSchemaName:
             raise SchemaMissingError(
-                f"schema {schema!r} does not exist; create it or pass another --schema"
+                f"schema {schema!r} does not exist; create it or pass another "
+                + self._store.labels["schema"]
             ) from None
         except e.InsufficientPrivilege:
             raise SchemaMissingError(
@@ -609,7 +613,8 @@ class PostgresSession(SqlSession):
         if name not in UPGRADE:
             raise DatabaseUnavailableError(
                 f"{table} lacks the columns {', '.join(missing)} and this version "
-                "cannot add them; recreate it in another --schema"
+                "cannot add them; recreate it in another "
+                + self._store.labels["schema"]
             )
         upgrade = statement(UPGRADE[name], self._store.schema)
         timeout = f"{round(INIT_LOCK_TIMEOUT_S * 1000)}ms"
@@ -747,7 +752,8 @@ class PostgresSession(SqlSession):
             except psycopg.Error:
                 found = None
             if found is not None:
-                if (foreign := foreign_table(store.schema, found)) is not None:
+                foreign = foreign_table(store.schema, found, store.labels["schema"])
+                if foreign is not None:
                     return foreign
                 for name, missing in missing_columns(found).items():
                     return outdated_table(store.schema, name, missing)
@@ -763,7 +769,7 @@ class PostgresSession(SqlSession):
         if isinstance(exc, e.InvalidSchemaName):
             return SchemaMissingError(
                 f"schema {store.schema!r} does not exist; create it or pass "
-                "another --schema"
+                f"another {store.labels['schema']}"
             )
         if isinstance(exc, e.InsufficientPrivilege):
             grants = _missing_grants(self._conn, store.schema)

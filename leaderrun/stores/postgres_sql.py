@@ -393,7 +393,9 @@ Found = Mapping[str, tuple[str, tuple[str, ...]]]
 """What the catalog holds under leaderrun's table names: name -> (kind, columns)."""
 
 
-def foreign_table(schema: str, found: Found) -> ForeignTableError | None:
+def foreign_table(
+    schema: str, found: Found, schema_label: str = "--schema"
+) -> ForeignTableError | None:
     """The refusal of the first relation under leaderrun's names that is not its.
 
     A relation is leaderrun's if it is a table with every core column
@@ -410,7 +412,7 @@ def foreign_table(schema: str, found: Found) -> ForeignTableError | None:
         return ForeignTableError(
             f"{schema}.{name} is not leaderrun's table ({what} with columns "
             f"{listed}); leaderrun never alters a table it did not create: pass "
-            "--schema to keep leaderrun's tables in a schema of their own"
+            f"{schema_label} to keep leaderrun's tables in a schema of their own"
         )
     return None
 

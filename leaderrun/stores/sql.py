@@ -30,6 +30,7 @@ from leaderrun.errors import (
 from leaderrun.lease import Lease, LockId
 from leaderrun.runs import RunEnd, RunOutcome, RunRecord
 from leaderrun.stores.base import (
+    FLAG_LABELS,
     MAX_COMMAND_CHARS,
     REVOKED_HOLDER,
     AcquireResult,
@@ -112,9 +113,19 @@ class SqlStore(ManagedStore, Generic[_S]):
         create: create the tables on first use if they are missing.
         bound_s: how long any call may take before it is given up
             (``bounded-statements``).
+        labels: how messages name ``lock_id``, ``dsn`` and ``schema``: the
+            library's parameter names; by default the command line's flags.
     """
 
-    def __init__(self, *, create: bool, bound_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        create: bool,
+        bound_s: float,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        self.labels: Mapping[str, str] = {**FLAG_LABELS, **(labels or {})}
+        """How messages name the settings (``--schema``, or ``schema``)."""
         self.create = create
         self.bound_s = bound_s
         """How long any call may take before it is given up and interrupted."""
@@ -245,7 +256,9 @@ class SqlSession(ABC):
                 unused.token,
             )
             row = self._acquire_row(lock, params)
-        result = acquire_result(lock, claim, row, self._to_datetime)
+        result = acquire_result(
+            lock, claim, row, self._to_datetime, self._store.labels["lock_id"]
+        )
         if result.lease is not None:
             self._store.answered(lock, claim.holder, result.lease.token)
         return result

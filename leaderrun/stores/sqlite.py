@@ -632,11 +632,14 @@ class SqliteLeaseStore(SqlStore["SqliteSession"]):
         create: bool = True,
         vouched_fs: Iterable[str] = (),
         clock: HostClock | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.path = path
         self.busy_s = max(MIN_BUSY_S, busy_s)
         """How long a call waits for another process's write lock, in seconds."""
-        super().__init__(create=create, bound_s=self.busy_s + STATEMENT_ALLOWANCE_S)
+        super().__init__(
+            create=create, bound_s=self.busy_s + STATEMENT_ALLOWANCE_S, labels=labels
+        )
         # rwc creates a missing file; rw (status, release) never does.
         mode = "rwc" if create else "rw"
         self._target = f"file:{quote(str(path))}?mode={mode}"

@@ -48,13 +48,21 @@ def test_readme_first_command_installs_and_one_of_two_runs(tmp_path):
     """
     work = tmp_path / "leaderrun"
     work.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    # What a build reads: the man page is one of the wheel's data files.
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "CHANGELOG.md",
+        "MANIFEST.in",
+    ):
         shutil.copy(ROOT / name, work / name)
-    shutil.copytree(
-        ROOT / "leaderrun",
-        work / "leaderrun",
-        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-    )
+    for directory in ("leaderrun", "man"):
+        shutil.copytree(
+            ROOT / directory,
+            work / directory,
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
     result = subprocess.run(
         ["bash", "-c", first_command()],
         cwd=work,

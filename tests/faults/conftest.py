@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -336,11 +337,27 @@ def harness(pg_cluster, lock_name, tmp_path) -> Iterator[Harness]:
         made.cleanup()
 
 
+def _needs(what: str) -> NoReturn:
+    """Skip a scenario the session's server can't host; in CI, fail it."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"this scenario {what}", pytrace=False)
+    pytest.skip(f"this scenario {what}")
+
+
 @pytest.fixture
 def local_cluster(pg_cluster):
-    """The session's server, when this session owns it (restart, SIGSTOP)."""
+    """The session's server, when its processes are ours to signal (SIGSTOP)."""
     if not pg_cluster.local:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail("this scenario needs the throwaway local cluster")
-        pytest.skip("this scenario stops the server: it needs the local cluster")
+        _needs(
+            "signals the server's processes: it needs the throwaway local cluster "
+            "(a container's pids are in another namespace, maybe another machine)"
+        )
+    return pg_cluster
+
+
+@pytest.fixture
+def restartable_cluster(pg_cluster):
+    """The session's server, when this session started it (stop, start, restart)."""
+    if not pg_cluster.restartable:
+        _needs("stops the server: it needs one this session started")
     return pg_cluster

@@ -183,7 +183,7 @@ def test_f5_connection_reset_keeps_the_child(harness, pg_admin, how):
 # --- F6: a frozen backend, a frozen server ----------------------------------------
 
 
-def test_f6_frozen_backend_is_abandoned(harness, pg_admin):
+def test_f6_frozen_backend_is_abandoned(harness, pg_admin, local_cluster):
     """SIGSTOP of the holder's server process: the renewal on it hangs, is
     abandoned after the attempt budget, and a fresh connection renews."""
     holder, first = harness.holder()
@@ -251,14 +251,14 @@ def test_f6_frozen_server_longer_than_the_lease(harness, local_cluster):
 # --- F7, F8: database restarts -------------------------------------------------------
 
 
-def test_f7_short_restart_keeps_the_child(harness, local_cluster):
+def test_f7_short_restart_keeps_the_child(harness, restartable_cluster):
     """A restart shorter than the outage tolerance: the holder reconnects in time."""
     harness.lease_s = 10.0  # tolerance 5.3 s: room for pg_ctl restart on a busy host
     holder, first = harness.holder()
     contender = harness.node("contender")
     contender.wait_busy()
     fault_s = boottime()
-    local_cluster.restart("fast")
+    restartable_cluster.restart("fast")
     outage_s = boottime() - fault_s
     timing = make_timing(harness.lease_s)
     assert outage_s < timing.outage_tolerance_s, "the restart itself took too long"
@@ -274,7 +274,7 @@ def test_f7_short_restart_keeps_the_child(harness, local_cluster):
     )
 
 
-def test_f8_outage_longer_than_the_lease(harness, local_cluster):
+def test_f8_outage_longer_than_the_lease(harness, restartable_cluster):
     """Down for 1.5 leases: the child is stopped at the deadline; after the server
     returns, exactly one of two waiting nodes takes over."""
     holder, first = harness.holder()
@@ -282,13 +282,13 @@ def test_f8_outage_longer_than_the_lease(harness, local_cluster):
     for contender in contenders:
         contender.wait_busy()
     fault_s = boottime()
-    local_cluster.stop("fast")
+    restartable_cluster.stop("fast")
     try:
         wait_until(lambda: not harness.timeline.running(first.token), "child stopped")
         assert boottime() - fault_s < KILLED_BY_S + 1.0
         time.sleep(max(0.0, fault_s + 1.5 * harness.lease_s - boottime()))
     finally:
-        local_cluster.start()
+        restartable_cluster.start()
     nxt = takeover(harness, first, fault_s, "F8 server down 1.5 leases")
     assert holder.wait() == 122
     time.sleep(1.0)  # the loser's next try finds the lock held

@@ -22,17 +22,17 @@ def test_server_is_postgresql_15_or_newer(pg_admin):
 def test_local_cluster_listens_on_tcp_loopback(pg_cluster):
     """The local cluster answers on TCP 127.0.0.1, where fault tests put a proxy."""
     if not pg_cluster.local:
-        pytest.skip("an external server need not listen on 127.0.0.1")
+        pytest.skip("only the local cluster itself listens on 127.0.0.1")
     tcp = f"host=127.0.0.1 port={pg_cluster.port} dbname=postgres user=postgres"
     with psycopg.connect(tcp) as conn:
         row = conn.execute("SELECT host(inet_server_addr()), inet_server_port()")
         assert row.fetchone() == ("127.0.0.1", pg_cluster.port)
 
 
-def test_local_cluster_restarts_on_the_same_port(pg_cluster, pg_admin):
+def test_own_server_restarts_on_the_same_port(pg_cluster, pg_admin):
     """A restart, even after a crash-like stop, keeps the address clients know."""
-    if not pg_cluster.local:
-        pytest.skip("only a local cluster can be restarted")
+    if not pg_cluster.restartable:
+        pytest.skip("only a server this session started can be restarted")
     port = pg_cluster.port
     pg_cluster.restart("immediate")
     assert pg_cluster.port == port

@@ -149,6 +149,40 @@ def test_no_arguments_print_the_help_and_nothing_else(capfd):
 
 
 @pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (("--dsn", "X", "status"), "leaderrun status --dsn …"),
+        (
+            ("--dsn", "postgresql://u:s3cret@db/app", "status", "--lock-id", "Y"),
+            "leaderrun status --dsn …",
+        ),
+        (("--dsn=X", "-v", "history", "--json"), "leaderrun history --dsn=… -v"),
+        (("--lock-id", "7", "--no-watchdog", "release"), "leaderrun release "
+         "--lock-id … --no-watchdog"),
+    ],
+    ids=["status", "secret-not-repeated", "flag=value", "flags"],
+)  # fmt: skip
+def test_a_subcommand_after_options_gets_the_hint(capfd, argv, hint):
+    """`leaderrun --dsn X status` says subcommands come first and exits 64."""
+    code, out, err = run_main(capfd, *argv)
+    name = hint.split()[1]
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err == (
+        f"leaderrun: subcommands come first: {hint}; "
+        f"to run a program named {name}, put it after --\n"
+    )
+    assert "s3cret" not in err
+
+
+def test_a_program_named_like_a_subcommand_runs_after_the_separator(capfd):
+    """After `--`, `status` is the command: the usual check for a lock id applies."""
+    code, _, err = run_main(capfd, "--dsn", "X", "--", "status")
+    assert code == EXIT_USAGE
+    assert "no --lock-id given" in err
+    assert "subcommands come first" not in err
+
+
+@pytest.mark.parametrize(
     ("argv", "env"),
     [
         (("--log-format", "json", "--bogus"), {}),
