@@ -41,6 +41,7 @@ from tests.faults.conftest import LEASE_S, SABOTAGE, Timeline, boottime
 from tests.faults.proxy import BLACKHOLE, HOLD, PASS, Proxy
 from tests.faults.test_faults import server_pids
 from tests.helpers.faketime import faketime_env, faketime_library
+from tests.helpers.processes import stat_fields
 from tests.pg import PgCluster
 from tests.soak.history import (
     START_ALLOWANCE_S,
@@ -257,20 +258,14 @@ class Node:
 
 
 def parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def last_cpu(pid: int) -> int | None:
     """The CPU ``pid`` last ran on (field 39 of /proc/PID/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[36])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[36])
 
 
 class Soak:

@@ -30,7 +30,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from tests.faults.job import record
+from tests.faults.job import append, record
 
 SLEEP_S = (0.001, 0.010)
 """Between the read and the write: the window a stale writer needs."""
@@ -43,12 +43,7 @@ gives its row lock back eventually."""
 
 def note(path: str, what: str, node: str, token: int) -> None:
     stamp = time.clock_gettime(time.CLOCK_BOOTTIME)
-    line = f"{what} {node} {token} {os.getpid()} {stamp:.6f}\n".encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append(path, f"{what} {node} {token} {os.getpid()} {stamp:.6f}\n")
 
 
 def increment(
