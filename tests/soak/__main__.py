@@ -2,7 +2,8 @@
 
 It starts its own throwaway PostgreSQL cluster (tests/pg.py; as the ``postgres``
 user when run as root), runs the soak, prints the report and writes it to
-``--report`` (default ``soak-seed<N>.md``). Exit status 0 if every property
+``--report`` (default ``soak-seed<N>.md``), and the raw history (every child,
+fault and counter) beside it as JSON. Exit status 0 if every property
 held, 1 if not (the seed and the replay command are printed), 2 on a usage
 error. Run it from the repository root, with the test extras installed.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import random
 import shutil
 import sys
@@ -90,8 +93,11 @@ def main(argv: list[str]) -> int:
     report = render(result)
     path = args.report or Path(f"soak-seed{seed}.md")
     path.write_text(report)
+    # The raw history beside it, so that a figure can be recomputed later.
+    raw = path.with_suffix(".json")
+    raw.write_text(json.dumps(dataclasses.asdict(result), indent=1))
     print(report)
-    print(f"report written to {path}")
+    print(f"report written to {path}, the history to {raw}")
     found = violations(result)
     if found:
         print(failure_message(result, found), file=sys.stderr)

@@ -569,8 +569,7 @@ class Soak:
             errors=self.errors,
         )
         result.children = self._children()
-        for node in self.nodes:
-            result.exits.update(node.exits)
+        result.exits = dict(sum((node.exits for node in self.nodes), Counter()))
         result.counters = self._counters()
         self._drop_tables()
         result.wall_s = time.monotonic() - began

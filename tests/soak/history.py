@@ -68,7 +68,9 @@ class CounterCheck:
     value: int
     committed: int
     refused: int = 0
-    """Writes the fence refused (a stale token), fenced counter only."""
+    """Increments the fence refused to a job that was still running to see it
+    (fenced counter only). A stale write that lands after its job died is
+    refused, or waits for the fence, in the server, unseen by anyone."""
 
     @property
     def lost(self) -> int:
@@ -89,7 +91,8 @@ class SoakResult:
     sabotage: str | None = None
     children: list[Child] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
-    exits: Counter[str] = field(default_factory=Counter)
+    exits: dict[str, int] = field(default_factory=dict)
+    """leaderrun's exit statuses, and how often each."""
     counters: list[CounterCheck] = field(default_factory=list)
     start_s: float = 0.0
     wall_s: float = 0.0
@@ -142,24 +145,27 @@ def retaken_after_s(children: Sequence[Child], at_s: float) -> float | None:
 
 
 def failovers_s(
-    children: Sequence[Child], faults: Sequence[FaultRecord]
+    children: Sequence[Child], faults: Sequence[FaultRecord], lease_s: float
 ) -> list[float]:
-    """For each child that was stopped: from the first fault that hit it to the next
+    """For each child that was stopped: from the fault that stopped it to the next
     child's start.
 
-    A fault hit a child if it was injected while the child ran and aimed at the
-    child's node, the server or the lock. Children that ended by themselves, or
-    that no fault hit (a job the database failed), have no failover.
+    The fault that stopped it is the first injected in the last lease of its
+    life and aimed at its node, the server or the lock: every fault stops a
+    child within a lease or not at all (the kill deadline and the grace fit in
+    one), and one before that was ridden out. Children that ended by themselves,
+    or that no fault hit (a job the database failed), have no failover.
     """
     in_order = sorted(children, key=lambda c: c.start_s)
     found = []
     for child, nxt in itertools.pairwise(in_order):
         if child.finished:
             continue
+        since_s = max(child.start_s, child.end_s - lease_s)
         hits = [
             f.injected_s
             for f in faults
-            if child.start_s <= f.injected_s < child.end_s
+            if since_s <= f.injected_s < child.end_s
             and f.target in (child.node, "server", "lock")
         ]
         if hits:
@@ -216,7 +222,7 @@ def render(result: SoakResult) -> str:
     """The soak's report, in Markdown."""
     found = violations(result)
     lease = result.lease_s
-    fail = [s / lease for s in failovers_s(result.children, result.faults)]
+    fail = [s / lease for s in failovers_s(result.children, result.faults, lease)]
     by_kind = Counter(f.kind for f in result.faults)
     counters = {c.kind: c for c in result.counters}
     children = sorted(result.children, key=lambda c: c.start_s)
@@ -244,7 +250,11 @@ def render(result: SoakResult) -> str:
     for kind in ("fenced", "unfenced"):
         if kind in counters:
             c = counters[kind]
-            refused = f", {c.refused} stale writes refused" if kind == "fenced" else ""
+            refused = (
+                f", {c.refused} refused to a job still running"
+                if kind == "fenced"
+                else ""
+            )
             lines.append(
                 f"| lost updates, {kind} | {c.lost} of {c.committed} "
                 f"committed{refused} |"

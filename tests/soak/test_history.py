@@ -123,21 +123,22 @@ def test_a_harness_error_fails_the_soak_with_its_seed_and_replay():
     )
 
 
-def test_failover_counts_stopped_children_from_the_first_fault_that_hit_them():
-    """Only children that did not finish, and only faults on their node, the
-    server or the lock."""
+def test_failover_runs_from_the_fault_that_stopped_the_child():
+    """Only children that did not finish; only faults on their node, the server
+    or the lock, in the last lease of their life (an earlier one was ridden out)."""
     children = [
-        Child(1, 100, "n0", 0.0, 5.0),
-        Child(2, 101, "n1", 7.0, 8.0, finished=True),
-        Child(3, 102, "n2", 9.0, 9.5),
-        Child(4, 103, "n0", 12.0, NOT_ENDED),
+        Child(1, 100, "n0", 0.0, 9.0),
+        Child(2, 101, "n1", 11.0, 12.0, finished=True),
+        Child(3, 102, "n2", 13.0, 13.5),
+        Child(4, 103, "n0", 14.0, NOT_ENDED),
     ]
     faults = [
-        FaultRecord("partition", "n1", 1.0, 2.0),  # another node: not this child's
-        FaultRecord("partition", "n0", 3.0, 6.0),
-        FaultRecord("release-force", "lock", 4.0, 4.0),
+        FaultRecord("reset", "n0", 1.0, 1.0),  # ridden out: long before the end
+        FaultRecord("partition", "n1", 6.0, 7.0),  # another node's
+        FaultRecord("partition", "n0", 7.0, 9.0),
+        FaultRecord("release-force", "lock", 8.0, 8.0),
     ]
-    assert failovers_s(children, faults) == [4.0]
+    assert failovers_s(children, faults, lease_s=4.0) == [4.0]
 
 
 def test_percentile_is_nearest_rank():
