@@ -27,15 +27,20 @@ import threading
 import time
 
 
+def append(path: str, line: str) -> None:
+    """Add ``line`` to ``path`` in one write(2) on an O_APPEND file, so that
+    lines from many processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def record(path: str) -> None:
     token = os.environ.get("LEADERRUN_FENCING_TOKEN", "-")
     stamp = time.clock_gettime(time.CLOCK_BOOTTIME)
-    line = f"start {token} {os.getpid()} {stamp:.6f}\n".encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append(path, f"start {token} {os.getpid()} {stamp:.6f}\n")
 
 
 def idle_forever() -> None:

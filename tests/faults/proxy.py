@@ -9,7 +9,8 @@ cut one node off while the others carry on:
 - ``blackhole``: a partition. Nothing is forwarded either way and nothing is
   closed, so neither end sees an RST or a FIN; only timeouts can tell. Every
   connection open at that moment stays dead after the partition heals (its
-  bytes were lost), and new connections hang until ``pass``.
+  bytes were lost), and new connections hang until ``pass``. ``drop_dead()``
+  then closes them, as a connection that lost bytes finally times out.
 - ``reset()``: every open connection is closed with an RST to the client
   (``SO_LINGER`` 0); new ones pass.
 """
@@ -85,6 +86,20 @@ class Proxy:
         for link in links:
             link.close(rst=True)
         return len(links)
+
+    def drop_dead(self) -> int:
+        """Close the connections a blackhole killed; return how many.
+
+        Otherwise their server sessions stay open for good (nothing ever
+        reaches the server again, not even an end), which a long soak of
+        partitions would pile up to max_connections.
+        """
+        with self._changed:
+            dead = [link for link in self._links if link.dead]
+            self._links = [link for link in self._links if not link.dead]
+        for link in dead:
+            link.close()
+        return len(dead)
 
     def upstream_ports(self) -> list[int]:
         """The local ports of the open upstream sockets (``client_port`` in PG)."""

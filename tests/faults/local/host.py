@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import JOB, WAIT_S, Timeline
+from tests.helpers.processes import stat_fields
 from tests.helpers.waiting import wait_until
 
 LEADERRUN = str(Path(sys.executable).with_name("leaderrun"))
@@ -176,11 +177,8 @@ def threads_in_syscall(pid: int, number: int) -> list[int]:
 
 
 def _session(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[3])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[3])
 
 
 def watchdog_of(proc: subprocess.Popen[bytes]) -> int:
