@@ -161,7 +161,8 @@ def test_splay_spreads_a_fleet_s_starts_over_the_interval(leaderrun, tmp_path):
     splayed, pauses = start("--splay", "3s")
     assert no_pauses == []
     assert len(pauses) == 10
-    assert all(0 <= p < 3 for p in pauses)
+    # Below 3 s; the log's three significant digits may round 2.9996 up to 3.
+    assert all(0 <= p <= 3 for p in pauses)
     assert max(pauses) - min(pauses) > 1.0
     assert splayed[-1] - splayed[0] > (together[-1] - together[0]) + 1.0
 
