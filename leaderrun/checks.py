@@ -131,9 +131,9 @@ def cadence_of(recorded: dict[str, Any] | None) -> OncePer | None:
             tz=str(recorded.get("tz", "UTC")),
             early_s=float(recorded.get("early_s", DEFAULT_EARLY_S)),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, ScheduleError):
-            raise
+    except ScheduleError:
+        raise
+    except (KeyError, TypeError, ValueError):
         raise ScheduleError(f"unreadable cadence {recorded!r}") from None
 
 
