@@ -157,3 +157,10 @@ def test_json_document():
     assert (document["state"], document["exit_code"]) == ("OK", 0)
     assert document["due_slot"] == "2026-12-06T02:00:00.000Z"
     assert document["last_run"]["slot"] == "2026-12-06T02:00:00.000Z"
+
+
+@pytest.mark.parametrize("recorded", [{"schedule": "61 * * * *"}, {"offset_s": 1.0}])
+def test_a_recorded_cadence_that_cannot_be_read_is_unknown(recorded):
+    state, line = verdict(status(cadence=recorded), [run("ok", TODAY)])
+    assert state is CheckState.UNKNOWN
+    assert line.endswith("give --max-age | duration=60.0s")
