@@ -1104,7 +1104,8 @@ def _acquire(conn: sqlite3.Connection, params: Mapping[str, Any]) -> list[Row]:
             "prev_renewed": last.get("renewed_unix_s"),
         }
         lost = conn.execute(_CLOSE_LOST, run).rowcount
-        conn.execute(_COUNT_LOST, {**run, "lost": lost})
+        if lost:
+            conn.execute(_COUNT_LOST, {**run, "lost": lost})
         for statement in (_START_RUN, _PRUNE):
             conn.execute(statement, run)
     return [
