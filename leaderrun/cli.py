@@ -351,6 +351,19 @@ def run(
             show_default=False,
         ),
     ] = None,
+    listen_dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--listen-dsn",
+            envvar="LEADERRUN_LISTEN_DSN",
+            metavar="DSN",
+            help="With --wait: LISTEN for the lock's release on this server "
+            "instead of the lease connection; for leases through PgBouncer in "
+            "transaction mode, give the server or a session-mode pool. "
+            "[default: the lease connection]",
+            show_default=False,
+        ),
+    ] = None,
     busy_exit_code: Annotated[
         int | None,
         typer.Option(
@@ -511,9 +524,11 @@ def run(
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Take the lock and run COMMAND while holding it; skip if another node has it."""
-    env, _ = _start(
-        dsn, verbose, quiet, log_format, () if ping is None else url_secrets(ping)
-    )
+    secrets = [
+        *(() if ping is None else url_secrets(ping)),
+        *(() if listen_dsn is None else dsn_secrets(listen_dsn)),
+    ]
+    env, _ = _start(dsn, verbose, quiet, log_format, secrets)
     # The function's signature is the one list of the options: their values and
     # the variables they came from are read from click's context, by name.
     given = {
@@ -529,13 +544,19 @@ def run(
     from leaderrun.runner import run_command
     from leaderrun.stores import open_store
 
-    store = open_store(
-        settings.dsn,
-        settings.schema,
-        env,
-        attempt_budget_s=settings.timing.attempt_budget_s,
-    )
-    raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
+    budget_s = settings.timing.attempt_budget_s
+    store = open_store(settings.dsn, settings.schema, env, attempt_budget_s=budget_s)
+    listen_store = None
+    if settings.listen_dsn is not None:
+        listen_store = open_store(
+            settings.listen_dsn,
+            settings.schema,
+            env,
+            attempt_budget_s=budget_s,
+            labels={"dsn": "--listen-dsn"},
+        )
+    host = os.uname().nodename
+    raise typer.Exit(run_command(settings, store, env, host, listen_store=listen_store))
 
 
 def _lock_option(help_text: str) -> Any:

@@ -176,6 +176,7 @@ class RawRunOptions:
     kill_grace: str | None = None
     wait: bool = False
     wait_timeout: str | None = None
+    listen_dsn: str | None = None
     busy_exit_code: int | None = None
     min_hold: str | None = None
     once_per: str | None = None
@@ -227,6 +228,9 @@ class RunSettings:
     """``--ping``: the monitor's URL, pinged at the command's start and end."""
     capture_bytes: int | None = None
     """``--capture-output``: keep this many last bytes of the command's output."""
+    listen_dsn: str | None = None
+    """``--listen-dsn``: where a ``--wait`` contender LISTENs, if not on its lease
+    connection (which PgBouncer in transaction mode cannot LISTEN on)."""
 
 
 def resolve_dsn(
@@ -353,6 +357,8 @@ def run_settings(
         )
     dsn, source = resolve_dsn(options.dsn, env, options.label("dsn", "--dsn"))
     guards = guards_from(options, now_s=now_s)
+    wait = options.wait or wait_timeout_s is not None
+    listen_dsn = listen_dsn_from(options, dsn, wait=wait)
     return RunSettings(
         lock=lock_from(options.lock_id, env, options.label("lock_id", "--lock-id")),
         dsn=dsn,
@@ -362,7 +368,7 @@ def run_settings(
         ),
         timing=timing_from(options, env),
         # --wait-timeout alone implies waiting; --wait-timeout 0 is a plain try.
-        wait=options.wait or wait_timeout_s is not None,
+        wait=wait,
         wait_timeout_s=wait_timeout_s,
         busy_exit_code=busy,
         command=command,
@@ -383,7 +389,38 @@ def run_settings(
             options.capture_output,
             option=options.label("capture_output", "--capture-output"),
         ),
+        listen_dsn=listen_dsn,
     )
+
+
+def listen_dsn_from(options: RawRunOptions, dsn: str, *, wait: bool) -> str | None:
+    """``--listen-dsn``, for a ``--wait`` contender on PostgreSQL; else None.
+
+    Without ``--wait`` it has no use: refused as a flag, ignored from the
+    environment (a crontab-wide ``LEADERRUN_LISTEN_DSN`` must not break the
+    lines that skip).
+
+    Raises:
+        ConfigError: given as a flag without ``--wait``, or with a SQLite store.
+    """
+    text = options.listen_dsn
+    if not text:
+        return None
+    label = options.label("listen_dsn", "--listen-dsn")
+    from_flag = label == "--listen-dsn"
+    if not wait:
+        if from_flag:
+            raise ConfigError(
+                "--listen-dsn is for --wait: only a waiting contender listens; "
+                "add --wait or drop --listen-dsn"
+            )
+        return None
+    if any(d.strip().lower().startswith("sqlite:") for d in (dsn, text)):
+        raise ConfigError(
+            f"{label} needs PostgreSQL for the lease and for listening; a SQLite "
+            "store has no notifications: drop it"
+        )
+    return text
 
 
 @dataclass(frozen=True)

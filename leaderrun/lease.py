@@ -258,17 +258,36 @@ def renewal_delay_s(timing: Timing, unit_random: float) -> float:
     return timing.renew_interval_s + unit_random * timing.jitter_s
 
 
+QUEUE_PLACE_LEASES = 2.0
+"""How long a waiter's place in the ``--wait`` queue lasts, in its own leases.
+
+Each attempt renews the place, and a queued waiter attempts at least once a
+lease (:func:`retry_delay_s`), so a place lapses only when its waiter has been
+gone (dead, or cut off) for a lease or more; then the next in line goes first.
+"""
+
+
 def retry_delay_s(
-    holder_expires_in_s: float | None, timing: Timing, unit_random: float
+    holder_expires_in_s: float | None,
+    timing: Timing,
+    unit_random: float,
+    *,
+    turn_in_s: float | None = None,
+    queued: bool = False,
 ) -> float:
     """How long a waiting contender sleeps before its next acquire attempt.
 
     It sleeps until the current holder's lease ends as the database reports it,
     plus up to ``jitter`` so that waiters spread out. ``None`` (the row vanished
-    or was just created by someone else) retries after the minimum.
+    or was just created by someone else) retries after the minimum. A queued
+    waiter with another ahead of it (``turn_in_s``) waits for that place to
+    lapse instead (a release to the one ahead wakes nobody else); and a queued
+    waiter tries at least once a lease, which keeps its place.
     """
-    base_s = max(holder_expires_in_s or 0.0, 0.0)
-    return max(MIN_RETRY_S, base_s + unit_random * timing.jitter_s)
+    until_s = holder_expires_in_s if turn_in_s is None else turn_in_s
+    base_s = max(until_s or 0.0, 0.0)
+    delay_s = max(MIN_RETRY_S, base_s + unit_random * timing.jitter_s)
+    return min(delay_s, timing.lease_s) if queued else delay_s
 
 
 @dataclass(frozen=True)

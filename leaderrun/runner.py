@@ -52,6 +52,7 @@ from leaderrun.supervisor import (
     Child,
     Outcome,
     SignalInbox,
+    Standby,
     Supervisor,
     become_subreaper,
     exit_status,
@@ -125,6 +126,11 @@ class _Contender:
         self.close()
 
     @property
+    def has_session(self) -> bool:
+        """Whether the contender has a session open (not yet handed over)."""
+        return self._session is not None
+
+    @property
     def session(self) -> LeaseSession:
         """The open session; there is one from the connect until the hand-over."""
         if self._session is None:
@@ -158,6 +164,8 @@ class Run:
         host: this machine's name, recorded in the lease row.
         clock: CLOCK_BOOTTIME, or a fake.
         unit_random: numbers in [0, 1), for jitter.
+        listen_store: where a ``--wait`` contender listens (``--listen-dsn``),
+            if not on its lease session.
     """
 
     def __init__(
@@ -169,9 +177,11 @@ class Run:
         host: str,
         clock: Callable[[], float] = boottime,
         unit_random: Callable[[], float] = random.random,
+        listen_store: LeaseStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.listen_store = listen_store
         self.env = env
         self.clock = clock
         self.unit_random = unit_random
@@ -200,10 +210,14 @@ class Run:
         with SignalInbox() as inbox:
             self._splay(inbox)
             watchdog = self._start_watchdog()
+            standby = self._fork_standby(path)
             try:
                 acquired = self.acquire(inbox)
-                return self.supervise(acquired, inbox, watchdog, pidfds=pidfds)
+                return self.supervise(
+                    acquired, inbox, watchdog, pidfds=pidfds, standby=standby
+                )
             finally:
+                standby.discard()  # unless the command runs in it
                 if watchdog is not None:
                     watchdog.close()
                 if self.capture is not None:
@@ -247,6 +261,32 @@ class Run:
                 raise CancelledBySignalError(
                     cancelling[0], "cancelled by a signal during --splay; nothing ran"
                 )
+
+    def _fork_standby(self, path: str) -> Standby:
+        """Fork the command's process now, to exec it the moment the lease is ours.
+
+        After the watchdog (so that it is not the standby's sibling in a way
+        that matters: both are ours) and before the first statement, so the
+        fork overlaps nothing on the hand-off path. A run that cannot fork
+        takes nothing.
+        """
+        capture = self.capture
+        s = self.settings
+        # All of the command's environment but the grant's own (the token).
+        known = child_environment(self.env, Lease(s.lock, self.claim.holder, 0), s)
+        try:
+            return Standby(
+                path,
+                s.command,
+                stdout=None if capture is None else capture.child_stdout,
+                stderr=None if capture is None else capture.child_stderr,
+                env=known,
+            )
+        except OSError as exc:
+            raise SystemResourceError(
+                f"cannot fork the command's process ({exc.strerror or exc}); "
+                "nothing ran"
+            ) from None
 
     def _probe_pidfds(self) -> bool:
         try:
@@ -293,7 +333,12 @@ class Run:
             CancelledBySignalError: a signal arrived first.
             DatabaseUnavailableError: the database could not be used.
         """
-        handoff = Handoff(self.store, self.settings.lock, enabled=self.settings.wait)
+        handoff = Handoff(
+            self.settings.lock,
+            self.claim.holder,
+            enabled=self.settings.wait,
+            listen_store=self.listen_store,
+        )
         try:
             return self._acquire(inbox, handoff)
         finally:
@@ -307,18 +352,41 @@ class Run:
         """
         with _Contender(self._give_up_s()) as contender:
             self._connect(contender, inbox)
-            while True:
-                self._cancel_on(inbox.take(), contender)
-                result = self._ask(contender, inbox)
-                if result is None:
-                    continue  # the database failed, and we reconnected: ask again
-                if result.lease is None:
-                    self._wait_turn(contender, inbox, handoff, result)
-                    continue
-                grant = self._take(contender, inbox, result.lease, result.window_start)
-                if grant is not None:
-                    return grant
-                # Granted too late to use, and given back: ask again.
+            if self.settings.wait:
+                # Before the first attempt: the LISTEN rides on it (one round
+                # trip), or the --listen-dsn connection hears any release after.
+                with inbox.cancelling():
+                    handoff.listen(contender.session)
+            try:
+                while True:
+                    self._cancel_on(inbox.take(), contender)
+                    result = self._ask(contender, inbox)
+                    if result is None:
+                        continue  # the database failed, we reconnected: ask again
+                    if result.lease is None:
+                        self._wait_turn(contender, inbox, handoff, result)
+                        continue
+                    grant = self._take(
+                        contender, inbox, result.lease, result.window_start
+                    )
+                    if grant is not None:
+                        return grant
+                    # Granted too late to use, and given back: ask again.
+            except (BusyError, CancelledBySignalError):
+                if self.settings.wait:
+                    self._leave_queue(contender)
+                raise
+
+    def _leave_queue(self, contender: _Contender) -> None:
+        """A waiter that gives up leaves the queue; best effort, bounded.
+
+        So that the next in line need not wait for this place to lapse.
+        """
+        if contender.has_session:
+            try:
+                contender.session.leave_queue(self.settings.lock, self.claim)
+            except DatabaseUnavailableError as exc:
+                log.debug("could not leave the queue (the place lapses): %s", exc)
 
     def _give_up_s(self) -> float:
         """When waiting for the lock ends: at once without ``--wait``."""
@@ -390,6 +458,7 @@ class Run:
                     s.timing.lease_s,
                     once_per=s.once_per,
                     history_keep=s.history_keep,
+                    queued=s.wait,
                 )
         except SchemaMissingError:
             raise  # waiting cannot create the table
@@ -452,11 +521,18 @@ class Run:
         if now_s >= contender.give_up_s:
             raise BusyError(self._busy_message(result))
         with inbox.cancelling():
-            listening = handoff.listen()
+            listening = handoff.listen(contender.session)
         if listening:
-            return  # a release just before the LISTEN went unheard: look again
-        delay_s = retry_delay_s(result.expires_in_s, s.timing, self.unit_random())
-        log.debug("%s is held; retrying in %.3gs", s.lock, delay_s)
+            return  # ask again at once: see Handoff.listen
+        delay_s = retry_delay_s(
+            result.expires_in_s,
+            s.timing,
+            self.unit_random(),
+            turn_in_s=result.turn_in_s,
+            queued=s.wait,
+        )
+        ahead = "" if result.turn_in_s is None else " (another waiter is ahead)"
+        log.debug("%s is held; retrying in %.3gs%s", s.lock, delay_s, ahead)
         if handoff.wait(inbox.fileno(), min(delay_s, contender.give_up_s - now_s)):
             log.debug("%s was released; trying now", s.lock)
 
@@ -467,6 +543,7 @@ class Run:
         watchdog: Watchdog | None = None,
         *,
         pidfds: bool = True,
+        standby: Standby | None = None,
     ) -> int:
         """Start the child, renew while it runs, stop it if the lease goes; release.
 
@@ -483,7 +560,7 @@ class Run:
             clock=self.clock,
             unit_random=self.unit_random,
         )
-        child = self._start_child(grant, held, watchdog)
+        child = self._start_child(grant, held, watchdog, standby)
         outcome = self._run_child(child, held, inbox, watchdog, pidfds=pidfds)
         self._disarm(watchdog)
         # The group is gone, so the pipes are at their end: the tail is complete
@@ -511,9 +588,13 @@ class Run:
             self.pinger.wait()
 
     def _start_child(
-        self, grant: Grant, held: HeldLease, watchdog: Watchdog | None
+        self,
+        grant: Grant,
+        held: HeldLease,
+        watchdog: Watchdog | None,
+        standby: Standby | None = None,
     ) -> Child:
-        """Fork the command from the main thread; if it cannot start, release.
+        """Exec the command in ``standby`` (or fork it now); if it cannot, release.
 
         Raises:
             LeaderrunError: the command did not start (not found, not
@@ -532,6 +613,7 @@ class Run:
                 helpers,
                 stdout=None if capture is None else capture.child_stdout,
                 stderr=None if capture is None else capture.child_stderr,
+                standby=standby,
             )
         except LeaderrunError as exc:
             # A run that failed to start, recorded as failed; nothing to hold.
@@ -734,11 +816,16 @@ class Run:
 
 
 def run_command(
-    settings: RunSettings, store: LeaseStore, env: Mapping[str, str], host: str
+    settings: RunSettings,
+    store: LeaseStore,
+    env: Mapping[str, str],
+    host: str,
+    *,
+    listen_store: LeaseStore | None = None,
 ) -> int:
     """Run ``settings.command`` under the lease; return leaderrun's exit status."""
     try:
-        return Run(settings, store, env, host=host)()
+        return Run(settings, store, env, host=host, listen_store=listen_store)()
     except BusyError as exc:
         exc.exit_code = settings.busy_exit_code
         raise

@@ -19,12 +19,11 @@ import select
 import shutil
 import signal
 import stat
-import subprocess
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from types import FrameType
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from leaderrun import procfs
 from leaderrun.clock import boottime
@@ -197,6 +196,199 @@ def become_subreaper() -> None:
         log.debug("PR_SET_CHILD_SUBREAPER failed: %s", os.strerror(ctypes.get_errno()))
 
 
+class Standby:
+    """The command's process, forked ahead of the grant, waiting for the word to exec.
+
+    Forking leaderrun (a Python process of some 40 MB) takes milliseconds;
+    forked before the lease is granted, while the acquire statement is on its
+    way or while waiting for the lock, only the exec is left for the moment
+    the lease is ours: the hand-off from one holder to the next is then the
+    database's round trips and an exec. The process is forked from the main
+    thread (``child-dies-with-us``: its parent-death signal is tied to that
+    thread), leads a session and process group of its own, and runs nothing
+    of the command until :meth:`start` sends it the environment, with the
+    fencing token. A run that never gets the lease discards it.
+
+    Args:
+        path: the executable (``resolve_command``).
+        argv: the command line, ``argv[0]`` as given.
+        stdout: the descriptor the command writes to (``--capture-output``).
+        stderr: the same for its standard error.
+        env: the environment as far as it is known before the grant; the
+            standby builds it ahead, and :meth:`start` sends only what differs
+            (the fencing token), so that little is left to do after the grant.
+
+    Raises:
+        OSError: it could not be forked (a pids limit, no memory).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        argv: Sequence[str],
+        stdout: int | None = None,
+        stderr: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._argv = list(argv)
+        self._env = dict(env or {})
+        go_read, self._go = os.pipe2(os.O_CLOEXEC)
+        self._error, error_write = os.pipe2(os.O_CLOEXEC)
+        parent_pid = os.getpid()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of a fork while other threads run (the log
+                # writer); the child runs only _standby, which takes no lock.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError:
+            for fd in (go_read, self._go, self._error, error_write):
+                os.close(fd)
+            raise
+        if pid == 0:
+            _standby(
+                parent_pid,
+                (go_read, error_write),
+                path,
+                self._argv,
+                (stdout, stderr),
+                self._env,
+            )
+        os.close(go_read)
+        os.close(error_write)
+        self.pid = pid
+        self._used = False
+
+    def start(self, env: Mapping[str, str]) -> int:
+        """Exec the command with ``env``; return once it runs, with its pid.
+
+        Raises:
+            CommandNotFoundError: exec found no such file (exit 127).
+            CommandNotExecutableError: exec was refused (exit 126).
+        """
+        self._used = True
+        changed = [
+            os.fsencode(k) + b"=" + os.fsencode(v)
+            for k, v in env.items()
+            if self._env.get(k) != v
+        ]
+        dropped = [os.fsencode(k) for k in self._env if k not in env]
+        # Never empty (an empty message means "discarded"): a first NUL.
+        payload = b"\0" + b"".join(item + b"\0" for item in changed + dropped)
+        view = memoryview(payload)
+        try:
+            while view:  # the standby reads as we write: our own, and waiting
+                view = view[os.write(self._go, view) :]
+        except OSError as exc:  # it died (killed from outside): say so
+            self._reap()
+            raise CommandNotExecutableError(
+                f"cannot execute {self._argv[0]!r}: its process ended before the "
+                f"exec ({exc.strerror or exc})"
+            ) from None
+        finally:
+            os.close(self._go)
+            self._go = -1
+        # Closed by the exec (close-on-exec), or a errno written before _exit.
+        report = _read_all(self._error)
+        os.close(self._error)
+        self._error = -1
+        if not report:
+            return self.pid
+        self._reap()
+        errno_value = int(report)
+        if errno_value == errno.ENOENT:
+            raise CommandNotFoundError(f"command not found: {self._argv[0]!r}")
+        raise CommandNotExecutableError(
+            f"cannot execute {self._argv[0]!r}: {os.strerror(errno_value)}"
+        )
+
+    def discard(self) -> None:
+        """The lease never came: end the waiting process; never raises."""
+        if self._used:
+            return
+        self._used = True
+        for fd in (self._go, self._error):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._go = self._error = -1
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)  # even if stopped; runs nothing yet
+        self._reap()
+
+    def _reap(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def _standby(
+    parent_pid: int,
+    pipes: tuple[int, int],
+    path: str,
+    argv: list[str],
+    output: tuple[int | None, int | None],
+    env: Mapping[str, str],
+) -> NoReturn:
+    """The forked child: wait for the word, then exec; never returns.
+
+    Before anything else it gives up leaderrun's signal handling (a signal to
+    it must neither run leaderrun's handlers nor wake leaderrun's loop) and
+    restores what Python ignores (as ``subprocess``'s ``restore_signals``);
+    then it ties its life to leaderrun's (``child-dies-with-us``), leads a new
+    session, keeps only the descriptors the command gets, and builds the
+    environment. After the grant only the changes are read and applied.
+    """
+    go, error = pipes
+    status = 127
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
+        _die_with_parent(parent_pid)
+        # A new session: the command has its own process group (signalled as
+        # a whole) and no controlling terminal, so a Ctrl-C or Ctrl-Z at the
+        # terminal reaches leaderrun alone, which forwards it exactly once.
+        os.setsid()
+        stdout, stderr = output
+        if stdout is not None:
+            os.dup2(stdout, 1)
+        if stderr is not None:
+            os.dup2(stderr, 2)
+        low, high = sorted(pipes)
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, _MAX_FD)
+        ready = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+        payload = _read_all(go)
+        if not payload:
+            status = 0  # discarded: no lease, nothing runs
+        else:
+            for item in payload.split(b"\0"):
+                if b"=" in item:
+                    key, value = item.split(b"=", 1)
+                    ready[key] = value
+                elif item:
+                    ready.pop(item, None)
+            os.execve(path, argv, ready)  # noqa: S606 (no shell: argv as given)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.write(error, str(exc.errno or errno.EIO).encode())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.write(error, str(errno.EIO).encode())
+    os._exit(status)
+
+
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
+"""The descriptors the standby closes run up to this (close_range makes it cheap)."""
+
+
 class Child:
     """The command, running as the leader of its own session and process group."""
 
@@ -207,41 +399,31 @@ class Child:
         helpers: Collection[int] = (),
         stdout: int | None = None,
         stderr: int | None = None,
+        *,
+        standby: Standby | None = None,
     ) -> None:
-        """Start ``argv`` with ``env``, from the calling (main) thread.
+        """Start ``argv`` with ``env``: exec ``standby``, or fork one now.
 
         ``helpers`` are leaderrun's own processes, never the command's: the
         watchdog, which a leaderrun running as PID 1 (a container's
         entrypoint) adopts like any orphan. ``stdout`` and ``stderr`` are the
         descriptors the command writes to (``--capture-output``'s pipes);
-        by default, leaderrun's own.
+        by default, leaderrun's own; a ``standby`` was forked with its own.
 
         Raises:
             CommandNotFoundError: exec found no such file (exit 127).
             CommandNotExecutableError: exec was refused (exit 126).
+            OSError: no process could be forked.
         """
-        try:
-            # A new session: the child has its own process group (signalled as a
-            # whole) and no controlling terminal, so a Ctrl-C or Ctrl-Z at the
-            # terminal reaches leaderrun alone, which forwards it exactly once.
-            self._process = subprocess.Popen(
-                list(argv),
-                env=dict(env),
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,
-                # Safe here: no thread of ours holds a lock this code needs. The
-                # renewal thread starts later; a statement's worker has been
-                # joined; the log writer only waits or writes (leaderrun.logsink).
-                preexec_fn=partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
-            )
-        except FileNotFoundError:
-            raise CommandNotFoundError(f"command not found: {argv[0]!r}") from None
-        except OSError as exc:
-            raise CommandNotExecutableError(
-                f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
-            ) from None
-        self.pid = self._process.pid
+        if standby is None:
+            try:
+                path = resolve_command(argv, env)
+                standby = Standby(path, argv, stdout, stderr, env)
+            except OSError as exc:
+                raise CommandNotExecutableError(
+                    f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
+                ) from None
+        self.pid = standby.start(env)
         self.pgid = self.pid
         self._helpers = frozenset(helpers)
         self.pidfd = -1
@@ -261,9 +443,10 @@ class Child:
 
         Besides the command itself, leaderrun may have adopted orphaned
         descendants (it is a subreaper); they are reaped here too so that no
-        zombie keeps the process group alive.
+        zombie keeps the process group alive. One ``waitid`` when nothing
+        exited: the command's exit is on the hand-off path.
         """
-        while self.returncode is None or self._adopted():
+        while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
@@ -273,8 +456,6 @@ class Child:
             _, status = os.waitpid(info.si_pid, 0)
             if info.si_pid == self.pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
-                # Tell Popen, so it neither warns nor reaps a reused pid later.
-                self._process.returncode = self.returncode
         return self.returncode
 
     def signal_group(self, signum: int) -> bool:

@@ -97,6 +97,12 @@ class AcquireResult:
     """With ``once_per``: the current slot's start, in database time."""
     window_done: bool = False
     """With ``once_per``: refused because the current slot already ran."""
+    turn_in_s: float | None = None
+    """Queued (``--wait``): seconds until the place ahead of ours lapses.
+
+    Set when another waiter is ahead in the fair queue: our turn comes when
+    the lock is released to it and it is done, or when its place lapses.
+    """
 
 
 def acquire_result(
@@ -121,6 +127,9 @@ def acquire_result(
     if row["acquired"]:
         lease = Lease(lock, claim.holder, int(row["token"]))
         return AcquireResult(lease=lease, window_start=window_start)
+    turn_in_s = row.get("turn_in_s")
+    if row["token"] is None:  # no lease row yet: refused by the queue alone
+        return AcquireResult(lease=None, window_start=window_start, turn_in_s=turn_in_s)
     if row["lock_name"] != lock.name:
         raise key_collision(lock, row["lock_name"], lock_label)
     return AcquireResult(
@@ -131,6 +140,7 @@ def acquire_result(
         expires_in_s=row["expires_in_s"],
         window_start=window_start,
         window_done=bool(row["window_done"]),
+        turn_in_s=turn_in_s,
     )
 
 
@@ -150,6 +160,7 @@ class LeaseSession(Protocol):
         *,
         once_per: OncePer | None = None,
         history_keep: int | None = None,
+        queued: bool = False,
     ) -> AcquireResult:
         """Take the lock if it is free or expired, bumping the fencing token.
 
@@ -157,8 +168,14 @@ class LeaseSession(Protocol):
         time) already had a start, and record the cadence in the row. With
         ``history_keep``, record the run in the history, close the runs of
         holders that died as ``lost``, and keep at most that many runs of the
-        lock; all in the same statement.
+        lock; all in the same statement. ``queued`` (``--wait``): serve
+        waiters in arrival order where the store keeps a queue (PostgreSQL),
+        keeping this claim's place in it when refused.
         """
+        ...
+
+    def leave_queue(self, lock: LockId, claim: Claim) -> None:
+        """Give up this claim's place in the ``--wait`` queue, if it has one."""
         ...
 
     def renew(self, lease: Lease, lease_s: float) -> bool:

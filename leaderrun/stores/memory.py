@@ -191,8 +191,12 @@ class InMemorySession:
         *,
         once_per: OncePer | None = None,
         history_keep: int | None = None,
+        queued: bool = False,
     ) -> AcquireResult:
         """Take the lock if it is free or expired in the store's time.
+
+        Keeps no ``--wait`` queue: ``queued`` waiters are served in no
+        particular order, as on SQLite.
 
         With ``once_per``, refuse when the store clock's slot already ran;
         with ``history_keep``, record the run and prune, as the SQL does.
@@ -249,6 +253,9 @@ class InMemorySession:
                 self._record_start(row, lock, claim, token, window_s, history_keep)
             taken = {"acquired": True, "token": token, "window_start": window_s}
             return acquire_result(lock, claim, taken, _at)
+
+    def leave_queue(self, lock: LockId, claim: Claim) -> None:
+        """Nothing to leave: this store keeps no queue."""
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease; False if it is no longer ours, or expired."""

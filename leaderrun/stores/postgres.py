@@ -47,19 +47,19 @@ from leaderrun.errors import (
     ListenRefusedError,
     SchemaMissingError,
 )
-from leaderrun.lease import Lease, LockId
+from leaderrun.lease import QUEUE_PLACE_LEASES, Lease, LockId
 from leaderrun.redact import dsn_secrets, redact
 from leaderrun.runs import RunEnd
-from leaderrun.stores.base import RUN_TABLE, TABLE, InitOutcome, Row
+from leaderrun.stores.base import RUN_TABLE, TABLE, Claim, InitOutcome, Row
 from leaderrun.stores.postgres_sql import (
     CREATE,
+    GRANTED,
     INSPECT,
     LISTEN,
     LOCK_TIMEOUT,
     MISSING_GRANTS,
-    OPERATOR_PRIVILEGES,
     QUERIES,
-    RUN_PRIVILEGES,
+    QUEUE_QUERIES,
     SYNCHRONOUS_COMMIT,
     TABLE_COLUMNS,
     UPGRADE,
@@ -70,6 +70,7 @@ from leaderrun.stores.postgres_sql import (
     outdated_table,
     release_channel,
     statement,
+    wake_channel,
 )
 from leaderrun.stores.sql import SqlSession, SqlStore
 
@@ -119,6 +120,7 @@ ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
 
 _WHAT: Mapping[str, str] = {
     "acquire": "acquire of {lock}",
+    "acquire_queued": "acquire of {lock}",
     "renew": "renewal of {lock}",
     "release": "release of {lock}",
     "snapshot": "status of {lock}",
@@ -126,6 +128,7 @@ _WHAT: Mapping[str, str] = {
     "history": "history of {lock}",
     "last_runs": "history of {lock}",
     "run_output": "output of {lock}'s run",
+    "leave": "leaving the queue of {lock}",
 }
 """How messages name each query; ``{lock}`` is the lock, or every lock."""
 
@@ -335,7 +338,8 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
         self.connect_bound_s = len(hosts) * per_host_s + attempt_budget_s
         """How long opening a connection may take before it is given up."""
         self.statements = {
-            name: statement(text, schema) for name, text in QUERIES.items()
+            name: statement(text, schema)
+            for name, text in {**QUERIES, **QUEUE_QUERIES}.items()
         }
         """Each named query's statement, for this schema's tables."""
 
@@ -358,23 +362,25 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
         """
         return PostgresSession(self, self._open(""))
 
-    def listen(self, lock: LockId) -> PostgresListener:
-        """Open a new connection that listens for releases of ``lock``.
+    def listen(self, lock: LockId, holder: str) -> PostgresListener:
+        """Open a new connection that listens for ``holder``'s turn at ``lock``.
 
-        It is never a lease connection: LISTEN is session state (``no-session-state``).
+        For ``--listen-dsn``: a connection of its own, to a server or pool that
+        keeps session state (LISTEN is session state, which PgBouncer in
+        transaction mode does not keep).
 
         Raises:
             ListenRefusedError: the server refused LISTEN.
             DatabaseUnavailableError: the connection could not be made.
         """
-        channel = release_channel(self.schema, lock.key)
+        channels = (wake_channel(holder),)
         session = PostgresSession(self, self._open(" to listen"))
         try:
-            session.listen(lock, channel)
+            session.listen(lock, channels[0])
         except BaseException:
             session.close()
             raise
-        return PostgresListener(session.wire, channel, self.clean)
+        return PostgresListener(session.wire, channels, self.clean)
 
     def _open(self, purpose: str) -> _Wire:
         """A connection in autocommit, without prepared statements (no session state).
@@ -464,10 +470,18 @@ class PostgresSession(SqlSession):
         self.wire = wire
         """The connection, and the means to cancel its statement."""
         self._conn = wire.conn
+        self._wake: tuple[str, ...] = ()
+        self._unsent_listen: str | None = None
+        self.woken = False
+        """A wake-up of ours arrived while a statement ran (see ``drain``)."""
 
     def prepare(self) -> None:
-        """Refuse a server that may forget a lease; ignore stray notifications."""
-        self.check_settings()
+        """Make the connection ready for lease statements; sends nothing.
+
+        The check that the server will not forget a lease rides on each
+        acquire statement (``synchronous_commit`` in its row), so that an
+        acquire is one statement on a new connection too.
+        """
         conn = self._conn
         log.debug(
             "connected to %s (backend pid %s, server %s)",
@@ -475,16 +489,20 @@ class PostgresSession(SqlSession):
             conn.info.backend_pid,
             conn.info.server_version,
         )
-        # Behind PgBouncer in transaction mode a waiter's LISTEN can stick to a
-        # pooled server connection that later serves us; psycopg would keep
-        # every notification it then receives in a backlog that nobody reads.
-        conn.add_notify_handler(_ignore_notification)
+        # A notification that arrives while a statement runs is read by psycopg
+        # and handed here: ours (a waiter's wake-up, see listen_here) is noted,
+        # any other dropped. With no handler psycopg would keep them all in a
+        # backlog that nobody reads: behind PgBouncer in transaction mode, a
+        # pooled server connection that some waiter's LISTEN stuck to serves
+        # everyone.
+        conn.add_notify_handler(self._heard)
 
     def check_settings(self) -> None:
         """Refuse a session whose commits the server may forget after a crash.
 
-        A read, not a SET (``no-session-state``): through PgBouncer in
-        transaction mode a SET would stay on whichever server connection ran it.
+        ``init``'s check; a run's rides on its acquire statement. A read, not
+        a SET (``no-session-state``): through PgBouncer in transaction mode a
+        SET would stay on whichever server connection ran it.
 
         Raises:
             DatabaseUnavailableError: ``synchronous_commit`` is off, or the
@@ -494,15 +512,50 @@ class PostgresSession(SqlSession):
             "check of synchronous_commit",
             lambda: self._conn.execute(SYNCHRONOUS_COMMIT).fetchone(),
         )
-        value = str(row[0]) if row else ""
-        if value in UNSAFE_SYNCHRONOUS_COMMIT:
+        self._refuse_unsafe(str(row[0]) if row else "")
+
+    def _refuse_unsafe(self, synchronous_commit: str) -> None:
+        """Raise if the server may forget a commit it acknowledged.
+
+        Raises:
+            DatabaseUnavailableError: ``synchronous_commit`` is off.
+        """
+        if synchronous_commit in UNSAFE_SYNCHRONOUS_COMMIT:
             user = self._conn.info.user
             raise DatabaseUnavailableError(
-                f"synchronous_commit is {value!r} for {user} on "
+                f"synchronous_commit is {synchronous_commit!r} for {user} on "
                 f"{self._store.describe()}: a crash could forget a lease the server "
                 "already granted; have a DBA run ALTER ROLE "
                 f"{sql.Identifier(user).as_string()} SET synchronous_commit = on"
             )
+
+    def listen_here(self, lock: LockId, holder: str) -> _SessionListener:
+        """Listen for ``holder``'s turn at ``lock`` on this very connection.
+
+        The LISTEN is sent with the next acquire, in the same round trip and
+        transaction, so no release can fall between the two: a waiter keeps
+        one connection, and its acquire stays one round trip. Behind PgBouncer
+        in transaction mode nothing is ever delivered (see ``--listen-dsn``);
+        the waiter then sleeps until the holder's expiry, as without LISTEN.
+        """
+        channels = (wake_channel(holder),)
+        self._wake = channels
+        self._unsent_listen = channels[0]
+        return _SessionListener(self, channels)
+
+    def _heard(self, notification: psycopg.Notify) -> None:
+        # On whichever thread reads the connection: only a flag is set.
+        if notification.channel in self._wake:
+            self.woken = True
+
+    def drain(self, channels: tuple[str, ...]) -> bool:
+        """Read what the idle connection holds; True if woken since the last drain.
+
+        Raises:
+            DatabaseUnavailableError: the connection is broken.
+        """
+        woken, self.woken = self.woken, False
+        return _drain(self._conn, channels, self._store.clean) or woken
 
     def inspect(self) -> Found:
         """What the catalog holds under leaderrun's table names in the schema."""
@@ -670,8 +723,43 @@ class PostgresSession(SqlSession):
         self, name: str, params: Mapping[str, Any], lock: LockId | None
     ) -> list[Row]:
         what = _WHAT[name].format(lock=_which(lock))
+        if name == "acquire" and params.get("queued"):
+            name = "acquire_queued"  # the --wait queue's form of the same
         query = self._store.statements[name]
-        return self._run(what, lambda: _rows(self._conn.execute(query, params)))
+        channel = self._unsent_listen if name.startswith("acquire") else None
+        if channel is None:
+            return self._run(what, lambda: _rows(self._conn.execute(query, params)))
+
+        def listen_and_query() -> list[Row]:
+            # One round trip, one implicit transaction (a single Sync): the
+            # LISTEN takes effect as the acquire commits.
+            listen = sql.SQL(LISTEN).format(channel=sql.Identifier(channel))
+            with self._conn.pipeline():
+                self._conn.execute(listen)
+                cursor = self._conn.execute(query, params)
+            self._unsent_listen = None
+            return _rows(cursor)
+
+        return self._run(what, listen_and_query)
+
+    def _acquire_row(self, lock: LockId, params: Mapping[str, Any]) -> Row | None:
+        row = super()._acquire_row(lock, params)
+        if row is not None:
+            self._refuse_unsafe(str(row["synchronous_commit"]))
+        return row
+
+    def _queue_params(
+        self, claim: Claim, lease_s: float, queued: bool
+    ) -> dict[str, Any]:
+        return {
+            "queued": queued,
+            "channel": wake_channel(claim.holder),
+            "place_s": QUEUE_PLACE_LEASES * lease_s,
+        }
+
+    def leave_queue(self, lock: LockId, claim: Claim) -> None:
+        """Give up ``claim``'s place in the queue; wake the next if the lock is free."""
+        self._query("leave", {"key": lock.key, "holder": claim.holder}, lock)
 
     def _slot_params(
         self, once_per: OncePer | None, db_now_s: float | None
@@ -797,63 +885,111 @@ def _which(lock: LockId | None) -> str:
 
 
 def _missing_grants(conn: psycopg.Connection[Any], schema: str) -> str:
-    """The GRANT statements the connection's role lacks on the two tables.
+    """The GRANT statements the connection's role lacks on leaderrun's tables.
 
     Best effort: without an answer, every grant is listed.
     """
     role = conn.info.user
     grantee = sql.Identifier(role).as_string()
+    lacking: dict[str | None, list[str]] | None
     try:
-        row = conn.execute(
+        rows = conn.execute(
             MISSING_GRANTS,
             {
                 "schema": schema,
-                "table": TABLE,
-                "privileges": list(OPERATOR_PRIVILEGES),
-                "runs": RUN_TABLE,
-                "run_privileges": list(RUN_PRIVILEGES),
+                "names": [name for name, _ in GRANTED],
+                "privileges": [",".join(wanted) for _, wanted in GRANTED],
             },
-        ).fetchone()
+        ).fetchall()
+        lacking = {name: list(privileges) for name, privileges in rows}
     except psycopg.Error:
         log.debug("cannot tell which grants are missing", exc_info=True)
-        row = None
+        lacking = None
     grants = []
-    if row is None or not row[0]:
+    if lacking is None or None in lacking:  # the schema's USAGE
         schema_id = sql.Identifier(schema).as_string()
         grants.append(f"GRANT USAGE ON SCHEMA {schema_id} TO {grantee}")
-    for index, name, wanted in (
-        (1, TABLE, OPERATOR_PRIVILEGES),
-        (2, RUN_TABLE, RUN_PRIVILEGES),
-    ):
-        if row is None or row[index]:
-            missing = ", ".join(row[index] if row else wanted)
+    for name, wanted in GRANTED:
+        missing = list(wanted) if lacking is None else lacking.get(name)
+        if missing:
             table = sql.Identifier(schema, name).as_string()
-            grants.append(f"GRANT {missing} ON {table} TO {grantee}")
+            grants.append(f"GRANT {', '.join(missing)} ON {table} TO {grantee}")
     return "; ".join(grants)
 
 
+def _drain(
+    conn: psycopg.Connection[Any],
+    channels: tuple[str, ...],
+    clean: Callable[[BaseException], str],
+) -> bool:
+    """Read the notifications an idle connection holds; True if one is on ``channels``.
+
+    Sends nothing and never waits: it reads what the socket already holds.
+    All of them, not up to the first of ours: one left unread would wake the
+    next sleep at once, for a statement wasted.
+
+    Raises:
+        DatabaseUnavailableError: the connection is broken.
+    """
+    pgconn = conn.pgconn
+    heard = False
+    try:
+        pgconn.consume_input()
+        while (notification := pgconn.notifies()) is not None:
+            heard = heard or notification.relname.decode() in channels
+    except psycopg.Error as exc:
+        raise DatabaseUnavailableError(
+            f"the listening connection failed: {clean(exc)}"
+        ) from None
+    return heard
+
+
+class _SessionListener:
+    """The lease session itself, listening for its waiter's turn (``listen_here``)."""
+
+    def __init__(self, session: PostgresSession, channels: tuple[str, ...]) -> None:
+        self._session = session
+        self._channels = channels
+        # Kept: a broken connection's fileno() raises, yet select() must still
+        # see the socket become readable (EOF) so that drain() finds out.
+        self._fd = session.wire.conn.fileno()
+
+    def fileno(self) -> int:
+        """The session's socket."""
+        return self._fd
+
+    def drain(self) -> bool:
+        """True if our turn was announced (now, or during the last statement).
+
+        Raises:
+            DatabaseUnavailableError: the connection is broken.
+        """
+        return self._session.drain(self._channels)
+
+    def close(self) -> None:
+        """Nothing to close: the session belongs to the acquire loop."""
+
+
 class PostgresListener:
-    """A connection that LISTENs on one lock's release channel.
+    """A connection of its own that LISTENs for one waiter's turn (``--listen-dsn``).
 
     Args:
-        wire: an autocommit connection that has run ``LISTEN channel``.
-        channel: the channel it listens on.
+        wire: an autocommit connection that has run ``LISTEN`` on the first channel.
+        channels: the channels whose notifications wake the waiter.
         clean: turns a driver error into a message without secrets.
     """
 
     def __init__(
         self,
         wire: _Wire,
-        channel: str,
+        channels: tuple[str, ...],
         clean: Callable[[BaseException], str],
     ) -> None:
         self._wire = wire
         self._conn = wire.conn
-        self._channel = channel
+        self._channels = channels
         self._clean = clean
-        # Kept: a broken connection's fileno() raises, yet select() must still
-        # see the socket become readable (EOF) so that drain() finds out.
-        self._fd = self._conn.fileno()
+        self._fd = self._conn.fileno()  # kept, as _SessionListener's
 
     def fileno(self) -> int:
         """The connection's socket."""
@@ -862,27 +998,11 @@ class PostgresListener:
     def drain(self) -> bool:
         """Read every notification already received; True if one was ours.
 
-        Sends nothing and never waits: it reads what the socket already holds.
-
         Raises:
             DatabaseUnavailableError: the connection is broken.
         """
-        try:
-            # All of them, not up to the first of ours: one left unread would
-            # wake the next sleep at once, for a statement wasted.
-            channels: list[str] = []
-            while batch := [n.channel for n in self._conn.notifies(timeout=0)]:
-                channels += batch
-        except psycopg.Error as exc:
-            raise DatabaseUnavailableError(
-                f"the listening connection failed: {self._clean(exc)}"
-            ) from None
-        return self._channel in channels
+        return _drain(self._conn, self._channels, self._clean)
 
     def close(self) -> None:
         """Close the connection; never raises."""
         self._wire.close()
-
-
-def _ignore_notification(notification: psycopg.Notify) -> None:
-    """Drop a notification that reached a lease connection (see ``prepare``)."""

@@ -48,12 +48,52 @@ DDL: LiteralString = """
     runs_killed  bigint      NOT NULL DEFAULT 0,
     runs_timeout bigint      NOT NULL DEFAULT 0,
     runs_lost    bigint      NOT NULL DEFAULT 0,
-    last_ok_at   timestamptz
+    last_ok_at   timestamptz,
+    waiters      jsonb
 )"""
 
 COMMENT: LiteralString = """
 COMMENT ON TABLE {table} IS
 'leaderrun leases. Never delete rows: the fencing token must keep increasing.'"""
+
+# The --wait queue's expressions over the row `l` (see ACQUIRE): the places
+# alive now, and ours among them; filled into the statements that use them.
+_QUEUE: Mapping[str, LiteralString] = {
+    # Our place's arrival time, if we have a live place.
+    "mine": """(
+    SELECT (p->>'q')::float8
+      FROM jsonb_array_elements(coalesce(l.waiters, '[]'::jsonb)) AS p
+     WHERE (p->>'x')::float8 > extract(epoch FROM now()) AND p->>'w' = %(holder)s)""",
+    # Whether a live place is ahead of ours (a new place comes after them all).
+    "ahead": """EXISTS (
+    SELECT FROM jsonb_array_elements(coalesce(l.waiters, '[]'::jsonb)) AS p
+     WHERE (p->>'x')::float8 > extract(epoch FROM now()) AND p->>'w' <> %(holder)s
+       AND ((p->>'q')::float8, p->>'w') < (coalesce(
+           (SELECT (o->>'q')::float8
+              FROM jsonb_array_elements(l.waiters) AS o
+             WHERE (o->>'x')::float8 > extract(epoch FROM now())
+               AND o->>'w' = %(holder)s),
+           extract(epoch FROM now())), %(holder)s))""",
+    # The live places but ours.
+    "others": """(
+    SELECT coalesce(jsonb_agg(p), '[]'::jsonb)
+      FROM jsonb_array_elements(coalesce(l.waiters, '[]'::jsonb)) AS p
+     WHERE (p->>'x')::float8 > extract(epoch FROM now()) AND p->>'w' <> %(holder)s)""",
+    # The head's wake-up channel.
+    "head": """(
+    SELECT p->>'c'
+      FROM jsonb_array_elements(coalesce(l.waiters, '[]'::jsonb)) AS p
+     WHERE (p->>'x')::float8 > extract(epoch FROM now())
+     ORDER BY (p->>'q')::float8, p->>'w' LIMIT 1)""",
+}
+
+
+def _queued(template: LiteralString) -> LiteralString:
+    """``template`` with the queue's expressions filled in (before the tables)."""
+    for name, expression in _QUEUE.items():
+        template = template.replace("{" + name + "}", expression)
+    return template
+
 
 # One statement: take the lock when it is free (holder NULL) or expired in the
 # server's time, bumping the token in the same row; otherwise report the holder.
@@ -73,13 +113,31 @@ COMMENT ON TABLE {table} IS
 # records the run, closes runs whose holder died as 'lost' (their last renewal
 # is the last sign of life, read from the pre-statement snapshot), and prunes
 # the lock's history to the newest `keep` tokens.
-ACQUIRE: LiteralString = """
+#
+# The same statement refuses, and takes nothing, on a session whose commits a
+# crash could forget (synchronous_commit off): the check costs no statement of
+# its own (`synchronous_commit` is returned, and the client says why).
+#
+# With queued (--wait), contenders are served in arrival order (the fair queue,
+# leaderrun.handoff). The queue is the lease row's `waiters` column, a JSON array
+# of places {w: holder, c: its wake-up channel, q: the server's time (epoch s) of
+# its first attempt, x: when the place lapses}; each attempt keeps its place for
+# place_s more. A live place ahead of ours refuses the attempt even when the lock
+# is free, and turn_in_s says when the head's place lapses (its waiter died); a
+# grant removes the winner's place, and every queued attempt drops the lapsed
+# ones. In the row, so that the head is decided under the row's lock (exactly,
+# in READ COMMITTED: every queue change is computed from the row's newest
+# version), and a role needs no privilege beyond the lease table's. Plain
+# attempts (skip mode) neither queue nor look at the queue.
+_ACQUIRE: LiteralString = """
 WITH e AS (
-    SELECT extract(epoch FROM now())::float8 AS now_s
+    SELECT extract(epoch FROM now())::float8 AS now_s,
+           current_setting('synchronous_commit') AS synchronous_commit
 ), w AS (
-    SELECT to_timestamp(s.start_s) AS window_start, e.now_s,
+    SELECT to_timestamp(s.start_s) AS window_start, e.now_s, e.synchronous_commit,
            %(slots_until)s::float8 IS NULL
-           OR (s.start_s IS NOT NULL AND e.now_s < %(slots_until)s::float8) AS known
+           OR (s.start_s IS NOT NULL AND e.now_s < %(slots_until)s::float8) AS known,
+           e.synchronous_commit <> 'off' AS safe
       FROM e LEFT JOIN LATERAL (
           SELECT t.start_s
             FROM unnest(%(slot_opens)s::float8[], %(slot_starts)s::float8[])
@@ -95,7 +153,7 @@ WITH e AS (
     SELECT %(key)s, %(name)s, %(holder)s, 1, now(), now(),
            now() + make_interval(secs => %(lease_s)s), %(host)s, %(pid)s,
            %(command)s, w.window_start, NULL, %(cadence)s
-      FROM w WHERE w.known
+      FROM w WHERE w.known AND w.safe
     ON CONFLICT (lock_key) DO UPDATE
         SET lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder,
             token = l.token + 1, acquired_at = now(), renewed_at = now(),
@@ -104,6 +162,7 @@ WITH e AS (
             window_start = coalesce(EXCLUDED.window_start, l.window_start),
             window_ok = CASE WHEN EXCLUDED.window_start IS NULL THEN l.window_ok END,
             cadence = coalesce(EXCLUDED.cadence, l.cadence),
+            waiters = {taken},
             -- The runs the `lost` CTE closes, read from the same snapshot.
             runs_lost = l.runs_lost + (
                 SELECT count(*) FROM {runs} r
@@ -111,6 +170,7 @@ WITH e AS (
                    AND r.lock_key = %(key)s AND r.finished_at IS NULL
                    AND r.token <= l.token AND r.token > l.token + 1 - %(keep)s::integer)
         WHERE (l.holder IS NULL OR l.expires_at <= now())
+          AND NOT {ahead}
           AND l.lock_name IS NOT DISTINCT FROM EXCLUDED.lock_name
           AND NOT coalesce(
                 l.window_start = EXCLUDED.window_start
@@ -143,22 +203,51 @@ WITH e AS (
     DELETE FROM {runs} AS r
      WHERE r.lock_key = %(key)s
        AND r.token <= (SELECT token FROM attempt) - %(keep)s::integer
-)
+), placed AS ({placed})
 SELECT true AS acquired, a.token, NULL::text AS holder, NULL::text AS host,
        NULL::integer AS pid, NULL::float8 AS expires_in_s, %(name)s AS lock_name,
-       w.window_start, false AS window_done, true AS slot_known, w.now_s AS db_now_s
+       w.window_start, false AS window_done, true AS slot_known, w.now_s AS db_now_s,
+       NULL::float8 AS turn_in_s, w.synchronous_commit
   FROM attempt a, w
 UNION ALL
 SELECT false, l.token, l.holder, l.host, l.pid,
        extract(epoch FROM l.expires_at - now())::float8, l.lock_name, w.window_start,
        coalesce(l.window_start = w.window_start
                 AND NOT (%(retry_failed)s AND l.window_ok IS NOT TRUE), false),
-       true, w.now_s
-  FROM {table} l, w
- WHERE l.lock_key = %(key)s AND w.known AND NOT EXISTS (SELECT FROM attempt)
+       true, w.now_s, (SELECT turn_in_s FROM placed), w.synchronous_commit
+  FROM w LEFT JOIN {table} l ON l.lock_key = %(key)s
+ WHERE w.known AND NOT EXISTS (SELECT FROM attempt)
 UNION ALL
-SELECT false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false, false, w.now_s
+SELECT false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false, false, w.now_s,
+       NULL, w.synchronous_commit
   FROM w WHERE NOT w.known"""
+
+# The acquire's two forms: a plain try (skip mode) neither queues nor reads the
+# queue, only keeps it; a queued one (--wait) waits its turn and keeps its place.
+_PLACED: LiteralString = """
+    UPDATE {table} AS l
+       SET waiters = {others} || jsonb_build_array(jsonb_build_object(
+               'w', %(holder)s::text, 'c', %(channel)s::text,
+               'q', coalesce({mine}, extract(epoch FROM now())),
+               'x', extract(epoch FROM now()) + %(place_s)s::float8))
+      FROM w
+     WHERE l.lock_key = %(key)s AND w.known AND w.safe
+       AND NOT EXISTS (SELECT FROM attempt)
+    RETURNING (SELECT CASE WHEN p->>'w' <> %(holder)s
+                           THEN (p->>'x')::float8 - extract(epoch FROM now()) END
+                 FROM jsonb_array_elements(l.waiters) AS p
+                ORDER BY (p->>'q')::float8, p->>'w' LIMIT 1) AS turn_in_s
+"""
+
+ACQUIRE: LiteralString = _queued(
+    _ACQUIRE.replace("{ahead}", "false")
+    .replace("{taken}", "l.waiters")
+    .replace("{placed}", "SELECT NULL::float8 AS turn_in_s WHERE false")
+)
+
+ACQUIRE_QUEUED: LiteralString = _queued(
+    _ACQUIRE.replace("{taken}", "{others}").replace("{placed}", _PLACED)
+)
 
 # A compare-and-swap on (holder, token): every takeover bumps the token, so a
 # match proves nobody acquired in between, and a stale renewal matches nothing.
@@ -185,9 +274,10 @@ UPDATE {table}
 # outcome (monotonic counters for metrics, kept when history is pruned): here,
 # unless another node already closed it as lost (and counted it so).
 # Still one statement, it also wakes the lock's waiters (leaderrun.handoff) when
-# the lock is really free now: the notification goes out at commit, and only if
-# the lease was ours.
-RELEASE: LiteralString = """
+# the lock is really free now: the head of the --wait queue on its own channel,
+# and on the lock's channel whoever listens there (a waiter of an older
+# version); the notifications go out at commit, and only if the lease was ours.
+RELEASE: LiteralString = _queued("""
 WITH run AS (
     SELECT finished_at IS NULL AS open FROM {runs}
      WHERE lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
@@ -208,7 +298,7 @@ WITH run AS (
      WHERE NOT %(started)s
        AND lock_key = %(key)s AND token = %(token)s AND holder = %(holder)s
 ), released AS (
-    UPDATE {table}
+    UPDATE {table} AS l
        SET holder = CASE
                WHEN acquired_at + make_interval(secs => %(min_hold_s)s) > now()
                THEN holder END,
@@ -226,14 +316,39 @@ WITH run AS (
                              ELSE last_ok_at END
       FROM counted c
      WHERE lock_key = %(key)s AND holder = %(holder)s AND token = %(token)s
-    RETURNING holder
+    RETURNING holder, {head} AS head
 )
-SELECT (SELECT pg_notify(%(channel)s, '') WHERE r.holder IS NULL) FROM released r"""
+SELECT (SELECT pg_notify(%(channel)s, '') WHERE r.holder IS NULL),
+       (SELECT pg_notify(r.head, '') WHERE r.holder IS NULL AND r.head IS NOT NULL)
+  FROM released r""")
+
+# A waiter that gives up (--wait-timeout, a signal) leaves the queue, and if the
+# lock is free now wakes the next in line, which would otherwise sleep until
+# this place lapsed.
+LEAVE: LiteralString = _queued("""
+WITH gone AS (
+    UPDATE {table} AS l SET waiters = {others}
+     WHERE l.lock_key = %(key)s AND {mine} IS NOT NULL
+    RETURNING l.holder IS NULL OR l.expires_at <= now() AS free, {head} AS head
+)
+SELECT pg_notify(g.head, '') FROM gone g WHERE g.free AND g.head IS NOT NULL""")
 
 LISTEN: LiteralString = "LISTEN {channel}"
 
 MAX_CHANNEL_BYTES = 63
 """NAMEDATALEN - 1: PostgreSQL refuses longer channel names in pg_notify()."""
+
+
+def wake_channel(holder: str) -> str:
+    """The NOTIFY channel on which the release wakes ``holder``, queued to wait.
+
+    Its own, so that a release wakes only the head of the queue: the end of
+    the holder identity (``host:pid:nonce``), whose nonce no other process
+    shares (``unique-holder``), cut to PostgreSQL's limit from the front.
+    """
+    prefix = "leaderrun:w:"
+    tail = holder.encode()[-(MAX_CHANNEL_BYTES - len(prefix)) :]
+    return prefix + tail.decode(errors="ignore")
 
 
 def release_channel(schema: str, key: int) -> str:
@@ -260,7 +375,8 @@ ALTER TABLE {table}
     ADD COLUMN IF NOT EXISTS runs_killed  bigint      NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS runs_timeout bigint      NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS runs_lost    bigint      NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS last_ok_at   timestamptz"""
+    ADD COLUMN IF NOT EXISTS last_ok_at   timestamptz,
+    ADD COLUMN IF NOT EXISTS waiters      jsonb"""
 
 # The same for the run table: every column added since its first version.
 RUN_UPGRADE: LiteralString = """
@@ -474,12 +590,18 @@ one could restart a lock's fencing tokens at 1.
 RUN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 """What the same role needs on the run history: the acquire statement prunes it."""
 
+GRANTED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (TABLE, OPERATOR_PRIVILEGES),
+    (RUN_TABLE, RUN_PRIVILEGES),
+)
+"""Each of leaderrun's tables and what the running role needs on it."""
+
 DEFAULT_GRANT_ROLE = "leaderrun"
 """The role ``init --print-sql`` grants to unless ``--role`` names another."""
 
 
 def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
-    """The SQL a DBA runs once: the table, its comment, and a least-privileged role.
+    """The SQL a DBA runs once: the tables, their comments, a least-privileged role.
 
     The role gets USAGE on the schema and SELECT, INSERT, UPDATE on the lease
     table: it can run, show and release leases, but not create or drop the
@@ -487,23 +609,25 @@ def setup_sql(schema: str, role: str = DEFAULT_GRANT_ROLE) -> str:
     the acquire statement needs to prune it. Needs no connection: identifiers
     are quoted here.
     """
-    table = sql.Identifier(schema, TABLE)
     grantee = sql.Identifier(role)
-    privileges = sql.SQL(", ").join(sql.SQL(p) for p in OPERATOR_PRIVILEGES)
-    runs = sql.Identifier(schema, RUN_TABLE)
-    run_privileges = sql.SQL(", ").join(sql.SQL(p) for p in RUN_PRIVILEGES)
     statements = [
         *(
             sql.SQL(ddl.strip()).format(
-                table=table, runs=runs, create=sql.SQL("CREATE TABLE IF NOT EXISTS")
+                create=sql.SQL("CREATE TABLE IF NOT EXISTS"), **_tables(schema)
             )
             for ddl in SCHEMA
         ),
         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
             sql.Identifier(schema), grantee
         ),
-        sql.SQL("GRANT {} ON {} TO {}").format(privileges, table, grantee),
-        sql.SQL("GRANT {} ON {} TO {}").format(run_privileges, runs, grantee),
+        *(
+            sql.SQL("GRANT {} ON {} TO {}").format(
+                sql.SQL(", ").join(sql.SQL(p) for p in privileges),
+                sql.Identifier(schema, name),
+                grantee,
+            )
+            for name, privileges in GRANTED
+        ),
     ]
     text = [statement.as_string() + ";" for statement in statements]
     ddl_count = len(SCHEMA)
@@ -529,13 +653,17 @@ def missing_table_hint(schema: str, role: str | None) -> str:
     )
 
 
+def _tables(schema: str) -> dict[str, sql.Identifier]:
+    """The placeholders of this module's statements: each table, quoted."""
+    return {
+        "table": sql.Identifier(schema, TABLE),
+        "runs": sql.Identifier(schema, RUN_TABLE),
+    }
+
+
 def statement(template: LiteralString, schema: str) -> sql.Composed:
     """One of this module's statements, for the tables in ``schema``."""
-    return sql.SQL(template).format(
-        table=sql.Identifier(schema, TABLE),
-        runs=sql.Identifier(schema, RUN_TABLE),
-        create=sql.SQL("CREATE TABLE"),
-    )
+    return sql.SQL(template).format(create=sql.SQL("CREATE TABLE"), **_tables(schema))
 
 
 QUERIES: Mapping[str, LiteralString] = {
@@ -550,15 +678,21 @@ QUERIES: Mapping[str, LiteralString] = {
 }
 """The statement of each query the shared SQL session names (``sql.QUERIES``)."""
 
+QUEUE_QUERIES: Mapping[str, LiteralString] = {
+    "acquire_queued": ACQUIRE_QUEUED,
+    "leave": LEAVE,
+}
+"""The queries of PostgreSQL's alone: the ``--wait`` queue (SQLite keeps none)."""
+
 # By oid from the catalog: without USAGE on the schema the table could not be
-# named, yet its grants still count.
+# named, yet its grants still count. One row per table of GRANTED, in its order,
+# after the schema's: (name, the privileges the role lacks on it).
 MISSING_GRANTS: LiteralString = """
-SELECT has_schema_privilege(%(schema)s, 'USAGE'),
-       ARRAY(SELECT p FROM unnest(%(privileges)s::text[]) AS p,
+SELECT NULL::text, ARRAY[]::text[] WHERE NOT has_schema_privilege(%(schema)s, 'USAGE')
+UNION ALL
+SELECT t.name, ARRAY(
+           SELECT p FROM unnest(string_to_array(t.privileges, ',')) AS p,
                   pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-              WHERE n.nspname = %(schema)s AND c.relname = %(table)s
-                AND NOT has_table_privilege(c.oid, p)),
-       ARRAY(SELECT p FROM unnest(%(run_privileges)s::text[]) AS p,
-                  pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-              WHERE n.nspname = %(schema)s AND c.relname = %(runs)s
-                AND NOT has_table_privilege(c.oid, p))"""
+            WHERE n.nspname = %(schema)s AND c.relname = t.name
+              AND NOT has_table_privilege(c.oid, p))
+  FROM unnest(%(names)s::text[], %(privileges)s::text[]) AS t(name, privileges)"""

@@ -74,7 +74,9 @@ What each returns, by column name:
   ``holder``, ``host``, ``pid``, ``expires_in_s``, ``lock_name``,
   ``window_start`` (the current slot, with ``once_per``) and ``window_done``.
   ``slot_known`` false (nothing taken) asks for a slot table built around
-  ``db_now_s``, the store's now in epoch seconds.
+  ``db_now_s``, the store's now in epoch seconds. A dialect with a ``--wait``
+  queue adds ``turn_in_s``, and may refuse with ``token`` NULL (no lease row
+  yet, but a waiter ahead); PostgreSQL adds ``synchronous_commit``.
 - ``renew``, ``release``: one row if the lease was ours, else none.
 - ``snapshot``: at least one row, each with ``db_now``; a row of the lease
   table has its columns and ``acquired_at``, ``renewed_at``, ``expires_at``;
@@ -216,12 +218,15 @@ class SqlSession(ABC):
         *,
         once_per: OncePer | None = None,
         history_keep: int | None = None,
+        queued: bool = False,
     ) -> AcquireResult:
         """Take the lock if free or expired; else describe its holder.
 
         With ``once_per``, refuse when the store's current window already ran;
         with ``history_keep``, record the run, close the runs of dead holders
         as lost and prune the lock's history to that many runs, at once.
+        ``queued``: take a place in the ``--wait`` queue, where the dialect
+        keeps one (PostgreSQL; SQLite serves waiters in no particular order).
 
         Raises:
             ConfigError: the lock's key is taken by a lock of another name.
@@ -230,7 +235,10 @@ class SqlSession(ABC):
             StatementTimeoutError: the call did not finish within its bound.
             DatabaseUnavailableError: the call could not run.
         """
-        params = self._acquire_params(lock, claim, lease_s, once_per, history_keep)
+        params = {
+            **self._acquire_params(lock, claim, lease_s, once_per, history_keep),
+            **self._queue_params(claim, lease_s, queued),
+        }
         row = self._acquire_row(lock, params)
         if row is not None and not row["slot_known"] and once_per is not None:
             # Our clock is far from the store's: place the slot by its now.
@@ -262,6 +270,15 @@ class SqlSession(ABC):
         if result.lease is not None:
             self._store.answered(lock, claim.holder, result.lease.token)
         return result
+
+    def leave_queue(self, lock: LockId, claim: Claim) -> None:
+        """Give up ``claim``'s place in the ``--wait`` queue (if the dialect keeps one).
+
+        The next in line is woken if the lock is free: it would otherwise
+        sleep until this place lapsed. A dialect without a queue has nothing
+        to leave.
+        """
+        return None
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend our lease by ``lease_s`` from the store's now; False if lost."""
@@ -413,6 +430,12 @@ class SqlSession(ABC):
             "keep": history_keep,
             **self._slot_params(once_per, None),
         }
+
+    def _queue_params(
+        self, claim: Claim, lease_s: float, queued: bool
+    ) -> dict[str, Any]:
+        """The acquire's parameters for the ``--wait`` queue, if the dialect has one."""
+        return {}
 
     def _slot_params(
         self, once_per: OncePer | None, db_now_s: float | None

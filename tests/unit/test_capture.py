@@ -67,7 +67,7 @@ def run_captured(out_fd: int, err_fd: int, size: int = 4096) -> Capture:
         stderr=capture.child_stderr,
     )
     capture.spawned()
-    child._process.wait(30)
+    os.waitpid(child.pid, 0)
     capture.finish()
     capture.close()
     return capture

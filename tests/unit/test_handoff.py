@@ -1,8 +1,9 @@
-"""The waiter's sleep: woken by a release, a signal or the timeout, and nothing else.
+"""The waiter's sleep: woken by its turn, a signal or the timeout, and nothing else.
 
 The listener here is a pipe standing in for the database socket: what is under
-test is which readiness ends the sleep, and what a refused or broken LISTEN does.
-The real connection is tested in tests/integration/test_notify.py.
+test is which readiness ends the sleep, and what a refused or broken LISTEN does,
+on the lease session or on a connection of its own (``--listen-dsn``). The real
+connection is tested in tests/integration/test_notify.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from leaderrun.handoff import Handoff
 from leaderrun.lease import LockId
 
 LOCK = LockId(7, "nightly")
+HOLDER = "host:1:0123456789abcdef"
 LONG_S = 30.0
 """A timeout that must not be reached when something else ends the sleep."""
 
@@ -65,10 +67,22 @@ class ListeningStore:
         self.listeners: list[PipeListener] = []
         self.errors: list[Exception] = []
 
-    def listen(self, lock: LockId) -> PipeListener:
-        assert lock == LOCK
+    def listen(self, lock: LockId, holder: str) -> PipeListener:
+        assert (lock, holder) == (LOCK, HOLDER)
         if self.errors:
             raise self.errors.pop(0)
+        self.listeners.append(PipeListener())
+        return self.listeners[-1]
+
+
+class ListeningSession:
+    """A lease session that listens on itself (``listen_here``)."""
+
+    def __init__(self) -> None:
+        self.listeners: list[PipeListener] = []
+
+    def listen_here(self, lock: LockId, holder: str) -> PipeListener:
+        assert (lock, holder) == (LOCK, HOLDER)
         self.listeners.append(PipeListener())
         return self.listeners[-1]
 
@@ -99,15 +113,15 @@ def store() -> ListeningStore:
 
 
 def test_a_release_ends_the_sleep(store, signals):
-    handoff = Handoff(store, LOCK)
-    assert handoff.listen()
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    assert handoff.listen(None)
     store.listeners[0].send(b"R")
     assert handoff.wait(signals[0], LONG_S) is True
 
 
 def test_other_traffic_on_the_connection_does_not_end_the_sleep(store, signals):
-    handoff = Handoff(store, LOCK, clock=SteppingClock(0.4))
-    assert handoff.listen()
+    handoff = Handoff(LOCK, HOLDER, listen_store=store, clock=SteppingClock(0.4))
+    assert handoff.listen(None)
     store.listeners[0].send(b"x")
     # The clock passes the 1 s timeout after a few reads: the wait returns
     # False (timed out) after draining the noise, never True.
@@ -116,66 +130,103 @@ def test_other_traffic_on_the_connection_does_not_end_the_sleep(store, signals):
 
 
 def test_a_signal_ends_the_sleep_without_a_release(store, signals):
-    handoff = Handoff(store, LOCK)
-    handoff.listen()
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    handoff.listen(None)
     os.write(signals[1], b"\0")
     assert handoff.wait(signals[0], LONG_S) is False
 
 
 def test_without_a_listener_the_sleep_lasts_the_timeout(signals):
-    handoff = Handoff(object(), LOCK)  # a store that cannot listen
-    assert handoff.listen() is False
+    handoff = Handoff(LOCK, HOLDER)
+    assert handoff.listen(object()) is False  # a session that cannot listen
     assert not handoff.listening
     assert handoff.wait(signals[0], 0.05) is False
 
 
 def test_a_broken_listener_is_dropped_and_the_sleep_goes_on(store, signals):
-    handoff = Handoff(store, LOCK, clock=SteppingClock(0.4))
-    handoff.listen()
+    handoff = Handoff(LOCK, HOLDER, listen_store=store, clock=SteppingClock(0.4))
+    handoff.listen(None)
     broken = store.listeners[0]
     broken.send(b"!")
     assert handoff.wait(signals[0], 1.0) is False
     assert broken.closed
     assert not handoff.listening
     # The next wake-up subscribes again (and the caller then looks once more).
-    assert handoff.listen() is True
+    assert handoff.listen(None) is True
     assert len(store.listeners) == 2
 
 
 def test_a_refused_listen_is_never_asked_again(store):
     store.errors.append(ListenRefusedError("LISTEN refused: not supported"))
-    handoff = Handoff(store, LOCK)
-    assert handoff.listen() is False
-    assert handoff.listen() is False
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    assert handoff.listen(None) is False
+    assert handoff.listen(None) is False
     assert store.listeners == []
     assert store.errors == []  # asked exactly once
 
 
 def test_an_unreachable_listen_is_tried_again_at_the_next_wake(store):
     store.errors.append(DatabaseUnavailableError("too many connections for role"))
-    handoff = Handoff(store, LOCK)
-    assert handoff.listen() is False
-    assert handoff.listen() is True
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    assert handoff.listen(None) is False
+    assert handoff.listen(None) is True
     assert handoff.listening
 
 
 def test_listen_subscribes_once(store):
-    handoff = Handoff(store, LOCK)
-    assert handoff.listen() is True
-    assert handoff.listen() is False
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    assert handoff.listen(None) is True
+    assert handoff.listen(None) is False
     assert len(store.listeners) == 1
 
 
 def test_disabled_never_listens(store):
-    handoff = Handoff(store, LOCK, enabled=False)
-    assert handoff.listen() is False
+    handoff = Handoff(LOCK, HOLDER, listen_store=store, enabled=False)
+    assert handoff.listen(None) is False
     assert store.listeners == []
 
 
 def test_close_closes_the_listener_once(store):
-    handoff = Handoff(store, LOCK)
-    handoff.listen()
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    handoff.listen(None)
     handoff.close()
     handoff.close()
     assert store.listeners[0].closed
     assert not handoff.listening
+
+
+def test_the_lease_session_listens_once_and_is_woken(signals):
+    """Without --listen-dsn the waiter listens on its lease session: one connection."""
+    session = ListeningSession()
+    handoff = Handoff(LOCK, HOLDER)
+    assert handoff.listen(session) is True  # its next acquire carries the LISTEN
+    assert handoff.listen(session) is False
+    session.listeners[0].send(b"R")
+    assert handoff.wait(signals[0], LONG_S) is True
+
+
+def test_a_new_session_after_a_reconnect_listens_again():
+    first, second = ListeningSession(), ListeningSession()
+    handoff = Handoff(LOCK, HOLDER)
+    assert handoff.listen(first) is True
+    assert handoff.listen(second) is True
+    assert first.listeners[0].closed  # forgotten (the session closes itself)
+    assert len(second.listeners) == 1
+
+
+def test_with_a_listen_store_the_lease_session_is_not_listened_on(store):
+    session = ListeningSession()
+    handoff = Handoff(LOCK, HOLDER, listen_store=store)
+    assert handoff.listen(session) is True
+    assert session.listeners == []
+    assert len(store.listeners) == 1
+
+
+def test_a_wake_up_heard_during_the_last_statement_ends_the_sleep_at_once(signals):
+    """The session noted it while a statement ran: drain says so before select."""
+    session = ListeningSession()
+    handoff = Handoff(LOCK, HOLDER, clock=SteppingClock(100.0))
+    handoff.listen(session)
+    session.listeners[0].send(b"R")
+    assert handoff.wait(signals[0], LONG_S) is True
+    assert session.listeners[0].drains == 1

@@ -84,7 +84,9 @@ class RecordingStore(InMemoryLeaseStore):
 class SlowSession(InMemorySession):
     """An in-memory session whose store may make the next acquire late."""
 
-    def acquire(self, lock, claim, lease_s, *, once_per=None, history_keep=None):
+    def acquire(
+        self, lock, claim, lease_s, *, once_per=None, history_keep=None, queued=False
+    ):
         store = self.store
         assert isinstance(store, RecordingStore)
         if store.schema_missing:
