@@ -21,7 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import failover, handoff, scale, startup, statements  # noqa: E402
+from bench import (  # noqa: E402
+    failover,
+    fairness,
+    handoff,
+    pgbouncer,
+    scale,
+    sizing,
+    startup,
+    statements,
+)
 from bench.baseline_script import BaselineScript  # noqa: E402
 from bench.cluster import postgres  # noqa: E402
 from bench.report import Results, machine, results_md  # noqa: E402
@@ -30,12 +39,21 @@ from leaderrun.stores.postgres import PostgresLeaseStore  # noqa: E402
 if TYPE_CHECKING:
     from tests.pg import LocalPgCluster
 
-FIGURES = ("startup", "handoff", "failover", "statements", "scale")
+FIGURES = (
+    "startup",
+    "handoff",
+    "pgbouncer",
+    "failover",
+    "statements",
+    "fairness",
+    "sizing",
+    "scale",
+)
 """Every figure, in the order a run measures them."""
 
 MAX_CONNECTIONS = 1000
-"""The throwaway server's limit: 200 leaderruns hold up to two connections each
-(lease + LISTEN)."""
+"""The throwaway server's limit: 200 leaderruns hold one connection each, the
+replacements of exited ones overlap them, and the bench has its own."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -46,6 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=21, help="start-up runs (>= 20)")
     parser.add_argument("--handoffs", type=int, default=15)
     parser.add_argument("--fallback-handoffs", type=int, default=5)
+    parser.add_argument("--fair-handoffs", type=int, default=40)
+    parser.add_argument("--bouncer-handoffs", type=int, default=9)
+    parser.add_argument("--sizing-count", type=int, default=500)
     parser.add_argument("--scale-procs", type=int, default=200)
     parser.add_argument("--scale-locks", type=int, default=20)
     parser.add_argument("--scale-seconds", type=float, default=150.0)
@@ -79,10 +100,16 @@ def run_figures(
             startup.run(dsn, args.runs, baseline, out)
         if "handoff" in figures:
             handoff.run(dsn, args.handoffs, args.fallback_handoffs, out)
+        if "pgbouncer" in figures:
+            pgbouncer.run(dsn, args.bouncer_handoffs, out)
         if "failover" in figures:
             failover.run(dsn, args.failover_leases, out)
         if "statements" in figures:
             statements.run(dsn, out)
+        if "fairness" in figures:
+            fairness.run(dsn, args.fair_handoffs, out)
+        if "sizing" in figures:
+            sizing.run(dsn, cluster, args.sizing_count, out)
         if "scale" in figures:
             scale.run(
                 dsn,

@@ -65,21 +65,32 @@ def run(dsn: str, rounds: int, fallback_rounds: int, out: Results) -> None:
     )
 
 
-def handoff(dsn: str, waiter_dsn: str, lock: str, lease: str) -> tuple[float, str]:
-    """Holder's child exits -> waiter's child starts, in s; and the waiter's log."""
+def handoff(
+    dsn: str,
+    waiter_dsn: str,
+    lock: str,
+    lease: str,
+    waiter_args: tuple[str, ...] = (),
+) -> tuple[float, str]:
+    """Holder's child exits -> waiter's child starts, in s; and the waiter's log.
+
+    ``waiter_args`` are more options for the waiter (``--listen-dsn``).
+    """
     holder = start_holder(dsn, lock, lease, "read x; exec date +%s%N")
     waiter = None
     try:
         assert holder.stdout is not None
         waiter = subprocess.Popen(
-            leaderrun_argv(waiter_dsn, lock, "--wait", "-vv", "--", "date", "+%s%N"),
+            leaderrun_argv(
+                waiter_dsn, lock, "--wait", "-vv", *waiter_args, "--", "date", "+%s%N"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         assert waiter.stdout is not None
         assert waiter.stderr is not None
-        early = wait_for(waiter.stderr, "is held; retrying")
+        early = wait_for(waiter.stderr, "retrying in")
         let_go(holder)
         ended_ns = int(readline(holder.stdout))
         started_ns = int(readline(waiter.stdout))

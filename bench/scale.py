@@ -36,6 +36,8 @@ NO_OVERLAP = Goal("overlap", 0, "==")
 NO_ERRORS = Goal("errors", 0, "==")
 RSS_RATIO = Goal("", 1.2, unit="x")
 """A leaderrun's peak RSS against the baseline script's."""
+ONE_CONNECTION = Goal("", 1.0, unit="per process")
+"""Holders and waiters alike: a waiter LISTENs on its lease connection."""
 
 SAMPLE_EVERY_S = 1.0
 
@@ -82,12 +84,14 @@ def run(
         verdict(NO_OVERLAP.met(overlaps) and NO_ERRORS.met(len(errors))),
     )
     connections = sampler.connections
-    out.add(
+    per_process = max(connections) / procs
+    out.check(
         "scale: connections used (leaderrun's, sampled each second)",
-        f"max {max(connections)}, median {statistics.median(connections):.0f}",
+        f"max {max(connections)}, median {statistics.median(connections):.0f}: "
+        f"{per_process:.2f} per process",
         f"leaderrun processes alive: median {statistics.median(sampler.alive):.0f}",
-        "1 per holder, 2 per waiter",
-        f"{max(connections) / procs:.2f} per process",
+        ONE_CONNECTION,
+        per_process,
     )
     if cpu_before is not None and cpu_after is not None:
         server = cpu_after - cpu_before

@@ -1,8 +1,9 @@
 """Statements: what leaderrun sends, counted by ``pg_stat_statements``.
 
-One run (acquire, renewals, release); idle waiters over a few lease periods
-(their baseline: polling every 2 s, as Kubernetes' leader election does); and
-one hand-off among those waiters.
+One run (acquire, renewals, release), and its round trips on the wire
+(``bench.wire``); idle waiters over a few lease periods (their baseline: polling
+every 2 s, as Kubernetes' leader election does); and one hand-off among those
+waiters, which wakes the head of the queue alone.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import time
 import uuid
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bench.common import admin, leaderrun_argv, let_go, start_holder, stop, wait_for
 from bench.report import Goal, Results, verdict
+from bench.wire import counting
 
 EACH = Goal("each", 1, "==")
 """Statements per acquire, per renewal and per release."""
@@ -23,15 +26,18 @@ IDLE = Goal("", 1, "about", slack=0.5)
 """Acquire statements per idle waiter per lease period; where in its lease each
 waiter's retry falls moves the figure, hence the slack."""
 
-PER_WAITER = Goal("", 1, unit="per waiter")
-"""Acquire statements per waiter at one hand-off."""
+PER_HANDOFF = Goal("", 1, "==", unit="statement")
+"""Acquire statements at one hand-off, whatever the number of waiters."""
+
+ROUND_TRIPS = Goal("round trips", 1, "==", unit="per statement")
+"""On the wire: each statement one round trip, the settings check included."""
 
 IDLE_LEASE_S = 5.0
 IDLE_PERIODS = 4
 WAITERS = 4
 KUBERNETES_RETRY_S = 2.0
 
-KINDS = ("acquire", "renew", "release", "listen", "connect check", "other")
+KINDS = ("acquire", "renew", "release", "leave", "listen", "connect check", "other")
 
 
 def run(dsn: str, out: Results) -> None:
@@ -49,7 +55,7 @@ def run(dsn: str, out: Results) -> None:
 
 
 def one_run(dsn: str, out: Results) -> None:
-    """One holder: its acquire, its renewals and its release."""
+    """One holder: its acquire, its renewals and its release; and its round trips."""
     reset_statements(dsn)
     lock = f"bench-stmt-{uuid.uuid4().hex[:6]}"
     done = subprocess.run(
@@ -71,15 +77,55 @@ def one_run(dsn: str, out: Results) -> None:
         "statements per acquire / renewal / release (one run, "
         f"{renewals} renewals logged)",
         f"{calls['acquire']} / {per_renewal:.2f} / "
-        f"{calls['release']}; plus {calls['connect check']} settings read per "
-        f"connection; other {calls['other']}",
+        f"{calls['release']}; settings reads {calls['connect check']} (in the "
+        f"acquire); other {calls['other']}",
         "-",
         str(EACH),
         # A statement of none of these kinds would be a cost the figure misses.
         verdict(
             EACH.met(calls["acquire"], per_renewal, calls["release"])
+            and calls["connect check"] == 0
             and calls["other"] == 0
         ),
+    )
+    round_trips(dsn, out)
+
+
+def round_trips(dsn: str, out: Results) -> None:
+    """``leaderrun -- true`` through a counting proxy: every flight it sends."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "127.0.0.1")
+    port = int(params.get("port") or 5432)
+    with counting(host, port) as counter:
+        subprocess.run(
+            leaderrun_argv(
+                make_conninfo(dsn, host="127.0.0.1", port=str(counter.port)),
+                f"bench-wire-{uuid.uuid4().hex[:6]}",
+                "--",
+                "true",
+            ),
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    [connection] = counter.connections  # one connection, or the figure is wrong
+    flights = connection.flights
+    statements = flights.count("statement")
+    answered = connection.round_trips()
+    setup = answered - statements
+    out.add(
+        "round trips of a one-shot run, `leaderrun -- true` (on the wire)",
+        f"{answered}: connect {setup} ({', '.join(flights[:setup])}), acquire 1, "
+        f"release 1; then {', '.join(flights[answered:]) or 'nothing'} unanswered",
+        "-",
+        str(ROUND_TRIPS),
+        verdict(statements == 2 and answered == setup + statements),
+    )
+    out.notes.append(
+        "Round trips: TCP's handshake comes before them; `connect` counts what "
+        "libpq sends before the first statement: an SSLRequest first under the "
+        "default sslmode=prefer (the bench server has no TLS, so it answers N), "
+        "then the startup packet (trust authentication here; SCRAM adds two)."
     )
 
 
@@ -102,7 +148,7 @@ def waiters(dsn: str, out: Results) -> None:
             )
         for waiter in started:
             assert waiter.stderr is not None
-            wait_for(waiter.stderr, "is held; retrying")
+            wait_for(waiter.stderr, "retrying in")
         reset_statements(dsn)
         time.sleep(IDLE_LEASE_S * IDLE_PERIODS)
         idle = statement_calls(dsn)
@@ -127,10 +173,10 @@ def waiters(dsn: str, out: Results) -> None:
     )
     out.check(
         f"acquire statements at one hand-off, {WAITERS} waiters",
-        f"{handoff['acquire']} ({handoff['acquire'] / WAITERS:.2f} per waiter)",
-        "-",
-        PER_WAITER,
-        handoff["acquire"] / WAITERS,
+        f"{handoff['acquire']} (the head of the queue; the others sleep on)",
+        f"every waiter woken: {WAITERS}",
+        PER_HANDOFF,
+        handoff["acquire"],
     )
 
 
@@ -150,13 +196,14 @@ def statement_calls(dsn: str) -> dict[str, int]:
 
 def kind_of(query: str) -> str:
     """Which of :data:`KINDS` a statement is, as pg_stat_statements normalised it."""
+    if "INSERT INTO" in query and "ON CONFLICT" in query:
+        return "acquire"  # both forms; the settings check rides on it
     if "current_setting(" in query:
-        # Each new lease connection reads synchronous_commit once.
-        return "connect check"
+        return "connect check"  # a settings read of its own: there should be none
     if query.startswith("LISTEN"):
         return "listen"
-    if "INSERT INTO" in query and "ON CONFLICT" in query:
-        return "acquire"
+    if "gone AS" in query:
+        return "leave"
     if "pg_notify" in query:
         return "release"
     if query.lstrip().startswith("UPDATE") and "renewed_at = now()" in query:
