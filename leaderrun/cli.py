@@ -11,6 +11,7 @@ again by ``eval`` on every start (about 5 ms for ``run``'s, paid on every node).
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -220,14 +221,37 @@ def _setup_logging(
         log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
 
 
+def collect_from_here() -> None:
+    """Turn the garbage collector back on, if start-up turned it off.
+
+    ``python -m leaderrun`` and the ``leaderrun`` script start with it off
+    (``leaderrun.__main__``). What start-up built lives as long as the process:
+    frozen, it is never scanned again (and the watchdog and the command, forked
+    later, share more of its pages). The few hundred cycles start-up left
+    behind are kept, some 100 KB. Called by every command once its modules are
+    loaded, before it does anything that may last.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def _start(
     dsn: str | None,
     verbose: int,
     quiet: bool,
     log_format: LogFormat,
     secrets: Sequence[str] = (),
+    *,
+    loaded: bool = True,
 ) -> tuple[dict[str, str], str]:
-    """The environment and the resolved DSN; logging masks it and ``secrets``."""
+    """The environment and the resolved DSN; logging masks it and ``secrets``.
+
+    ``loaded``: the command needs no more modules; ``run``, which imports the
+    driver next, says False and turns the collector on itself.
+    """
+    if loaded:
+        collect_from_here()
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value, secrets)
@@ -515,7 +539,12 @@ def run(
 ) -> None:
     """Take the lock and run COMMAND while holding it; skip if another node has it."""
     env, _ = _start(
-        dsn, verbose, quiet, log_format, () if ping is None else url_secrets(ping)
+        dsn,
+        verbose,
+        quiet,
+        log_format,
+        () if ping is None else url_secrets(ping),
+        loaded=False,
     )
     # The function's signature is the one list of the options: their values and
     # the variables they came from are read from click's context, by name.
@@ -538,6 +567,7 @@ def run(
         env,
         attempt_budget_s=settings.timing.attempt_budget_s,
     )
+    collect_from_here()  # before the run, which may last hours
     raise typer.Exit(run_command(settings, store, env, host=os.uname().nodename))
 
 
