@@ -38,6 +38,10 @@ ACQUIRE_PARAMS: dict[str, Any] = {
     "offset_s": 0.0,
     "retry_failed": False,
     "keep": DEFAULT_HISTORY_KEEP,
+    "cadence": None,
+    "slot_opens": None,
+    "slot_starts": None,
+    "slots_until": None,
 }
 RELEASE_PARAMS: dict[str, Any] = {
     "holder": "baseline",
@@ -45,6 +49,8 @@ RELEASE_PARAMS: dict[str, Any] = {
     "exit_status": 0,
     "min_hold_s": 0.0,
     "window_ok": None,
+    "started": True,
+    "output": None,
     "channel": "baseline",
 }
 

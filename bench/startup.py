@@ -21,7 +21,7 @@ from bench.common import (
 )
 from bench.report import Goal, Results
 
-RATIO = Goal("ratio", 1.15)
+RATIO = Goal("ratio", 1.10)
 """leaderrun's start-up against the baseline script's, wall time."""
 
 WARM_ROUNDS = 2

@@ -3,11 +3,15 @@
 The only module that imports typer or rich. ``leaderrun --lock-id X -- cmd`` and
 ``leaderrun run --lock-id X -- cmd`` are the same; ``main()`` routes the bare
 form to ``run``. Usage errors exit 64, not click's 2, which children use.
+
+No ``from __future__ import annotations`` here: typer reads each command's
+options from its signature, and annotations kept as strings would be compiled
+again by ``eval`` on every start (about 5 ms for ``run``'s, paid on every node).
 """
 
-from __future__ import annotations
-
 import contextlib
+import copy
+import gc
 import json
 import logging
 import os
@@ -217,21 +221,44 @@ def _setup_logging(
         log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
 
 
+def collect_from_here() -> None:
+    """Turn the garbage collector back on, if start-up turned it off.
+
+    ``python -m leaderrun`` and the ``leaderrun`` script start with it off
+    (``leaderrun.__main__``). What start-up built lives as long as the process:
+    frozen, it is never scanned again (and the watchdog and the command, forked
+    later, share more of its pages). The few hundred cycles start-up left
+    behind are kept, some 100 KB. Called by every command once its modules are
+    loaded, before it does anything that may last.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def _start(
     dsn: str | None,
     verbose: int,
     quiet: bool,
     log_format: LogFormat,
     secrets: Sequence[str] = (),
+    *,
+    loaded: bool = True,
 ) -> tuple[dict[str, str], str]:
-    """The environment and the resolved DSN; logging masks it and ``secrets``."""
+    """The environment and the resolved DSN; logging masks it and ``secrets``.
+
+    ``loaded``: the command needs no more modules; ``run``, which imports the
+    driver next, says False and turns the collector on itself.
+    """
+    if loaded:
+        collect_from_here()
     env = dict(os.environ)
     dsn_value, _ = resolve_dsn(dsn, env)
     _setup_logging(verbose, quiet, log_format, dsn_value, secrets)
     return env, dsn_value
 
 
-def _operator_store(dsn: str, schema: str, env: Mapping[str, str]) -> ManagedStore:
+def _operator_store(dsn: str, schema: str, env: Mapping[str, str]) -> "ManagedStore":
     """The store for status, release and history, which never create the tables."""
     # Imported here: psycopg costs ~100 ms, which --help and bad flags need not pay.
     from leaderrun.stores import open_store
@@ -528,7 +555,7 @@ def run(
         *(() if ping is None else url_secrets(ping)),
         *(() if listen_dsn is None else dsn_secrets(listen_dsn)),
     ]
-    env, _ = _start(dsn, verbose, quiet, log_format, secrets)
+    env, _ = _start(dsn, verbose, quiet, log_format, secrets, loaded=False)
     # The function's signature is the one list of the options: their values and
     # the variables they came from are read from click's context, by name.
     given = {
@@ -556,6 +583,7 @@ def run(
             labels={"dsn": "--listen-dsn"},
         )
     host = os.uname().nodename
+    collect_from_here()  # before the run, which may last hours
     raise typer.Exit(run_command(settings, store, env, host, listen_store=listen_store))
 
 
@@ -608,7 +636,7 @@ def status(
 _STATE_STYLES = {"held": "bold green", "revoked": "yellow", "expired": "yellow"}
 
 
-def _rich_status(found: Sequence[views.LockStatus]) -> None:
+def _rich_status(found: "Sequence[views.LockStatus]") -> None:
     """A table for people: the 64-bit key is left to --json and piped output."""
     from rich.console import Console
     from rich.markup import escape
@@ -912,7 +940,7 @@ def metrics(
     address = None if listen is None else exporter.parse_listen(listen)
     store = _operator_store(dsn_value, schema, env)
 
-    def read() -> tuple[LeaseSnapshot, list[RunRecord]]:
+    def read() -> "tuple[LeaseSnapshot, list[RunRecord]]":
         with contextlib.closing(store.connect()) as session:
             return session.snapshot(None), session.last_runs()
 
@@ -929,7 +957,7 @@ def metrics(
         exporter.write_textfile(textfile, text)
 
 
-def _print_output(found: RunOutput | None, lock: LockId, token: int | None) -> None:
+def _print_output(found: "RunOutput | None", lock: "LockId", token: int | None) -> None:
     """``history --output``: the kept tail as it was written, or why there is none."""
     which = "newest run" if token is None else f"run with token {token}"
     if found is None:
@@ -1026,6 +1054,23 @@ def _requested_log_format(args: Sequence[str], env: Mapping[str, str]) -> LogFor
     return LogFormat.json if value == LogFormat.json else LogFormat.text
 
 
+def _click_command(args: Sequence[str]) -> Any:
+    """The click command for ``args``: with only the subcommand they name, if any.
+
+    typer builds every command's options from its signature when asked for the
+    group; a run, which pays this on every node every time, needs only its own.
+    Help, errors and parsing are the same: click consults only the named
+    subcommand once the first argument names one.
+    """
+    if args[:1] and args[0] in SUBCOMMANDS:
+        only = copy.copy(app)
+        only.registered_commands = [
+            info for info in app.registered_commands if info.name == args[0]
+        ]
+        return get_command(only)
+    return get_command(app)
+
+
 def _fail(message: str, exit_code: int) -> NoReturn:
     stderr_sink().write(_error_line(message).encode())
     sys.exit(exit_code)
@@ -1044,9 +1089,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     # Errors raised before a command sets up logging (usage errors) still honour
     # the requested format, so a JSON log consumer never sees a bare text line.
     _State.log_format = _requested_log_format(args, os.environ)
-    command = get_command(app)
+    command = _click_command(args)
     if given[:1] != ["run"] and args[:1] == ["run"]:  # the bare form
-        run_options = _options_taking_values(command.commands["run"])  # type: ignore[attr-defined]
+        run_options = _options_taking_values(command.commands["run"])
         if (hint := _misplaced_subcommand(args, run_options)) is not None:
             _fail(hint, EXIT_USAGE)
     try:

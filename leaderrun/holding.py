@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,7 +54,8 @@ def make_claim(host: str, command: str) -> Claim:
     """
     pid = os.getpid()
     return Claim(
-        holder=make_holder(host, pid, secrets.token_hex(8)),
+        # secrets.token_hex(8) is exactly this; `secrets` would import hmac too.
+        holder=make_holder(host, pid, os.urandom(8).hex()),
         host=host,
         pid=pid,
         command=command,

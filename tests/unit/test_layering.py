@@ -94,4 +94,6 @@ def test_a_run_loads_nothing_only_operators_or_schedules_need(tmp_path):
     assert "leaderrun.runner" in imported  # the probe saw the run's imports
     unwanted = {"leaderrun.views", "leaderrun.checks", "leaderrun.metrics"}
     unwanted |= {"leaderrun.slots", "prometheus_client", "cronsim", "zoneinfo", "rich"}
+    # A nonce needs os.urandom, not secrets (which brings hmac along).
+    unwanted |= {"secrets", "hmac"}
     assert imported & unwanted == set()

@@ -7,11 +7,14 @@ it exits (leaderrun leaves with ``os._exit``, so no atexit hook could report).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
+from leaderrun import cli
 from leaderrun.errors import EXIT_UNAVAILABLE, EXIT_USAGE
 
 HEAVY = ("psycopg", "psycopg_binary", "rich", "pydantic")
@@ -85,3 +88,55 @@ def test_a_run_without_ping_or_capture_loads_no_http(tmp_path):
     )
     assert code == 0
     assert sorted(m for m in modules if m in HTTP) == []
+
+
+@pytest.mark.parametrize("name", cli.SUBCOMMANDS)
+def test_a_subcommand_builds_only_its_own_command(name):
+    """typer reads each command's options from its signature: a run (paid on every
+    node, every time) builds no other subcommand's."""
+    group = cli._click_command([name, "--help"])
+    assert sorted(group.commands) == [name]
+    assert group.commands[name].params  # its own options are all there
+
+
+def test_the_top_level_builds_every_subcommand():
+    """`leaderrun --help`, a bare form's errors and unknown commands see them all."""
+    for args in (["--help"], [], ["no-such-command"]):
+        assert sorted(cli._click_command(args).commands) == sorted(cli.SUBCOMMANDS)
+
+
+def test_commands_turn_the_collector_back_on(tmp_path):
+    """`python -m leaderrun` starts with the garbage collector off; a run turns it
+    on (what start-up built frozen) before it starts anything that may last, and
+    so does every other command."""
+    probe = textwrap.dedent(
+        """
+        import gc, json, sys
+        gc.disable()
+        from leaderrun import cli, runner
+        real, seen = runner.run_command, []
+        def spy(*args, **kwargs):
+            seen.append([gc.isenabled(), gc.get_freeze_count() > 0])
+            return real(*args, **kwargs)
+        runner.run_command = spy
+        try:
+            cli.main(sys.argv[1:])
+        except SystemExit as exc:
+            print(json.dumps([exc.code, seen, gc.isenabled()]))
+        """
+    )
+    db = f"sqlite://{tmp_path}/l.db"
+
+    def run(*args: str) -> object:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        return json.loads(done.stdout.splitlines()[-1])  # after status's table
+
+    assert run("--dsn", db, "--lock-id", "x", "--", "true") == [0, [[True, True]], True]
+    assert run("status", "--dsn", db) == [0, [], True]
