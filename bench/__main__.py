@@ -12,6 +12,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,16 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import failover, handoff, scale, startup, statements  # noqa: E402
+from bench import failover, handoff, peers, scale, startup, statements  # noqa: E402
 from bench.baseline_script import BaselineScript  # noqa: E402
 from bench.cluster import postgres  # noqa: E402
 from bench.report import Results, machine, results_md  # noqa: E402
+from bench.stamp import Stamper  # noqa: E402
 from leaderrun.stores.postgres import PostgresLeaseStore  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.pg import LocalPgCluster
 
-FIGURES = ("startup", "handoff", "failover", "statements", "scale")
+FIGURES = ("startup", "handoff", "failover", "peers", "statements", "scale")
 """Every figure, in the order a run measures them."""
 
 MAX_CONNECTIONS = 1000
@@ -55,6 +57,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--failover-leases", type=float, nargs="+", default=[5.0, 5.0, 5.0, 30.0]
     )
+    parser.add_argument(
+        "--peer-runs", type=int, default=21, help="peers: start-up runs per tool"
+    )
+    parser.add_argument(
+        "--peer-handoffs", type=int, default=20, help="peers: hand-offs per tool"
+    )
+    parser.add_argument(
+        "--peer-failovers", type=int, default=3, help="peers: kill -9 runs per tool"
+    )
+    parser.add_argument(
+        "--peer-pauses", type=int, default=2, help="peers: coordinator pauses per tool"
+    )
     parser.add_argument("--only", nargs="*", default=None, choices=FIGURES)
     return parser.parse_args(argv)
 
@@ -73,14 +87,30 @@ def run_figures(
     """Measure the wanted figures on the server ``dsn`` into ``out``."""
     figures = wanted(args)
     # Start-up and scale share the baseline script; it is measured once, by the
-    # first of them to need it.
-    with BaselineScript(dsn) as baseline:
+    # first of them to need it. The stamper is compiled once, by the first
+    # hand-off figure, into a directory removed at the end.
+    with (
+        BaselineScript(dsn) as baseline,
+        tempfile.TemporaryDirectory(prefix="bench-stamp-") as stamp_dir,
+    ):
+        stamper = Stamper(Path(stamp_dir))
         if "startup" in figures:
             startup.run(dsn, args.runs, baseline, out)
         if "handoff" in figures:
-            handoff.run(dsn, args.handoffs, args.fallback_handoffs, out)
+            handoff.run(dsn, args.handoffs, args.fallback_handoffs, stamper, out)
         if "failover" in figures:
             failover.run(dsn, args.failover_leases, out)
+        if "peers" in figures:
+            peers.run(
+                dsn,
+                cluster,
+                stamper,
+                out,
+                runs=args.peer_runs,
+                handoffs=args.peer_handoffs,
+                failovers=args.peer_failovers,
+                pauses=args.peer_pauses,
+            )
         if "statements" in figures:
             statements.run(dsn, out)
         if "scale" in figures:
