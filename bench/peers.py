@@ -259,8 +259,14 @@ def etcd_tool(etcd: Etcd) -> Tool:
     """``etcdctl lock --ttl 5 NAME -- CMD`` against the bench's own etcd."""
 
     def waiting(lock: str, waiter: subprocess.Popen[str]) -> str:
-        # Each session puts one key under the lock's name: two, and it waits.
-        _poll(lambda: etcd.contenders(lock) >= 2, waiter, f"etcd lock {lock}")
+        # Each session puts one key under the lock's name, then the waiter
+        # watches the key before its own (see Etcd.watching). The bench runs
+        # one waiter at a time, and a finished one's watch ends with it.
+        _poll(
+            lambda: etcd.contenders(lock) >= 2 and etcd.watching(),
+            waiter,
+            f"etcd lock {lock}",
+        )
         return ""
 
     return Tool(
