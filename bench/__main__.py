@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,9 @@ def run_figures(
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure, then write RESULTS.md (``--out``)."""
     args = parse_args(argv)
+    # SIGTERM (as from `timeout`) unwinds like an error: every `finally` runs,
+    # so no cluster, etcd or stopped coordinator outlives the bench.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # Bytecode as an installed package has it (pip compiles on install); with
     # PYTHONDONTWRITEBYTECODE set, an editable install would recompile each run.
     subprocess.run(

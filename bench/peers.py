@@ -45,6 +45,7 @@ from bench.etcd import Etcd, etcd_server, missing
 from bench.handoff import stamped_handoff
 from bench.report import PEERS, Results
 from bench.stamp import Job, Stamper, StamperError, boottime_ns
+from leaderrun import __version__
 
 if TYPE_CHECKING:
     from tests.pg import LocalPgCluster
@@ -84,6 +85,8 @@ class Tool:
     """Why the pause figure does not apply, when ``coordinator`` is None."""
     takeover_within_s: float = TAKEOVER_LEASES * LEASE_S
     """How long a takeover is waited for after a crash or a pause."""
+    about: str = ""
+    """The tool's version and set-up, for RESULTS.md's notes."""
 
 
 @dataclass
@@ -141,7 +144,10 @@ def run(
     with tools(dsn, cluster) as (measured, skipped):
         for name, reason in skipped.items():
             print(f"  {name}: skipped: {reason}")
-        table = Table(measured, skipped)
+        out.notes.append(
+            "Peers: " + "; ".join(f"{tool.name}: {tool.about}" for tool in measured)
+        )
+        table = Table(skipped)
         table.row(
             f"start-up: `TOOL ... -- true`, median wall of {runs}",
             startups(measured, runs),
@@ -184,7 +190,7 @@ def run(
 class Table:
     """The peers rows as they are measured, then added to the results at once."""
 
-    def __init__(self, measured: list[Tool], skipped: dict[str, str]) -> None:
+    def __init__(self, skipped: dict[str, str]) -> None:
         self.rows: list[tuple[str, dict[str, str]]] = []
         self.skipped = skipped
 
@@ -226,7 +232,9 @@ def tools(
         if shutil.which("flock") is None:
             skipped[PEERS[2]] = "flock not on PATH (Debian: util-linux)"
         else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            workdir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-flock-"))
+            )
             measured.append(flock_tool(workdir))
         yield measured, skipped
 
@@ -251,8 +259,15 @@ def leaderrun_tool(dsn: str, cluster: LocalPgCluster | None) -> Tool:
             wrapper,
             waiting,
             no_pause="n/a: --dsn names a server the bench does not own",
+            about=f"{__version__}, --lease-duration {LEASE_S}s",
         )
-    return Tool(PEERS[0], wrapper, waiting, coordinator=lambda: postgres_pids(cluster))
+    return Tool(
+        PEERS[0],
+        wrapper,
+        waiting,
+        coordinator=lambda: postgres_pids(cluster),
+        about=f"{__version__}, --lease-duration {LEASE_S}s",
+    )
 
 
 def etcd_tool(etcd: Etcd) -> Tool:
@@ -275,6 +290,8 @@ def etcd_tool(etcd: Etcd) -> Tool:
         waiting,
         env=etcd.env,
         coordinator=lambda: [etcd.process.pid],
+        about=f"etcd and etcdctl {etcd.version}, one node on loopback, "
+        f"data on tmpfs, --ttl {LEASE_S}",
     )
 
 
@@ -296,7 +313,20 @@ def flock_tool(workdir: Path) -> Tool:
         no_pause="n/a: no coordinator (the kernel's lock, one host)",
         # No lease ends a dead wrapper's lock: waiting longer shows nothing more.
         takeover_within_s=LEASE_S,
+        about=_flock_version(),
     )
+
+
+def _flock_version() -> str:
+    done = subprocess.run(
+        ["flock", "--version"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LINE_TIMEOUT_S,
+        check=False,
+    )
+    return done.stdout.strip() or "version unknown"
 
 
 def flock_blocked(inode: int) -> bool:
