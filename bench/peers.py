@@ -501,7 +501,7 @@ def _paused(tool: Tool, watches: list[Watch]) -> str:
     if len(within) == len(watches):
         shown = ", ".join(f"{s:.1f}" for s in within)
         return f"no: stopped {shown} s into the pause"
-    return f"**yes**, {len(watches) - len(within)} of {len(watches)}"
+    return f"**yes**, {len(watches) - len(within)} of {len(watches)}: it ran on"
 
 
 def _overlaps(tool: Tool, watches: list[Watch]) -> str:
