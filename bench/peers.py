@@ -157,34 +157,48 @@ def run(
             f"median (min-max) of {handoffs}",
             handoffs_ms(measured, handoffs, stamper),
         )
-        crashes: dict[str, list[Watch]] = {tool.name: [] for tool in measured}
-        paused: dict[str, list[Watch]] = {tool.name: [] for tool in measured}
-        for _ in range(failovers):
-            for tool in measured:
-                crashes[tool.name].append(crash(tool, stamper))
-        for _ in range(pauses):
-            for tool in measured:
-                if tool.coordinator is not None:
-                    paused[tool.name].append(pause(tool, stamper))
-        table.row(
-            f"takeover after `kill -9` of the holder's wrapper, x lease "
-            f"({LEASE_S} s; {failovers} runs)",
-            {tool.name: _takeovers(tool, crashes[tool.name]) for tool in measured},
-        )
-        table.row(
-            "the job outlived its wrapper's `kill -9`",
-            {tool.name: _outlived(crashes[tool.name]) for tool in measured},
-        )
-        table.row(
-            f"coordinator SIGSTOPped for {LEASE_S * PAUSE_LEASES:g} s "
-            f"({PAUSE_LEASES:g} x lease): did the job run on? ({pauses} runs)",
-            {tool.name: _paused(tool, paused[tool.name]) for tool in measured},
-        )
-        table.row(
-            "after the pause, the waiter's child started while the old job ran",
-            {tool.name: _overlaps(tool, paused[tool.name]) for tool in measured},
-        )
+        crash_rows(table, measured, failovers, stamper)
+        pause_rows(table, measured, pauses, stamper)
         table.write(out)
+
+
+def crash_rows(
+    table: Table, measured: list[Tool], failovers: int, stamper: Stamper
+) -> None:
+    """The takeover after ``kill -9`` of the holder's wrapper, and the job's fate."""
+    crashes: dict[str, list[Watch]] = {tool.name: [] for tool in measured}
+    for _ in range(failovers):
+        for tool in measured:
+            crashes[tool.name].append(crash(tool, stamper))
+    table.row(
+        f"takeover after `kill -9` of the holder's wrapper, x lease "
+        f"({LEASE_S} s; {failovers} runs)",
+        {tool.name: _takeovers(tool, crashes[tool.name]) for tool in measured},
+    )
+    table.row(
+        "the job outlived its wrapper's `kill -9`",
+        {tool.name: _outlived(crashes[tool.name]) for tool in measured},
+    )
+
+
+def pause_rows(
+    table: Table, measured: list[Tool], pauses: int, stamper: Stamper
+) -> None:
+    """The job through a stopped coordinator, and the takeover after it."""
+    paused: dict[str, list[Watch]] = {tool.name: [] for tool in measured}
+    for _ in range(pauses):
+        for tool in measured:
+            if tool.coordinator is not None:
+                paused[tool.name].append(pause(tool, stamper))
+    table.row(
+        f"coordinator SIGSTOPped for {LEASE_S * PAUSE_LEASES:g} s "
+        f"({PAUSE_LEASES:g} x lease): did the job run on? ({pauses} runs)",
+        {tool.name: _paused(tool, paused[tool.name]) for tool in measured},
+    )
+    table.row(
+        "after the pause, the waiter's child started while the old job ran",
+        {tool.name: _overlaps(tool, paused[tool.name]) for tool in measured},
+    )
 
 
 class Table:
@@ -418,14 +432,19 @@ def pause(tool: Tool, stamper: Stamper) -> Watch:
     lock = _lock("pause")
     with holder_and_waiter(tool, lock, stamper) as (_, job, waiter):
         time.sleep(random.uniform(0.5, 0.5 + LEASE_S / 3))
-        pids = tool.coordinator()
+        stopped: list[int] = []
         watch = Watch(boottime_ns())
         try:
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
+            # Listed again until no new one: a child forked between the list
+            # and its parent's stop shows in the next one (the parent is first).
+            while fresh := [p for p in tool.coordinator() if p not in stopped]:
+                for pid in fresh:
+                    stopped.append(pid)
+                    with contextlib.suppress(ProcessLookupError):  # it just ended
+                        os.kill(pid, signal.SIGSTOP)
             watch.until(job, waiter, watch.fault_ns + _ns(PAUSE_LEASES * LEASE_S))
         finally:
-            for pid in reversed(pids):
+            for pid in reversed(stopped):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         watch.until(job, waiter, boottime_ns() + _ns(tool.takeover_within_s))
