@@ -65,6 +65,9 @@ WAIT_POLL_S = 0.02
 TAKEOVER_LEASES = 2.0
 """How long after a crash or a pause a takeover is waited for, in leases."""
 
+WOKEN = "was released; trying now"
+"""leaderrun's -vv when a release's notification wakes a waiter (not its expiry)."""
+
 OUTLIVED_S = 1.0
 """A job still running this long after its wrapper's ``kill -9`` outlived it."""
 
@@ -87,6 +90,8 @@ class Tool:
     """How long a takeover is waited for after a crash or a pause."""
     about: str = ""
     """The tool's version and set-up, for RESULTS.md's notes."""
+    woken: str = ""
+    """What the waiter's log says when the release woke it, if it says so."""
 
 
 @dataclass
@@ -148,15 +153,18 @@ def run(
             "Peers: " + "; ".join(f"{tool.name}: {tool.about}" for tool in measured)
         )
         table = Table(skipped)
-        table.row(
-            f"start-up: `TOOL ... -- true`, median wall of {runs}",
-            startups(measured, runs),
-        )
-        table.row(
-            f"hand-off: holder's job exits -> waiter's child starts, "
-            f"median (min-max) of {handoffs}",
-            handoffs_ms(measured, handoffs, stamper),
-        )
+        # A count of 0 leaves its rows out, as --only leaves out a figure.
+        if runs > 0:
+            table.row(
+                f"start-up: `TOOL ... -- true`, median wall of {runs}",
+                startups(measured, runs),
+            )
+        if handoffs > 0:
+            table.row(
+                f"hand-off: holder's job exits -> waiter's child starts, "
+                f"median (min-max) of {handoffs}",
+                handoffs_ms(measured, handoffs, stamper),
+            )
         crash_rows(table, measured, failovers, stamper)
         pause_rows(table, measured, pauses, stamper)
         table.write(out)
@@ -166,6 +174,8 @@ def crash_rows(
     table: Table, measured: list[Tool], failovers: int, stamper: Stamper
 ) -> None:
     """The takeover after ``kill -9`` of the holder's wrapper, and the job's fate."""
+    if failovers < 1:
+        return
     crashes: dict[str, list[Watch]] = {tool.name: [] for tool in measured}
     for _ in range(failovers):
         for tool in measured:
@@ -185,6 +195,8 @@ def pause_rows(
     table: Table, measured: list[Tool], pauses: int, stamper: Stamper
 ) -> None:
     """The job through a stopped coordinator, and the takeover after it."""
+    if pauses < 1:
+        return
     paused: dict[str, list[Watch]] = {tool.name: [] for tool in measured}
     for _ in range(pauses):
         for tool in measured:
@@ -267,20 +279,14 @@ def leaderrun_tool(dsn: str, cluster: LocalPgCluster | None) -> Tool:
         assert waiter.stderr is not None
         return wait_for(waiter.stderr, "is held; retrying")
 
-    if cluster is None:
-        return Tool(
-            PEERS[0],
-            wrapper,
-            waiting,
-            no_pause="n/a: --dsn names a server the bench does not own",
-            about=f"{__version__}, --lease-duration {LEASE_S}s",
-        )
     return Tool(
         PEERS[0],
         wrapper,
         waiting,
-        coordinator=lambda: postgres_pids(cluster),
+        coordinator=None if cluster is None else lambda: postgres_pids(cluster),
+        no_pause="n/a: --dsn names a server the bench does not own",
         about=f"{__version__}, --lease-duration {LEASE_S}s",
+        woken=WOKEN,
     )
 
 
@@ -403,6 +409,8 @@ def handoffs_ms(measured: list[Tool], rounds: int, stamper: Stamper) -> dict[str
                 waiting=functools.partial(tool.waiting, lock),
                 env=tool.env,
             )
+            if tool.woken not in done.log:
+                raise RuntimeError(f"{tool.name}'s waiter was not woken: {done.log}")
             latencies[tool.name].append(done.latency_s * 1000)
     return {
         name: f"{statistics.median(ms):.1f} ms ({min(ms):.1f}-{max(ms):.1f})"
