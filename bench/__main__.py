@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from bench import (  # noqa: E402
     failover,
     fairness,
     handoff,
+    peers,
     pgbouncer,
     scale,
     sizing,
@@ -34,6 +37,7 @@ from bench import (  # noqa: E402
 from bench.baseline_script import BaselineScript  # noqa: E402
 from bench.cluster import postgres  # noqa: E402
 from bench.report import Results, machine, results_md  # noqa: E402
+from bench.stamp import Stamper  # noqa: E402
 from leaderrun.stores.postgres import PostgresLeaseStore  # noqa: E402
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ FIGURES = (
     "handoff",
     "pgbouncer",
     "failover",
+    "peers",
     "statements",
     "fairness",
     "sizing",
@@ -63,7 +68,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     parser.add_argument("--runs", type=int, default=21, help="start-up runs (>= 20)")
     parser.add_argument("--handoffs", type=int, default=15)
-    parser.add_argument("--fallback-handoffs", type=int, default=5)
     parser.add_argument("--fair-handoffs", type=int, default=40)
     parser.add_argument("--bouncer-handoffs", type=int, default=9)
     parser.add_argument("--sizing-count", type=int, default=500)
@@ -75,6 +79,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-job", type=float, default=6.0, help="job length, s")
     parser.add_argument(
         "--failover-leases", type=float, nargs="+", default=[5.0, 5.0, 5.0, 30.0]
+    )
+    parser.add_argument(
+        "--peer-runs", type=int, default=21, help="peers: start-up runs per tool"
+    )
+    parser.add_argument(
+        "--peer-handoffs", type=int, default=20, help="peers: hand-offs per tool"
+    )
+    parser.add_argument(
+        "--peer-failovers", type=int, default=3, help="peers: kill -9 runs per tool"
+    )
+    parser.add_argument(
+        "--peer-pauses", type=int, default=2, help="peers: coordinator pauses per tool"
     )
     parser.add_argument("--only", nargs="*", default=None, choices=FIGURES)
     return parser.parse_args(argv)
@@ -94,16 +110,32 @@ def run_figures(
     """Measure the wanted figures on the server ``dsn`` into ``out``."""
     figures = wanted(args)
     # Start-up and scale share the baseline script; it is measured once, by the
-    # first of them to need it.
-    with BaselineScript(dsn) as baseline:
+    # first of them to need it. The stamper is compiled once, by the first
+    # hand-off figure, into a directory removed at the end.
+    with (
+        BaselineScript(dsn) as baseline,
+        tempfile.TemporaryDirectory(prefix="bench-stamp-") as stamp_dir,
+    ):
+        stamper = Stamper(Path(stamp_dir))
         if "startup" in figures:
             startup.run(dsn, args.runs, baseline, out)
         if "handoff" in figures:
-            handoff.run(dsn, args.handoffs, args.fallback_handoffs, out)
+            handoff.run(dsn, args.handoffs, stamper, out)
         if "pgbouncer" in figures:
-            pgbouncer.run(dsn, args.bouncer_handoffs, out)
+            pgbouncer.run(dsn, args.bouncer_handoffs, stamper, out)
         if "failover" in figures:
             failover.run(dsn, args.failover_leases, out)
+        if "peers" in figures:
+            peers.run(
+                dsn,
+                cluster,
+                stamper,
+                out,
+                runs=args.peer_runs,
+                handoffs=args.peer_handoffs,
+                failovers=args.peer_failovers,
+                pauses=args.peer_pauses,
+            )
         if "statements" in figures:
             statements.run(dsn, out)
         if "fairness" in figures:
@@ -126,6 +158,9 @@ def run_figures(
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure, then write RESULTS.md (``--out``)."""
     args = parse_args(argv)
+    # SIGTERM (as from `timeout`) unwinds like an error: every `finally` runs,
+    # so no cluster, etcd or stopped coordinator outlives the bench.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # Bytecode as an installed package has it (pip compiles on install); with
     # PYTHONDONTWRITEBYTECODE set, an editable install would recompile each run.
     subprocess.run(

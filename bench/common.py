@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import psycopg
 
+from bench.stamp import Job, Stamper
+
 LEADERRUN = str(Path(sys.executable).parent / "leaderrun")
 LINE_TIMEOUT_S = 120.0
 
@@ -61,6 +63,30 @@ def start_holder(dsn: str, lock: str, lease: str, then: str) -> subprocess.Popen
         stop(holder)
         raise
     return holder
+
+
+def start_job(
+    wrapper: list[str], stamper: Stamper, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], Job]:
+    """``wrapper`` (a lock tool's argv up to its command) running a stamper job.
+
+    Returned once the job runs, that is once the wrapper holds its lock; the
+    job prints its end time on :meth:`Job.end`. The wrapper is stopped if its
+    job does not start.
+    """
+    holder = subprocess.Popen(
+        [*wrapper, *stamper.hold()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert holder.stdout is not None
+        return holder, Job.from_ready(readline(holder.stdout))
+    except BaseException:
+        stop(holder)
+        raise
 
 
 def let_go(holder: subprocess.Popen[str]) -> None:
@@ -129,11 +155,32 @@ def vm_hwm_kb(pid: int) -> int | None:
 
 
 def readline(stream: IO[str], timeout_s: float = LINE_TIMEOUT_S) -> str:
-    """One line, or fail instead of hanging."""
-    ready, _, _ = select.select([stream], [], [], timeout_s)
-    if not ready:
-        raise TimeoutError(f"no line within {timeout_s}s")
-    return stream.readline()
+    """One line ("" at the end), or fail instead of hanging.
+
+    Bytes are read one at a time from the file descriptor: ``stream.readline()``
+    could take two lines from the pipe and keep the second in its buffer, where
+    ``select`` does not see it, and the next call would wait for nothing.
+    """
+    fd = stream.fileno()
+    deadline = time.monotonic() + timeout_s
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            raise TimeoutError(f"no line within {timeout_s}s")
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode(errors="replace")
+
+
+def read_ns(stream: IO[str], what: str, timeout_s: float = LINE_TIMEOUT_S) -> int:
+    """A stamper's time (ns) from ``stream``; ``what`` names it if none comes."""
+    line = readline(stream, timeout_s)
+    if not line.strip().isdigit():
+        raise RuntimeError(f"{what}: expected a time in ns, got {line!r}")
+    return int(line)
 
 
 def wait_for(stream: IO[str], needle: str) -> str:
@@ -148,15 +195,23 @@ def wait_for(stream: IO[str], needle: str) -> str:
             return "".join(seen)
 
 
+STOP_TIMEOUT_S = 30.0
+"""How long a process may take to leave after SIGTERM, then after SIGKILL."""
+
+
 def stop(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM a leaderrun (it forwards to its child) and reap it."""
+    """SIGTERM a leaderrun (it forwards to its child) and reap it.
+
+    Past :data:`STOP_TIMEOUT_S` it is killed and only waited for: its pipes
+    may be held open by a child that outlived it, so no EOF would come.
+    """
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        proc.communicate(timeout=30)
+        proc.communicate(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 def median_ms(values_s: list[float]) -> float:

@@ -62,12 +62,21 @@ class Goal:
         return value <= self.limit + self.slack
 
 
+PEERS = ("leaderrun", "etcdctl lock", "flock")
+"""The columns of the second table, "leaderrun beside its peers"."""
+
+
 @dataclass
 class Results:
-    """Every figure, with the lines of RESULTS.md it becomes."""
+    """Every figure, with the lines of RESULTS.md it becomes.
+
+    ``rows`` are the first table's (leaderrun against its baselines);
+    ``peers`` the second's: a figure, then one cell per tool of :data:`PEERS`.
+    """
 
     rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    peers: list[tuple[str, ...]] = field(default_factory=list)
 
     def add(
         self, figure: str, value: str, baseline: str, goal: str = "-", met: str = "-"
@@ -75,6 +84,15 @@ class Results:
         """A row whose goal, if any, is text: nothing here checks it."""
         self.rows.append((figure, value, baseline, goal, met))
         print(f"  {figure}: {value} (baseline {baseline}; goal {goal}: {met})")
+
+    def beside(self, figure: str, *cells: str) -> None:
+        """A row of the peers table: one cell per tool, in :data:`PEERS` order."""
+        if len(cells) != len(PEERS):
+            raise ValueError(f"{figure}: {len(cells)} cells for {len(PEERS)} tools")
+        self.peers.append((figure, *cells))
+        print(f"  {figure}:")
+        for tool, cell in zip(PEERS, cells, strict=True):
+            print(f"    {tool}: {cell}")
 
     def check(
         self,
@@ -148,8 +166,26 @@ def results_md(
             "",
             *(f"- {note}" for note in out.notes),
             "",
+            *peers_md(out),
         ]
     )
+
+
+def peers_md(out: Results) -> list[str]:
+    """The second table, "leaderrun beside its peers", if the run measured it."""
+    if not out.peers:
+        return []
+    return [
+        "## leaderrun beside its peers",
+        "",
+        "Measured in the same run, one tool after the other in each round "
+        "(bench/peers.py; what each row means is in bench/README.md).",
+        "",
+        f"| figure | {' | '.join(PEERS)} |",
+        "|---" * (len(PEERS) + 1) + "|",
+        *(f"| {' | '.join(row)} |" for row in out.peers),
+        "",
+    ]
 
 
 def _load(average: LoadAverage) -> str:

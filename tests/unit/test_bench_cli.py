@@ -38,7 +38,9 @@ def figures_measured(monkeypatch):
         ran: list[str] = []
         for name in bench_main.FIGURES:
             module = getattr(bench_main, name)
-            monkeypatch.setattr(module, "run", lambda *_, name=name: ran.append(name))
+            monkeypatch.setattr(
+                module, "run", lambda *_, name=name, **__: ran.append(name)
+            )
         args = bench_main.parse_args(argv)
         bench_main.run_figures(args, "dbname=unused", None, Results())
         return ran
@@ -52,6 +54,7 @@ def test_every_figure_runs_by_default(figures_measured):
         "startup",
         "handoff",
         "failover",
+        "peers",
         "statements",
         "scale",
     ]
