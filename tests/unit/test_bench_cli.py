@@ -53,9 +53,12 @@ def test_every_figure_runs_by_default(figures_measured):
     assert figures_measured() == [
         "startup",
         "handoff",
+        "pgbouncer",
         "failover",
         "peers",
         "statements",
+        "fairness",
+        "sizing",
         "scale",
     ]
 
