@@ -175,9 +175,31 @@ class Renewer:
         """Whether the renewal thread is still running."""
         return self._thread.is_alive()
 
+    def join(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for a stopped renewal thread to end."""
+        if self._stop.is_set() and self._thread.ident is not None:
+            self._thread.join(timeout_s)
+
     def stop(self, timeout_s: float) -> LeaseSession | None:
-        """Stop renewing; hand back the idle session if the thread ended in time."""
+        """Stop renewing; hand back the idle session if it is free in time.
+
+        With no attempt under way the session is handed back at once, without
+        waiting for the renewal thread to wake up and end (it is on the
+        hand-off path: the release follows): every attempt checks the stop
+        under the lock that it holds while it uses the session, so none will
+        touch it again. Otherwise this waits up to ``timeout_s`` for the
+        thread to end.
+        """
         self._stop.set()
+        slot = self._slot
+        if slot.busy.acquire(blocking=False):
+            try:
+                if slot.abandoned:
+                    return None
+                session, slot.session = slot.session, None
+                return session
+            finally:
+                slot.busy.release()
         if self._thread.ident is not None:  # never started: nothing to join
             self._thread.join(timeout_s)
         if self._thread.is_alive() or self._slot.abandoned:
@@ -273,6 +295,8 @@ class Renewer:
         def work() -> None:
             with slot.busy:
                 try:
+                    if self._stop.is_set():
+                        return  # stopped: the session went back with stop()
                     if slot.session is None:
                         slot.session = self.store.connect()
                     renewed = slot.session.renew(self.lease, self.timing.lease_s)

@@ -162,9 +162,18 @@ class HeldLease:
         self.renewer.start()
 
     def close(self) -> None:
-        """Close the state's wakeup pipe, unless a stuck renewal may still write it."""
+        """Close the state's wakeup pipe, unless a stuck renewal may still write it.
+
+        A renewal thread that was stopped idle is given a moment to end: the
+        stop handed its session back without waiting for it.
+        """
+        self.renewer.join(ENDING_S)
         if not self.renewer.alive():
             self.state.close()
+
+
+ENDING_S = 0.5
+"""How long closing a held lease waits for a stopped renewal thread to end."""
 
 
 def release(session: LeaseSession, lease: Lease, end: RunEnd | None = None) -> None:

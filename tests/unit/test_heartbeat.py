@@ -270,9 +270,32 @@ def test_the_thread_keeps_extending_the_deadline(holders):
     assert lost is None
     assert deadline_s > holder.first_deadline_s
     assert holder.renewer.stop(WAIT_S) is holder.session
+    holder.renewer.join(WAIT_S)  # handed back at once; the thread ends after
     assert not holder.renewer.alive()
     assert not holder.session.closed
     assert holder.store.statements["renew"] >= 3
+
+
+def test_an_idle_renewer_hands_its_session_back_at_once(holders):
+    """Stopped between renewals, the session comes back without waiting for the
+    thread (the release is on the hand-off path); no renewal follows."""
+    holder = holders(make_timing(30.0))  # the next renewal is seconds away
+    holder.renewer.start()
+    assert holder.renewer.stop(0.0) is holder.session  # a join of 0 s: not ended yet
+    holder.renewer.join(WAIT_S)
+    assert not holder.renewer.alive()
+    assert holder.store.statements["renew"] == 0
+    assert not holder.session.closed
+
+
+def test_a_renewal_under_way_keeps_the_session_until_it_ends(holders):
+    """Stopped during a renewal, the session is handed back once the attempt ended."""
+    holder = holders()
+    holder.store.gate.clear()
+    holder.renewer.start()
+    assert holder.store.hung.wait(WAIT_S)
+    assert holder.renewer.stop(0.0) is None  # in use: not handed back
+    holder.store.gate.set()
 
 
 def test_the_thread_reports_a_takeover_and_ends(holders):
