@@ -158,3 +158,18 @@ def test_a_listen_dsn_waiter_is_woken_on_its_own_connection(
     assert "was released; trying now" in log
     (_, _, held_until), (_, waited_from, _) = intervals(events)
     assert 0 <= waited_from - held_until < NOTIFIED_WITHIN_S
+
+
+def test_a_waiter_that_gives_up_leaves_the_queue(leaderrun, tmp_path, pg_admin: Admin):
+    """--wait-timeout passed: exit 75, and its place is gone, so nobody waits for it."""
+    holder = leaderrun.start(*LEASE, "--", *child("--exit-after", "30"))
+    wait_for_line(holder.stdout, "ready")
+    waiter = leaderrun.start(*LEASE, "--wait-timeout", "1s", "--", "true")
+    assert waiter.wait(timeout=RUN_TIMEOUT_S) == 75
+    with pg_admin() as admin:
+        row = admin.execute(
+            "SELECT waiters FROM leader_lease WHERE lock_name = %s",
+            (leaderrun.lock,),
+        ).fetchone()
+    assert row is not None
+    assert row[0] == []  # placed by its first attempt, gone when it gave up

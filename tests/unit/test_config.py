@@ -468,3 +468,41 @@ def test_a_bad_ping_url_is_named_without_its_key(url, message):
         assert settings(lock_id="x", ping=url).ping_url == url.strip()
         return
     assert config_error(settings, lock_id="x", ping=url) == message
+
+
+# --- --listen-dsn -------------------------------------------------------------------
+
+
+def test_listen_dsn_is_kept_for_a_waiter():
+    """With --wait (or --wait-timeout) the waiter listens there."""
+    assert settings(lock_id="x", wait=True, listen_dsn="host=db").listen_dsn == (
+        "host=db"
+    )
+    assert settings(lock_id="x", wait_timeout="5m", listen_dsn="host=db").listen_dsn
+    assert settings(lock_id="x", wait=True).listen_dsn is None
+
+
+def test_listen_dsn_without_wait_is_refused_as_a_flag_and_ignored_from_env():
+    """Only a waiter listens: the flag alone is a mistake, a fleet-wide variable not."""
+    assert config_error(settings, lock_id="x", listen_dsn="host=db") == (
+        "--listen-dsn is for --wait: only a waiting contender listens; add --wait "
+        "or drop --listen-dsn"
+    )
+    from_env = {"listen_dsn": "LEADERRUN_LISTEN_DSN"}
+    assert (
+        settings(lock_id="x", listen_dsn="host=db", labels=from_env).listen_dsn is None
+    )
+
+
+def test_listen_dsn_is_refused_with_sqlite():
+    """A SQLite store has no notifications to listen for."""
+    assert config_error(
+        settings,
+        lock_id="x",
+        dsn="sqlite:///var/lib/l.db",
+        wait=True,
+        listen_dsn="host=db",
+    ) == (
+        "--listen-dsn needs PostgreSQL for the lease and for listening; a SQLite "
+        "store has no notifications: drop it"
+    )

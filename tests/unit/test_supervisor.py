@@ -40,6 +40,7 @@ from leaderrun.supervisor import (
     Child,
     Outcome,
     SignalInbox,
+    Standby,
     Supervisor,
     exit_status,
     resolve_command,
@@ -84,6 +85,15 @@ if pid == 0:
     os._exit(0)
 print(pid, flush=True)
 os._exit(7)
+"""
+
+# Forks a Standby, tells its pid, and waits to be killed (it never sends the word).
+STANDBY_MIDDLE = """
+import os, sys
+from leaderrun.supervisor import Standby
+standby = Standby("/bin/true", ["true"])
+print(standby.pid, flush=True)
+sys.stdin.read()
 """
 
 # Starts a long-running child with Child, tells its pid, and waits to be killed.
@@ -476,6 +486,78 @@ def test_a_child_dies_with_the_process_that_started_it():
         with contextlib.suppress(ProcessLookupError):
             os.kill(leaf_pid, signal.SIGKILL)
         os.close(leaf)
+        if middle.stdin is not None:
+            middle.stdin.close()
+        middle.kill()
+        middle.wait()
+        lines.close()
+
+
+# --- Standby: the command's process, forked ahead --------------------------------
+
+
+def test_a_standby_runs_nothing_until_started_then_execs_with_the_grant(tmp_path):
+    """Forked ahead, it waits; started, it execs with the environment it was sent."""
+    out = tmp_path / "out"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "KEPT": "1",
+        "LEADERRUN_FENCING_TOKEN": "0",
+    }
+    script = f'echo "$KEPT $LEADERRUN_FENCING_TOKEN $$" > {out}'
+    standby = Standby("/bin/sh", ["sh", "-c", script], env=env)
+    try:
+        time.sleep(0.2)
+        assert not out.exists(), "the command ran before it was started"
+        assert os.getsid(standby.pid) == standby.pid  # a session of its own
+        pid = standby.start({**env, "LEADERRUN_FENCING_TOKEN": "42"})
+        assert pid == standby.pid
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert out.read_text() == f"1 42 {pid}\n"
+    finally:
+        standby.discard()
+
+
+def test_a_discarded_standby_runs_nothing_and_is_reaped(tmp_path):
+    """No grant: the standby ends without exec, and leaves no zombie behind."""
+    out = tmp_path / "out"
+    standby = Standby("/bin/sh", ["sh", "-c", f"touch {out}"])
+    pid = standby.pid
+    standby.discard()
+    standby.discard()  # twice is harmless
+    assert not out.exists()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_standby_whose_command_vanished_says_so(tmp_path):
+    """The exec fails (the file went away since it was resolved): exit 127's error."""
+    gone = tmp_path / "gone"
+    standby = Standby(str(gone), [str(gone)])
+    with pytest.raises(CommandNotFoundError):
+        standby.start(dict(os.environ))
+
+
+def test_a_standby_dies_with_the_process_that_forked_it():
+    """PDEATHSIG before the grant: SIGKILL its parent, and the waiting standby goes."""
+    lines = Lines()
+    middle = lines.spawn(
+        lambda: subprocess.Popen(
+            [sys.executable, "-c", STANDBY_MIDDLE], cwd=ROOT, stdin=subprocess.PIPE
+        )
+    )
+    standby_pid = int(lines.readline())
+    standby = os.pidfd_open(standby_pid)
+    try:
+        assert not readable(standby, 0.2)
+        middle.kill()
+        middle.wait(READ_TIMEOUT_S)
+        assert readable(standby, READ_TIMEOUT_S), "the standby outlived its parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(standby_pid, signal.SIGKILL)
+        os.close(standby)
         if middle.stdin is not None:
             middle.stdin.close()
         middle.kill()
