@@ -214,6 +214,20 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=STOP_TIMEOUT_S)
 
 
+def tool_version(argv: list[str], timeout_s: float = LINE_TIMEOUT_S) -> str:
+    """The first line a tool's ``--version`` prints (``argv``), or "unknown"."""
+    done = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    first = done.stdout.strip().splitlines()[:1]
+    return first[0] if first else "unknown"
+
+
 def median_ms(values_s: list[float]) -> float:
     """The median of durations in seconds, in milliseconds."""
     return statistics.median(values_s) * 1000

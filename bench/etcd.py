@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import tool_version
+
 START_TIMEOUT_S = 30.0
 """How long the server may take to answer /health."""
 
@@ -197,16 +199,8 @@ def etcd_server() -> Iterator[Etcd]:
 
 
 def _version() -> str:
-    done = subprocess.run(
-        ["etcd", "--version"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=REQUEST_TIMEOUT_S,
-        check=False,
-    )
-    first = done.stdout.splitlines()[:1]
-    return first[0].removeprefix("etcd Version: ") if first else "unknown"
+    line = tool_version(["etcd", "--version"], REQUEST_TIMEOUT_S)
+    return line.removeprefix("etcd Version: ")
 
 
 def _free_port() -> int:

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from bench.common import LINE_TIMEOUT_S, leaderrun_argv, read_ns, start_job, wait_for
+from bench.common import (
+    LINE_TIMEOUT_S,
+    leaderrun_argv,
+    read_ns,
+    start_job,
+    tool_version,
+    wait_for,
+)
 from bench.common import stop as stop_process
 from bench.etcd import Etcd, etcd_server, missing
 from bench.handoff import stamped_handoff
@@ -333,20 +340,8 @@ def flock_tool(workdir: Path) -> Tool:
         no_pause="n/a: no coordinator (the kernel's lock, one host)",
         # No lease ends a dead wrapper's lock: waiting longer shows nothing more.
         takeover_within_s=LEASE_S,
-        about=_flock_version(),
+        about=tool_version(["flock", "--version"]),
     )
-
-
-def _flock_version() -> str:
-    done = subprocess.run(
-        ["flock", "--version"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=LINE_TIMEOUT_S,
-        check=False,
-    )
-    return done.stdout.strip() or "version unknown"
 
 
 def flock_blocked(inode: int) -> bool:

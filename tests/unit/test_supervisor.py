@@ -46,6 +46,7 @@ from leaderrun.supervisor import (
     resolve_command,
 )
 from tests.helpers.processes import pid_gone
+from tests.helpers.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = str(ROOT / "tests" / "helpers" / "child.py")
@@ -468,24 +469,30 @@ def test_child_that_cannot_exec_raises(bin_dir, name, error):
 
 def test_a_child_dies_with_the_process_that_started_it():
     """PDEATHSIG: SIGKILL the process that used Child, and its child goes too."""
+    assert_dies_with_its_parent(MIDDLE, "the leaf")
+
+
+def assert_dies_with_its_parent(script: str, what: str) -> None:
+    """Run ``script`` (it prints a child's pid), SIGKILL it: the child must end."""
     lines = Lines()
     middle = lines.spawn(
         lambda: subprocess.Popen(
-            [sys.executable, "-c", MIDDLE], cwd=ROOT, stdin=subprocess.PIPE
+            [sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE
         )
     )
-    leaf_pid = int(lines.readline())
-    leaf = os.pidfd_open(leaf_pid)
+    pid = int(lines.readline())
+    pidfd = os.pidfd_open(pid)
     try:
-        assert os.getsid(leaf_pid) == leaf_pid, "the leaf left the middle's session"
-        assert not readable(leaf, 0)
+        # The standby leads its session once it has set itself up (it then waits).
+        wait_until(lambda: os.getsid(pid) == pid, f"{what} leads a session")
+        assert not readable(pidfd, 0.2)
         middle.kill()
         middle.wait(READ_TIMEOUT_S)
-        assert readable(leaf, READ_TIMEOUT_S), "the leaf outlived its parent"
+        assert readable(pidfd, READ_TIMEOUT_S), f"{what} outlived its parent"
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(leaf_pid, signal.SIGKILL)
-        os.close(leaf)
+            os.kill(pid, signal.SIGKILL)
+        os.close(pidfd)
         if middle.stdin is not None:
             middle.stdin.close()
         middle.kill()
@@ -507,9 +514,9 @@ def test_a_standby_runs_nothing_until_started_then_execs_with_the_grant(tmp_path
     script = f'echo "$KEPT $LEADERRUN_FENCING_TOKEN $$" > {out}'
     standby = Standby("/bin/sh", ["sh", "-c", script], env=env)
     try:
+        wait_until(lambda: os.getsid(standby.pid) == standby.pid, "its own session")
         time.sleep(0.2)
         assert not out.exists(), "the command ran before it was started"
-        assert os.getsid(standby.pid) == standby.pid  # a session of its own
         pid = standby.start({**env, "LEADERRUN_FENCING_TOKEN": "42"})
         assert pid == standby.pid
         _, status = os.waitpid(pid, 0)
@@ -541,28 +548,7 @@ def test_a_standby_whose_command_vanished_says_so(tmp_path):
 
 def test_a_standby_dies_with_the_process_that_forked_it():
     """PDEATHSIG before the grant: SIGKILL its parent, and the waiting standby goes."""
-    lines = Lines()
-    middle = lines.spawn(
-        lambda: subprocess.Popen(
-            [sys.executable, "-c", STANDBY_MIDDLE], cwd=ROOT, stdin=subprocess.PIPE
-        )
-    )
-    standby_pid = int(lines.readline())
-    standby = os.pidfd_open(standby_pid)
-    try:
-        assert not readable(standby, 0.2)
-        middle.kill()
-        middle.wait(READ_TIMEOUT_S)
-        assert readable(standby, READ_TIMEOUT_S), "the standby outlived its parent"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(standby_pid, signal.SIGKILL)
-        os.close(standby)
-        if middle.stdin is not None:
-            middle.stdin.close()
-        middle.kill()
-        middle.wait()
-        lines.close()
+    assert_dies_with_its_parent(STANDBY_MIDDLE, "the standby")
 
 
 # --- Supervisor, in this process -----------------------------------------------
