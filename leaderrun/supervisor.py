@@ -59,6 +59,10 @@ JOB_CONTROL_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 """Ignored while the child runs: a stopped supervisor could not renew its lease."""
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+STANDBY_NAME = b"lrun-standby"
+"""The process name of the command's process until it execs (``Standby``)."""
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -351,6 +355,9 @@ def _standby(
         for signum in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)
         _die_with_parent(parent_pid)
+        # Named apart, as the watchdog is: `pkill leaderrun` stops leaderrun,
+        # which then ends its standby itself (nothing ran), rather than racing it.
+        libc.prctl(_PR_SET_NAME, STANDBY_NAME, 0, 0, 0)
         # A new session: the command has its own process group (signalled as
         # a whole) and no controlling terminal, so a Ctrl-C or Ctrl-Z at the
         # terminal reaches leaderrun alone, which forwards it exactly once.

@@ -37,6 +37,7 @@ from leaderrun.errors import (
 )
 from leaderrun.supervisor import (
     FORWARDED_SIGNALS,
+    STANDBY_NAME,
     Child,
     Outcome,
     SignalInbox,
@@ -515,6 +516,9 @@ def test_a_standby_runs_nothing_until_started_then_execs_with_the_grant(tmp_path
     standby = Standby("/bin/sh", ["sh", "-c", script], env=env)
     try:
         wait_until(lambda: os.getsid(standby.pid) == standby.pid, "its own session")
+        # Named apart from leaderrun (`pkill leaderrun` leaves it to leaderrun).
+        comm = Path(f"/proc/{standby.pid}/comm").read_text().strip()
+        assert comm == STANDBY_NAME.decode()
         time.sleep(0.2)
         assert not out.exists(), "the command ran before it was started"
         pid = standby.start({**env, "LEADERRUN_FENCING_TOKEN": "42"})
