@@ -606,6 +606,7 @@ class Run:
         env = child_environment(self.env, grant.lease, s, grant.window_start)
         helpers = () if watchdog is None or watchdog.pid is None else (watchdog.pid,)
         capture = self.capture
+        deadline_s, _ = held.state.snapshot()
         try:
             return Child(
                 s.command,
@@ -614,6 +615,8 @@ class Run:
                 stdout=None if capture is None else capture.child_stdout,
                 stderr=None if capture is None else capture.child_stderr,
                 standby=standby,
+                # Never a command started after the lease's kill deadline.
+                within_s=deadline_s - self.clock(),
             )
         except LeaderrunError as exc:
             # A run that failed to start, recorded as failed; nothing to hold.

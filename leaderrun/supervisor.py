@@ -263,14 +263,21 @@ class Standby:
         self.pid = pid
         self._used = False
 
-    def start(self, env: Mapping[str, str]) -> int:
+    def start(self, env: Mapping[str, str], within_s: float = math.inf) -> int:
         """Exec the command with ``env``; return once it runs, with its pid.
+
+        The exec must come within ``within_s`` (what is left of the lease
+        before its kill deadline): a standby that does not exec in time
+        (stopped from outside while it waited) is killed, with whatever it
+        became, so the command never starts late.
 
         Raises:
             CommandNotFoundError: exec found no such file (exit 127).
-            CommandNotExecutableError: exec was refused (exit 126).
+            CommandNotExecutableError: exec was refused, or did not come in
+                time (exit 126).
         """
         self._used = True
+        until_s = boottime() + within_s
         changed = [
             os.fsencode(k) + b"=" + os.fsencode(v)
             for k, v in env.items()
@@ -281,7 +288,10 @@ class Standby:
         payload = b"\0" + b"".join(item + b"\0" for item in changed + dropped)
         view = memoryview(payload)
         try:
-            while view:  # the standby reads as we write: our own, and waiting
+            os.set_blocking(self._go, False)
+            while view:
+                if not self._ready(self._go, until_s, write=True):
+                    raise self._late(within_s)
                 view = view[os.write(self._go, view) :]
         except OSError as exc:  # it died (killed from outside): say so
             self._reap()
@@ -292,10 +302,19 @@ class Standby:
         finally:
             os.close(self._go)
             self._go = -1
-        # Closed by the exec (close-on-exec), or a errno written before _exit.
-        report = _read_all(self._error)
-        os.close(self._error)
-        self._error = -1
+        # Closed by the exec (close-on-exec), or an errno written before _exit.
+        report = b""
+        try:
+            while True:
+                if not self._ready(self._error, until_s):
+                    raise self._late(within_s)
+                chunk = os.read(self._error, 64)
+                if not chunk:
+                    break
+                report += chunk
+        finally:
+            os.close(self._error)
+            self._error = -1
         if not report:
             return self.pid
         self._reap()
@@ -304,6 +323,36 @@ class Standby:
             raise CommandNotFoundError(f"command not found: {self._argv[0]!r}")
         raise CommandNotExecutableError(
             f"cannot execute {self._argv[0]!r}: {os.strerror(errno_value)}"
+        )
+
+    @staticmethod
+    def _ready(fd: int, until_s: float, *, write: bool = False) -> bool:
+        """Wait until ``fd`` is ready or CLOCK_BOOTTIME reaches ``until_s``.
+
+        In slices, since select's clock stops during a suspend and BOOTTIME does not.
+        """
+        while (left_s := until_s - boottime()) > 0:
+            fds = [fd]
+            ready = select.select(
+                [] if write else fds, fds if write else [], [], min(left_s, _SLICE_S)
+            )
+            if ready[0] or ready[1]:
+                return True
+        return False
+
+    def _late(self, within_s: float) -> CommandNotExecutableError:
+        """Kill the standby, or the command it just became; the error to raise."""
+        with contextlib.suppress(OSError):
+            if (
+                os.getpgid(self.pid) == self.pid
+            ):  # its own group: it and anything it forked
+                os.killpg(self.pid, signal.SIGKILL)
+            os.kill(self.pid, signal.SIGKILL)
+        self._reap()
+        return CommandNotExecutableError(
+            f"cannot execute {self._argv[0]!r}: its process, forked ahead, did not "
+            f"exec within {within_s:.3g}s of the grant (stopped from outside?); "
+            "it was killed and the lease given back"
         )
 
     def discard(self) -> None:
@@ -392,6 +441,9 @@ def _standby(
     os._exit(status)
 
 
+_SLICE_S = 0.1
+"""The longest select() while a standby is awaited, between two BOOTTIME reads."""
+
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 """The descriptors the standby closes run up to this (close_range makes it cheap)."""
 
@@ -408,8 +460,11 @@ class Child:
         stderr: int | None = None,
         *,
         standby: Standby | None = None,
+        within_s: float = math.inf,
     ) -> None:
         """Start ``argv`` with ``env``: exec ``standby``, or fork one now.
+
+        The exec must come within ``within_s`` (see :meth:`Standby.start`).
 
         ``helpers`` are leaderrun's own processes, never the command's: the
         watchdog, which a leaderrun running as PID 1 (a container's
@@ -430,7 +485,7 @@ class Child:
                 raise CommandNotExecutableError(
                     f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
                 ) from None
-        self.pid = standby.start(env)
+        self.pid = standby.start(env, within_s)
         self.pgid = self.pid
         self._helpers = frozenset(helpers)
         self.pidfd = -1

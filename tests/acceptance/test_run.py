@@ -5,15 +5,18 @@ Every test that uses the ``leaderrun`` fixture runs on PostgreSQL and on SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from leaderrun import procfs
 from tests.acceptance.conftest import (
     FAST,
     child,
@@ -24,6 +27,7 @@ from tests.acceptance.conftest import (
 )
 from tests.helpers.command import run as leaderrun_cli
 from tests.helpers.processes import pid_gone
+from tests.helpers.waiting import wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -342,3 +346,32 @@ def test_frozen_database_still_gets_the_child_killed_on_time(
     assert killed_after_s < 2.33 + 0.67 + 0.5
     assert killed_at < expires_at
     assert proc.wait(timeout=30) == 122
+
+
+def test_a_standby_stopped_while_waiting_never_runs_the_command_late(
+    leaderrun, tmp_path
+):
+    """The command's process, forked ahead, is stopped from outside while its
+    leaderrun waits: at the grant it cannot exec in time, so it is killed, the
+    run exits 126, nothing ran, and the lease is given back at once."""
+    marker = tmp_path / "ran"
+    holder = leaderrun.start(*FAST, "--", *child("--exit-after", "1"))
+    assert readline(holder.stdout).startswith("ready")
+    waiter = leaderrun.start(*FAST, "--wait", "--", "touch", str(marker))
+
+    def standby() -> int | None:
+        for pid in procfs.children(waiter.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "lrun-standby":
+                    return pid
+        return None
+
+    pid = wait_until(standby, "the waiter's standby")
+    os.kill(pid, signal.SIGSTOP)
+    assert holder.wait(timeout=60) == 0
+    assert waiter.wait(timeout=60) == 126
+    stderr = read_rest(waiter.stderr)
+    assert "did not exec within" in stderr
+    assert not marker.exists()
+    assert pid_gone(pid)
+    assert leaderrun.run("--", "true").returncode == 0  # given back, not expiring

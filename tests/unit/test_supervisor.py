@@ -542,6 +542,21 @@ def test_a_discarded_standby_runs_nothing_and_is_reaped(tmp_path):
         os.waitpid(pid, os.WNOHANG)
 
 
+def test_a_standby_stopped_from_outside_is_killed_and_never_runs_late(tmp_path):
+    """No exec within the time the lease leaves: killed, the command never runs."""
+    out = tmp_path / "out"
+    standby = Standby("/bin/sh", ["sh", "-c", f"touch {out}"])
+    wait_until(lambda: os.getsid(standby.pid) == standby.pid, "its own session")
+    os.kill(standby.pid, signal.SIGSTOP)
+    began_s = time.monotonic()
+    with pytest.raises(CommandNotExecutableError, match=r"did not exec within 0\.5s"):
+        standby.start(dict(os.environ), within_s=0.5)
+    assert 0.5 <= time.monotonic() - began_s < READ_TIMEOUT_S
+    with pytest.raises(ChildProcessError):  # killed and reaped
+        os.waitpid(standby.pid, os.WNOHANG)
+    assert not out.exists()
+
+
 def test_a_standby_whose_command_vanished_says_so(tmp_path):
     """The exec fails (the file went away since it was resolved): exit 127's error."""
     gone = tmp_path / "gone"
