@@ -310,8 +310,8 @@ class PostgresLeaseStore(SqlStore["PostgresSession"]):
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
             raise ConfigError(
-                f"invalid DSN: {self.clean(exc)}; use key=value pairs or a "
-                "postgresql:// URI"
+                f"invalid DSN ({self.labels['dsn']}): {self.clean(exc)}; use "
+                "key=value pairs or a postgresql:// URI"
             ) from None
         self._params: dict[str, Any] = params
         defaults: dict[str, Any] = {

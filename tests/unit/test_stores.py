@@ -164,3 +164,12 @@ def test_the_columns_of_a_table_are_read_from_its_ddl():
     assert sqlite.SHAPES[sqlite.FORMAT][RUN_TABLE] == (
         frozenset(postgres_sql.TABLE_COLUMNS[RUN_TABLE]),
     )
+
+
+def test_an_invalid_dsn_is_named_by_where_it_came_from():
+    """--dsn or --listen-dsn: the one-line error says which, never the password."""
+    with pytest.raises(ConfigError) as excinfo:
+        open_store("x y password=sekret", "public", {}, labels={"dsn": "--listen-dsn"})
+    assert excinfo.value.exit_code == EXIT_USAGE
+    assert excinfo.value.message.startswith("invalid DSN (--listen-dsn): ")
+    assert "sekret" not in excinfo.value.message
