@@ -1,5 +1,8 @@
 """baseline.py as the figures run it: its statements, its command, its peak RSS.
 
+Also the hand-off's baselines (handoff_baseline.py): their statements, rendered
+per hand-off by :func:`handoff_spec`.
+
 baseline.py stays as small as a program that takes and gives back a lease can
 be, so it parses nothing: what it runs is rendered here, once per bench run,
 into a JSON file it reads. Start-up times it against leaderrun; start-up and
@@ -19,10 +22,19 @@ from types import TracebackType
 from typing import Any
 
 from bench.common import admin, peak_rss_kb
+from leaderrun.lease import QUEUE_PLACE_LEASES
 from leaderrun.runs import DEFAULT_HISTORY_KEEP
-from leaderrun.stores.postgres_sql import ACQUIRE, RELEASE, statement
+from leaderrun.stores.postgres_sql import (
+    ACQUIRE,
+    ACQUIRE_QUEUED,
+    RELEASE,
+    release_channel,
+    statement,
+    wake_channel,
+)
 
 SCRIPT = str(Path(__file__).with_name("baseline.py"))
+HANDOFF_SCRIPT = str(Path(__file__).with_name("handoff_baseline.py"))
 RSS_RUNS = 5
 
 # The parameters of a plain `leaderrun -- true` (no --once-per, the default
@@ -118,3 +130,82 @@ class BaselineScript:
         path = Path(tempfile.mkstemp(prefix="bench-sql-", suffix=".json")[1])
         path.write_text(json.dumps(spec))
         return path
+
+
+FLOOR_TABLE = "leaderrun_bench_floor"
+"""The smallest hand-off's table (:func:`handoff_spec`); :func:`drop_floor` drops it."""
+
+_FLOOR = {
+    "create": f"""CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (
+        lock_key bigint PRIMARY KEY, holder text, next text)""",
+    "acquire": f"""INSERT INTO {FLOOR_TABLE} VALUES (%(key)s, %(holder)s, NULL)
+        ON CONFLICT (lock_key) DO UPDATE SET holder = excluded.holder
+        WHERE {FLOOR_TABLE}.holder IS NULL RETURNING true, 0""",
+    # The waiter names itself the next holder; the holder's release grants it.
+    "queue": f"""UPDATE {FLOOR_TABLE} SET next = %(holder)s
+        WHERE lock_key = %(key)s RETURNING holder IS NULL, 0""",
+    "release": f"""WITH u AS (UPDATE {FLOOR_TABLE} SET holder = next, next = NULL
+        WHERE lock_key = %(key)s AND holder = %(holder)s RETURNING holder)
+        SELECT pg_notify('bench:' || u.holder, '') FROM u WHERE u.holder IS NOT NULL""",
+}
+
+
+def handoff_spec(dsn: str, key: int, smallest: bool) -> Path:
+    """The statements handoff_baseline.py hands lock ``key`` on with, as JSON.
+
+    leaderrun's own (``smallest`` False): the holder's acquire and release, the
+    waiter's LISTEN on its wake channel and its queued acquire, before and
+    after the wake-up, as a plain run and a ``--wait`` run send them. Or the
+    smallest hand-off PostgreSQL allows: one-line statements on a table of
+    three columns, and the release grants the lease to the waiter itself, so
+    the waiter sends nothing between its wake-up and its command's start.
+    """
+    hold = {**ACQUIRE_PARAMS, "holder": "baseline-hold"}
+    wait = {**ACQUIRE_PARAMS, "holder": "baseline-wait"}
+    with admin(dsn) as conn:
+        if smallest:
+            conn.execute(_FLOOR["create"])
+            spec: dict[str, Any] = {
+                **{name: _FLOOR[name] for name in ("acquire", "queue", "release")},
+                "take": None,
+                "listen": 'LISTEN "bench:baseline-wait"',
+            }
+        else:
+            channel = wake_channel("baseline-wait")
+            wait.update(channel=channel, place_s=QUEUE_PLACE_LEASES * wait["lease_s"])
+            for name, template, given in (
+                ("queued acquire", ACQUIRE_QUEUED, wait),
+                ("release", RELEASE, RELEASE_PARAMS),
+            ):
+                missing = parameters(template) - set(given) - {"key", "token"}
+                if missing:
+                    raise RuntimeError(f"bench: {name} needs {sorted(missing)} too")
+            queued = statement(ACQUIRE_QUEUED, "public").as_string(conn)
+            spec = {
+                "acquire": statement(ACQUIRE, "public").as_string(conn),
+                "queue": queued,
+                "take": queued,
+                "release": statement(RELEASE, "public").as_string(conn),
+                "listen": f'LISTEN "{channel}"',
+            }
+    spec["hold"], spec["wait"] = hold, wait
+    # Each role's release adds its own holder to these (its acquire's
+    # channel, the wake channel, is not the release's: the lock's).
+    spec["ending"] = {
+        **{k: v for k, v in RELEASE_PARAMS.items() if k != "holder"},
+        "channel": release_channel("public", key),
+    }
+    path = Path(tempfile.mkstemp(prefix="bench-handoff-", suffix=".json")[1])
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def handoff_argv(dsn: str, spec: Path, key: int, role: str) -> list[str]:
+    """handoff_baseline.py's command line up to its command; ``role``: hold, wait."""
+    return [sys.executable, HANDOFF_SCRIPT, dsn, str(spec), str(key), role]
+
+
+def drop_floor(dsn: str) -> None:
+    """Drop the smallest hand-off's table, if a figure made it."""
+    with admin(dsn) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")

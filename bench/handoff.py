@@ -4,19 +4,24 @@ Both children are the stamper (bench/stamp.c): the holder's prints the time as
 it exits, the waiter's as it starts. :func:`stamped_handoff` measures one
 hand-off for any lock tool; the peers figure (bench/peers.py) uses it too.
 
-The baselines are the peers' hand-offs, measured in the same run with the same
-stamper (the peers table: etcdctl lock and flock), and a waiter that hears no
-notification, which sleeps until the holder's lease ends (the PgBouncer row:
-bench/pgbouncer.py).
+The baselines, measured in the same rounds with the same stamper: the least a
+Python program must do to hand a lease on (bench/handoff_baseline.py), with
+leaderrun's statements, and with the smallest statements PostgreSQL can hand a
+lease on with, the release granting it (the floor of any design on PostgreSQL
+here). Further baselines are the peers' hand-offs (the peers table: etcdctl
+lock and flock), and a waiter that hears no notification, which sleeps until
+the holder's lease ends (the PgBouncer row: bench/pgbouncer.py).
 """
 
 from __future__ import annotations
 
+import random
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from bench.baseline_script import drop_floor, handoff_argv, handoff_spec
 from bench.common import (
     LINE_TIMEOUT_S,
     leaderrun_argv,
@@ -37,28 +42,60 @@ FIGURE = "hand-off: holder's child exits -> waiter's child starts"
 
 
 def run(dsn: str, rounds: int, stamper: Stamper, out: Results) -> None:
-    """Hand-offs woken by the release, ``rounds`` of them."""
-    print(f"hand-off: {rounds} rounds")
+    """Hand-offs woken by the release, ``rounds`` of them, and the baselines'."""
+    print(f"hand-off: {rounds} rounds, each with its two baselines")
     try:
         stamper.path  # noqa: B018 (built now, so that a missing compiler is one row)
     except StamperError as exc:
         out.add(FIGURE, f"not measured: {exc}", "-")
         return
-    notified = []
-    for i in range(rounds):
-        done = handoff(dsn, dsn, f"bench-handoff-{i}", "30s", stamper)
-        if "was released; trying now" not in done.log:
-            raise RuntimeError(f"the waiter was not woken by the release: {done.log}")
-        notified.append(done.latency_s)
+    notified: list[float] = []
+    plain: list[float] = []
+    smallest: list[float] = []
+    try:
+        for i in range(rounds):
+            done = handoff(dsn, dsn, f"bench-handoff-{i}", "30s", stamper)
+            if "was released; trying now" not in done.log:
+                raise RuntimeError(
+                    f"the waiter was not woken by the release: {done.log}"
+                )
+            notified.append(done.latency_s)
+            plain.append(baseline_handoff(dsn, stamper, smallest=False))
+            smallest.append(baseline_handoff(dsn, stamper, smallest=True))
+    finally:
+        drop_floor(dsn)
     out.check(
         f"{FIGURE} (median of {rounds})",
-        f"{median_ms(notified):.1f} ms (min {min(notified) * 1000:.1f}, "
-        f"max {max(notified) * 1000:.1f})",
-        "etcdctl lock, flock: the peers table; no notification heard: the "
-        "PgBouncer row",
+        f"{_spread(notified)}",
+        f"Python, no safety (bench/handoff_baseline.py), leaderrun's statements: "
+        f"{_spread(plain)}; the smallest statements, the release granting the "
+        f"lease: {_spread(smallest)}; etcdctl lock, flock: the peers table; no "
+        "notification heard: the PgBouncer row",
         MEDIAN,
         median_ms(notified),
     )
+
+
+def _spread(latencies_s: list[float]) -> str:
+    return (
+        f"{median_ms(latencies_s):.1f} ms (min {min(latencies_s) * 1000:.1f}, "
+        f"max {max(latencies_s) * 1000:.1f})"
+    )
+
+
+def baseline_handoff(dsn: str, stamper: Stamper, *, smallest: bool) -> float:
+    """One hand-off between two handoff_baseline.py processes, in seconds."""
+    key = random.randrange(1, 2**62)
+    spec = handoff_spec(dsn, key, smallest)
+    try:
+        return stamped_handoff(
+            handoff_argv(dsn, spec, key, "hold"),
+            handoff_argv(dsn, spec, key, "wait"),
+            stamper,
+            waiting=lambda waiter: wait_for(_stderr(waiter), "waiting"),
+        ).latency_s
+    finally:
+        spec.unlink()
 
 
 def handoff(

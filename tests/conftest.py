@@ -8,7 +8,12 @@ that need a setting pass it explicitly; the database fixtures use explicit DSNs.
 
 import os
 
-pytest_plugins = ["tests.pg", "tests.stores", "tests.helpers.faketime"]
+pytest_plugins = [
+    "tests.pg",
+    "tests.stores",
+    "tests.helpers.faketime",
+    "tests.helpers.stamper",
+]
 
 # The suite's own inputs, read by tests/pg.py and tests/pg_container.py (the
 # defaults of --pg-dsn and --pg-route, and the container image); leaderrun itself

@@ -14,16 +14,6 @@ import pytest
 from bench.stamp import Job, Stamper, StamperError, boottime_ns
 
 
-@pytest.fixture
-def stamper(tmp_path):
-    built = Stamper(tmp_path)
-    try:
-        built.path  # noqa: B018 (compiled here)
-    except StamperError as exc:
-        pytest.skip(str(exc))
-    return built
-
-
 def test_stamp_prints_the_boottime_at_its_start(stamper):
     """`stamp` prints CLOCK_BOOTTIME in ns: between the bench's before and after."""
     before = boottime_ns()
