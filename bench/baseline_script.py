@@ -133,7 +133,7 @@ class BaselineScript:
 
 
 FLOOR_TABLE = "leaderrun_bench_floor"
-"""The smallest hand-off's table (:func:`handoff_spec`); :func:`drop_floor` drops it."""
+"""The smallest lease hand-off's table; :func:`drop_floor` drops it."""
 
 _FLOOR = {
     "create": f"""CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (
@@ -149,28 +149,43 @@ _FLOOR = {
         SELECT pg_notify('bench:' || u.holder, '') FROM u WHERE u.holder IS NOT NULL""",
 }
 
+_SESSION = {
+    "acquire": "SELECT pg_try_advisory_lock(%(key)s), 0",
+    "take": "SELECT true, 0 FROM pg_advisory_lock(%(key)s)",
+    "release": "SELECT pg_advisory_unlock(%(key)s)",
+}
 
-def handoff_spec(dsn: str, key: int, smallest: bool) -> Path:
+HANDOFF_KINDS = ("leaderrun", "smallest", "session")
+"""The hand-off baselines: see :func:`handoff_spec`."""
+
+
+def handoff_spec(dsn: str, key: int, kind: str) -> Path:
     """The statements handoff_baseline.py hands lock ``key`` on with, as JSON.
 
-    leaderrun's own (``smallest`` False): the holder's acquire and release, the
+    ``leaderrun``: leaderrun's own: the holder's acquire and release, the
     waiter's LISTEN on its wake channel and its queued acquire, before and
-    after the wake-up, as a plain run and a ``--wait`` run send them. Or the
-    smallest hand-off PostgreSQL allows: one-line statements on a table of
-    three columns, and the release grants the lease to the waiter itself, so
-    the waiter sends nothing between its wake-up and its command's start.
+    after the wake-up, as a plain run and a ``--wait`` run send them.
+    ``smallest``: the smallest lease hand-off PostgreSQL allows: one-line
+    statements on a table of three columns, and the release grants the lease
+    to the waiter itself, so the waiter sends nothing between its wake-up and
+    its command's start. ``session``: no lease at all, a session advisory lock
+    the waiter's statement waits for in the server (what leaderrun's design
+    rules out: the lock lives as long as a connection, ``no-session-state``);
+    the fastest hand-off PostgreSQL has.
     """
     hold = {**ACQUIRE_PARAMS, "holder": "baseline-hold"}
     wait = {**ACQUIRE_PARAMS, "holder": "baseline-wait"}
     with admin(dsn) as conn:
-        if smallest:
+        if kind == "session":
+            spec: dict[str, Any] = {**_SESSION, "queue": None, "listen": None}
+        elif kind == "smallest":
             conn.execute(_FLOOR["create"])
-            spec: dict[str, Any] = {
+            spec = {
                 **{name: _FLOOR[name] for name in ("acquire", "queue", "release")},
                 "take": None,
                 "listen": 'LISTEN "bench:baseline-wait"',
             }
-        else:
+        elif kind == "leaderrun":
             channel = wake_channel("baseline-wait")
             wait.update(channel=channel, place_s=QUEUE_PLACE_LEASES * wait["lease_s"])
             for name, template, given in (
@@ -188,6 +203,8 @@ def handoff_spec(dsn: str, key: int, smallest: bool) -> Path:
                 "release": statement(RELEASE, "public").as_string(conn),
                 "listen": f'LISTEN "{channel}"',
             }
+        else:
+            raise ValueError(f"bench: no hand-off baseline {kind!r}: {HANDOFF_KINDS}")
     spec["hold"], spec["wait"] = hold, wait
     # Each role's release adds its own holder to these (its acquire's
     # channel, the wake channel, is not the release's: the lock's).

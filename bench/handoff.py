@@ -5,25 +5,34 @@ it exits, the waiter's as it starts. :func:`stamped_handoff` measures one
 hand-off for any lock tool; the peers figure (bench/peers.py) uses it too.
 
 The baselines, measured in the same rounds with the same stamper: the least a
-Python program must do to hand a lease on (bench/handoff_baseline.py), with
-leaderrun's statements, and with the smallest statements PostgreSQL can hand a
-lease on with, the release granting it (the floor of any design on PostgreSQL
-here). Further baselines are the peers' hand-offs (the peers table: etcdctl
-lock and flock), and a waiter that hears no notification, which sleeps until
-the holder's lease ends (the PgBouncer row: bench/pgbouncer.py).
+Python program must do to hand a lock on (bench/handoff_baseline.py), with
+leaderrun's statements; with the smallest statements a lease in a row can be
+handed on with, the release granting it (the floor of a lease on PostgreSQL
+here); and with a session advisory lock, the fastest hand-off PostgreSQL has
+(a design leaderrun rules out). Further baselines are the peers' hand-offs
+(the peers table: etcdctl lock and flock), and a waiter that hears no
+notification, which sleeps until the holder's lease ends (the PgBouncer row:
+bench/pgbouncer.py).
 """
 
 from __future__ import annotations
 
 import random
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from bench.baseline_script import drop_floor, handoff_argv, handoff_spec
+from bench.baseline_script import (
+    HANDOFF_KINDS,
+    drop_floor,
+    handoff_argv,
+    handoff_spec,
+)
 from bench.common import (
     LINE_TIMEOUT_S,
+    admin,
     leaderrun_argv,
     median_ms,
     read_ns,
@@ -40,37 +49,38 @@ MEDIAN = Goal("median", 5, "<=", "ms")
 FIGURE = "hand-off: holder's child exits -> waiter's child starts"
 """The row's name in RESULTS.md."""
 
+SETTLE_S = 0.3
+"""The pause between the waiter's waiting and the end of the holder's job."""
+
 
 def run(dsn: str, rounds: int, stamper: Stamper, out: Results) -> None:
     """Hand-offs woken by the release, ``rounds`` of them, and the baselines'."""
-    print(f"hand-off: {rounds} rounds, each with its two baselines")
+    print(f"hand-off: {rounds} rounds, each with its three baselines")
     try:
         stamper.path  # noqa: B018 (built now, so that a missing compiler is one row)
     except StamperError as exc:
         out.add(FIGURE, f"not measured: {exc}", "-")
         return
     notified: list[float] = []
-    plain: list[float] = []
-    smallest: list[float] = []
+    baselines: dict[str, list[float]] = {kind: [] for kind in HANDOFF_KINDS}
     try:
         for i in range(rounds):
             done = handoff(dsn, dsn, f"bench-handoff-{i}", "30s", stamper)
             if "was released; trying now" not in done.log:
-                raise RuntimeError(
-                    f"the waiter was not woken by the release: {done.log}"
-                )
+                raise RuntimeError(f"the waiter was not woken by a release: {done.log}")
             notified.append(done.latency_s)
-            plain.append(baseline_handoff(dsn, stamper, smallest=False))
-            smallest.append(baseline_handoff(dsn, stamper, smallest=True))
+            for kind, latencies in baselines.items():
+                latencies.append(baseline_handoff(dsn, stamper, kind))
     finally:
         drop_floor(dsn)
     out.check(
         f"{FIGURE} (median of {rounds})",
         f"{_spread(notified)}",
-        f"Python, no safety (bench/handoff_baseline.py), leaderrun's statements: "
-        f"{_spread(plain)}; the smallest statements, the release granting the "
-        f"lease: {_spread(smallest)}; etcdctl lock, flock: the peers table; no "
-        "notification heard: the PgBouncer row",
+        "Python, no safety (bench/handoff_baseline.py): leaderrun's statements "
+        f"{_spread(baselines['leaderrun'])}; a lease's smallest statements, the "
+        f"release granting it {_spread(baselines['smallest'])}; a session "
+        f"advisory lock {_spread(baselines['session'])}; etcdctl lock, flock: "
+        "the peers table; no notification heard: the PgBouncer row",
         MEDIAN,
         median_ms(notified),
     )
@@ -83,19 +93,44 @@ def _spread(latencies_s: list[float]) -> str:
     )
 
 
-def baseline_handoff(dsn: str, stamper: Stamper, *, smallest: bool) -> float:
-    """One hand-off between two handoff_baseline.py processes, in seconds."""
+def baseline_handoff(dsn: str, stamper: Stamper, kind: str) -> float:
+    """One hand-off between two handoff_baseline.py processes, in seconds.
+
+    ``kind`` is one of ``HANDOFF_KINDS`` (``baseline_script.handoff_spec``).
+    """
     key = random.randrange(1, 2**62)
-    spec = handoff_spec(dsn, key, smallest)
+    spec = handoff_spec(dsn, key, kind)
+
+    def waiting(waiter: subprocess.Popen[str]) -> str:
+        said = wait_for(_stderr(waiter), "waiting")
+        if kind == "session":  # said before its statement: wait for its lock wait
+            _lock_waited_for(dsn)
+        return said
+
     try:
         return stamped_handoff(
             handoff_argv(dsn, spec, key, "hold"),
             handoff_argv(dsn, spec, key, "wait"),
             stamper,
-            waiting=lambda waiter: wait_for(_stderr(waiter), "waiting"),
+            waiting=waiting,
         ).latency_s
     finally:
         spec.unlink()
+
+
+def _lock_waited_for(dsn: str) -> None:
+    """Return once the baseline's waiter waits in the server for its lock."""
+    deadline_s = time.monotonic() + LINE_TIMEOUT_S
+    with admin(dsn) as conn:
+        while time.monotonic() < deadline_s:
+            waits = conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE a.application_name = 'bench-handoff-wait' AND NOT l.granted"
+            ).fetchone()
+            if waits is not None and waits[0]:
+                return
+            time.sleep(0.005)
+    raise RuntimeError("the baseline's waiter never waited for its lock")
 
 
 def handoff(
@@ -154,6 +189,9 @@ def stamped_handoff(
             env=env,
         )
         early = waiting(second)
+        # The waiter asleep, the previous round's processes and server backends
+        # gone: the hand-off alone is timed, not the end of what came before.
+        time.sleep(SETTLE_S)
         job.end()
         assert held.stdout is not None
         assert second.stdout is not None

@@ -1,12 +1,13 @@
-"""The least a Python program must do to hand a lease on: the hand-off's baseline.
+"""The least a Python program must do to hand a lock on: the hand-off's baseline.
 
 Usage: ``python handoff_baseline.py DSN SPEC_FILE LOCK_KEY hold|wait COMMAND...``.
-``hold`` takes the lease, runs COMMAND, gives the lease back; ``wait`` queues
-for the lease, LISTENs for its turn, takes the lease when woken (or finds it
-granted, when the spec's release grants it), runs COMMAND, gives it back. The
-statements come from SPEC_FILE (JSON, rendered by bench/handoff.py): leaderrun's
-own, or the smallest that can hand a lease on at all. COMMAND runs by
-``posix_spawn``, the cheapest start Python has.
+``hold`` takes the lock, runs COMMAND, gives the lock back. ``wait`` waits for
+it: for a lease, it queues, LISTENs for its turn and takes the lease when woken
+(or finds it granted, when the spec's release grants it); for a session lock,
+its taking statement waits in the server. Then it runs COMMAND and gives the
+lock back. The statements come from SPEC_FILE (JSON, rendered by the bench:
+``baseline_script.handoff_spec``). COMMAND runs by ``posix_spawn``, the
+cheapest start Python has.
 
 None of leaderrun's safety: no renewal, no watchdog, no kill deadline, no
 waiting for the command's process group, no bound on a statement, no signal
@@ -28,22 +29,31 @@ dsn, spec_file, key, role, command = (
 )
 with open(spec_file) as f:
     spec = json.load(f)
-conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
+conn = psycopg.connect(
+    dsn,
+    autocommit=True,
+    prepare_threshold=None,
+    application_name=f"bench-handoff-{role}",  # the bench sees the waiter wait
+)
 mine = {**spec[role], "key": key}
 if role == "hold":
     row = conn.execute(spec["acquire"], mine).fetchone()
     if row is None or not row[0]:
         sys.exit("handoff_baseline: the lock was not free")
 else:
-    with conn.pipeline():
-        conn.execute(spec["listen"])
-        first = conn.execute(spec["queue"], mine)
-    row = first.fetchone()
-    if row is not None and row[0]:
-        sys.exit("handoff_baseline: the lock was free; the holder must hold it")
-    print("waiting", file=sys.stderr, flush=True)
-    for _notify in conn.notifies(stop_after=1, timeout=60):
-        pass
+    row = None
+    if spec["listen"] is not None:  # a lease: take a place, sleep until woken
+        with conn.pipeline():
+            conn.execute(spec["listen"])
+            first = conn.execute(spec["queue"], mine)
+        row = first.fetchone()
+        if row is not None and row[0]:
+            sys.exit("handoff_baseline: the lock was free; the holder must hold it")
+        print("waiting", file=sys.stderr, flush=True)
+        for _notify in conn.notifies(stop_after=1, timeout=60):
+            pass
+    else:  # a session lock: the taking statement itself waits
+        print("waiting", file=sys.stderr, flush=True)
     if spec["take"] is not None:
         row = conn.execute(spec["take"], mine).fetchone()
         if row is None or not row[0]:
