@@ -72,6 +72,21 @@ def parameters(template: str) -> set[str]:
     return set(re.findall(r"%\((\w+)\)s", template))
 
 
+def given_all(*statements: tuple[str, str, dict[str, Any]]) -> None:
+    """Check that each (name, template, parameters) gives all the template uses.
+
+    The scripts add the lock's key and the token; any other parameter missing
+    is one leaderrun's statement has gained since the bench was written.
+
+    Raises:
+        RuntimeError: one is missing; the message names the statement and it.
+    """
+    for name, template, given in statements:
+        missing = parameters(template) - set(given) - {"key", "token"}
+        if missing:
+            raise RuntimeError(f"bench: {name} needs {sorted(missing)} too")
+
+
 class BaselineScript:
     """baseline.py with its statements, for one bench run; a context manager.
 
@@ -112,14 +127,9 @@ class BaselineScript:
 
     def _render(self) -> Path:
         """Write leaderrun's acquire and release, as the server quotes them, to JSON."""
-        for name, template, given in (
-            ("acquire", ACQUIRE, ACQUIRE_PARAMS),
-            ("release", RELEASE, RELEASE_PARAMS),
-        ):
-            # The script adds these; any other is a parameter leaderrun has gained.
-            missing = parameters(template) - set(given) - {"key", "token"}
-            if missing:
-                raise RuntimeError(f"bench: {name} needs {sorted(missing)} too")
+        given_all(
+            ("acquire", ACQUIRE, ACQUIRE_PARAMS), ("release", RELEASE, RELEASE_PARAMS)
+        )
         spec: dict[str, Any] = {
             "acquire_params": ACQUIRE_PARAMS,
             "release_params": RELEASE_PARAMS,
@@ -188,13 +198,10 @@ def handoff_spec(dsn: str, key: int, kind: str) -> Path:
         elif kind == "leaderrun":
             channel = wake_channel("baseline-wait")
             wait.update(channel=channel, place_s=QUEUE_PLACE_LEASES * wait["lease_s"])
-            for name, template, given in (
+            given_all(
                 ("queued acquire", ACQUIRE_QUEUED, wait),
                 ("release", RELEASE, RELEASE_PARAMS),
-            ):
-                missing = parameters(template) - set(given) - {"key", "token"}
-                if missing:
-                    raise RuntimeError(f"bench: {name} needs {sorted(missing)} too")
+            )
             queued = statement(ACQUIRE_QUEUED, "public").as_string(conn)
             spec = {
                 "acquire": statement(ACQUIRE, "public").as_string(conn),
